@@ -1,0 +1,45 @@
+"""Where every file of a pipeline lives, computed in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class Paths:
+    work_dir: Path       # build/<name>/: seed, work disk, serial log of the bake
+    output_dir: Path     # dist/: published images and manifests
+    cache_dir: Path      # downloads, shared between pipelines
+    lock_file: Path      # pipeline.lock beside the pipeline file
+
+    @property
+    def seed_iso(self) -> Path:
+        return self.work_dir / "seed.iso"
+
+    @property
+    def work_disk(self) -> Path:
+        return self.work_dir / "disk.qcow2"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.work_dir / "serial.log"
+
+    @property
+    def images_cache(self) -> Path:
+        return self.cache_dir / "images"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.work_dir / "runs"
+
+
+def resolve_paths(pipeline: Pipeline) -> Paths:
+    return Paths(
+        work_dir=pipeline.build_dir / pipeline.name,
+        output_dir=pipeline.output_dir,
+        cache_dir=pipeline.cache_dir,
+        lock_file=pipeline.file.with_suffix(".lock"),
+    )
