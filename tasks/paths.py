@@ -32,6 +32,11 @@ class Paths:
         return self.cache_dir / "images"
 
     @property
+    def doit_state(self) -> Path:
+        """doit's state per pipeline, so two pipelines never share task state."""
+        return self.work_dir / ".doit.json"
+
+    @property
     def runs_dir(self) -> Path:
         return self.work_dir / "runs"
 

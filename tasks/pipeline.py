@@ -12,9 +12,10 @@ import enum
 import functools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import yaml
@@ -236,13 +237,15 @@ def schema_problems(document: Any, root: yaml.Node | None, schema: dict[str, Any
     validator = jsonschema.Draft202012Validator(schema, format_checker=_format_checker())
     problems: list[Problem] = list(_duplicate_keys(root, []))
     for error in validator.iter_errors(document):
+        if error.context:  # oneOf/anyOf: report the branch that came closest, not "valid under none"
+            error = jsonschema.exceptions.best_match([error])
         path = list(error.absolute_path)
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = list(error.schema.get("properties", {}))
             for extra in sorted(set(error.instance) - set(allowed)):
                 line, col = locate(root, [*path, str(extra)], key=True)
-                problems.append(Problem(line, col, dotted([*path, str(extra)]),
-                                        f"unknown key{suggest(str(extra), allowed)}; allowed here: {', '.join(allowed)}"))
+                message = f"unknown key{suggest(str(extra), allowed)}; allowed here: {', '.join(allowed)}"
+                problems.append(Problem(line, col, dotted([*path, str(extra)]), message))
             continue
         line, col = locate(root, path)
         if error.validator == "enum":
@@ -262,10 +265,7 @@ def schema_problems(document: Any, root: yaml.Node | None, schema: dict[str, Any
 def _schema_at(schema: dict[str, Any], path: list[str | int]) -> dict[str, Any]:
     node = schema
     for part in path:
-        if isinstance(part, int):
-            node = node.get("items", {})
-        else:
-            node = node.get("properties", {}).get(part, {})
+        node = node.get("items", {}) if isinstance(part, int) else node.get("properties", {}).get(part, {})
     return node
 
 
@@ -316,7 +316,7 @@ def load_pipeline(file: Path | str) -> Pipeline:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PipelineError(f"{file}: pipeline file not found",
-                            hint="create it (see pipeline.yaml in the cloudbake repository) or pass pipeline=PATH") from None
+                            hint="create it (start from cloudbake's pipeline.yaml) or pass pipeline=PATH") from None
     except (OSError, UnicodeDecodeError) as err:
         raise PipelineError(f"{file}: cannot read pipeline file: {err}") from None
     document, root = parse_yaml(text, file)

@@ -1,0 +1,72 @@
+"""docs/configuration.md, generated from the schema (a test fails when it is stale)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.pipeline import PROJECT_ROOT, load_schema
+
+REFERENCE = PROJECT_ROOT / "docs" / "configuration.md"
+
+
+def _type_of(node: dict[str, Any]) -> str:
+    if "enum" in node:
+        return " \\| ".join(f"`{v}`" for v in node["enum"])
+    kind = node.get("type", "")
+    if isinstance(kind, list):
+        kind = " or ".join(kind)
+    if kind == "array":
+        kind = f"list of {node.get('items', {}).get('type', 'any')}"
+    fmt = node.get("format", "")
+    if fmt.startswith("cloudbake-"):
+        kind += f" ({fmt.removeprefix('cloudbake-').replace('-', ' ')})"
+    return str(kind)
+
+
+def _rows(node: dict[str, Any], prefix: str) -> list[str]:
+    rows = []
+    for key, sub in node.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        if "properties" in sub:
+            rows.append(f"| **`{path}`** | section | | {sub['description']} |")
+            rows += _rows(sub, path + ".")
+        else:
+            default = json.dumps(sub.get("default")) if "default" in sub else ""
+            rows.append(f"| `{path}` | {_type_of(sub)} | `{default}` | {sub['description']} |")
+    return rows
+
+
+def render_configuration_reference() -> str:
+    schema = load_schema()
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from schema/pipeline.schema.json by `doit docs`; do not edit by hand. -->",
+        "",
+        schema["description"],
+        "",
+        "Relative paths resolve against the folder of the pipeline file. Sizes take binary units "
+        "(`512M`, `2G`, `1.5GiB`); durations take `90s`, `30m`, `1h30m`. Select another pipeline "
+        "file with `doit <task> pipeline=PATH`.",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+        *_rows(schema, ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_configuration_reference(dest: Path = REFERENCE) -> None:
+    dest.write_text(render_configuration_reference(), encoding="utf-8")
+
+
+def task_docs() -> dict[str, Any]:
+    return {
+        "doc": "Regenerate docs/configuration.md from the schema",
+        "file_dep": [str(PROJECT_ROOT / "schema" / "pipeline.schema.json")],
+        "targets": [str(REFERENCE)],
+        "actions": [write_configuration_reference],
+    }

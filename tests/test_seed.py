@@ -1,0 +1,233 @@
+"""The NoCloud seed: validation, the merge, and a reproducible ISO read back by pycdlib and the OS."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pycdlib
+import pytest
+import yaml
+
+from tasks.errors import PipelineError
+from tasks.pipeline import load_pipeline
+from tasks.seed import (
+    GENERALIZED_MARKER,
+    RESULT_MARKER,
+    SeedFiles,
+    build_seed_files,
+    build_seed_iso,
+    seed_iso_bytes,
+)
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPseedtestkeyseedtestkeyseedtestkeyseedtest test@host"
+
+
+def _user_data(files: SeedFiles) -> dict:
+    text = files.user_data.decode()
+    assert text.startswith("#cloud-config\n")
+    return yaml.safe_load(text)
+
+
+def test_merge_adds_user_keys_and_power_off(make_pipeline, tmp_path):
+    (tmp_path / "me.pub").write_text(KEY + "\n")
+    pipeline = load_pipeline(make_pipeline("cloud_init:\n  user: dev\n  ssh_authorized_keys: [me.pub]\n"))
+    doc = _user_data(build_seed_files(pipeline))
+    assert doc["packages"] == ["curl"]  # the user's keys are kept
+    dev = next(u for u in doc["users"] if isinstance(u, dict) and u["name"] == "dev")
+    assert dev["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
+    assert dev["ssh_authorized_keys"] == [KEY]
+    assert doc["power_state"]["mode"] == "poweroff"
+    script = doc["power_state"]["condition"][2]
+    assert RESULT_MARKER in script and GENERALIZED_MARKER in script and "cloud-init clean" in script
+
+
+def test_users_own_entry_wins_and_gets_the_keys(make_pipeline):
+    user_data = textwrap.dedent(f"""\
+        #cloud-config
+        users:
+          - name: ubuntu
+            shell: /bin/zsh
+            ssh_authorized_keys: ["{KEY}"]
+        """)
+    other = KEY.replace("seedtest", "othertest")
+    pipeline = load_pipeline(make_pipeline(f'cloud_init:\n  ssh_authorized_keys: ["{other}"]\n', user_data=user_data))
+    doc = _user_data(build_seed_files(pipeline))
+    assert len(doc["users"]) == 1
+    assert doc["users"][0]["shell"] == "/bin/zsh"
+    assert "sudo" not in doc["users"][0]
+    assert doc["users"][0]["ssh_authorized_keys"] == [KEY, other]
+
+
+def test_generalize_off_leaves_identity(make_pipeline):
+    pipeline = load_pipeline(make_pipeline("cloud_init: {generalize: false}\n"))
+    script = _user_data(build_seed_files(pipeline))["power_state"]["condition"][2]
+    assert "cloud-init clean" not in script
+
+
+def test_users_power_state_keeps_its_delay(make_pipeline):
+    pipeline = load_pipeline(make_pipeline(
+        "name: t\n", user_data="#cloud-config\npower_state: {mode: poweroff, delay: '+1', message: bye}\n"))
+    state = _user_data(build_seed_files(pipeline))["power_state"]
+    assert (state["delay"], state["message"], state["mode"]) == ("+1", "bye", "poweroff")
+
+
+def test_meta_data_instance_id_follows_content(make_pipeline):
+    pipeline = load_pipeline(make_pipeline("cloud_init: {hostname: box1}\n"))
+    first = yaml.safe_load(build_seed_files(pipeline).meta_data)
+    assert first["local-hostname"] == "box1"
+    assert first["instance-id"].startswith("cloudbake-")
+    assert yaml.safe_load(build_seed_files(pipeline).meta_data) == first
+    changed = load_pipeline(make_pipeline("cloud_init: {hostname: box1}\n",
+                                          user_data="#cloud-config\npackages: [git]\n"))
+    assert yaml.safe_load(build_seed_files(changed).meta_data)["instance-id"] != first["instance-id"]
+
+
+BAD_USER_DATA = [
+    ("packages: [curl]\n", "user-data must start with the line '#cloud-config'"),
+    ("#!/bin/sh\necho hi\n", "user-data is a shell script"),
+    ("Content-Type: multipart/mixed\n", "MIME multi-part"),
+    ("#cloud-config\npackages: [curl\n", "user-data.yaml:3:1: YAML syntax error"),
+    ("#cloud-config\npower_state:\n  mode: off\n", "user-data.yaml:3:9: power_state.mode: False is not one of"),
+    ("#cloud-config\npower_state:\n  mode: reboot\n", "user-data.yaml:3:9: power_state.mode: 'reboot' would keep"),
+    ("#cloud-config\npower_state:\n  mode: poweroff\n  condition: true\n", "user-data.yaml:4:14: power_state.condition"),
+    ("#cloud-config\npackages: curl\n", "user-data.yaml:2:11: packages: 'curl' is not of type 'array'"),
+    ("#cloud-config\nruncmd: echo hi\n", "user-data.yaml:2:9: runcmd: 'echo hi' is not of type 'array'"),
+    ("#cloud-config\nwrite_files:\n  - content: x\n", "user-data.yaml:3:5: write_files[0]: 'path' is a required property"),
+    ("#cloud-config\nusers:\n  - name: bob\n    shel: /bin/sh\n", "users[0].shel: unknown key (did you mean 'shell'?)"),
+    ("#cloud-config\nssh_pwauth: maybe\n", "user-data.yaml:2:13: ssh_pwauth"),
+    ("#cloud-config\npackage_update: 1\n", "package_update: 1 is not of type 'boolean'"),
+]
+
+
+@pytest.mark.parametrize(("user_data", "expected"), BAD_USER_DATA, ids=[b[1][:40] for b in BAD_USER_DATA])
+def test_bad_user_data_is_refused_before_any_iso(make_pipeline, tmp_path, user_data, expected):
+    pipeline = load_pipeline(make_pipeline("name: t\n", user_data=user_data))
+    with pytest.raises(PipelineError) as caught:
+        build_seed_files(pipeline)
+    assert expected in str(caught.value)
+
+
+def test_all_user_data_problems_at_once(make_pipeline):
+    pipeline = load_pipeline(make_pipeline("name: t\n", user_data="#cloud-config\npackages: curl\npackage_update: 1\n"))
+    with pytest.raises(PipelineError) as caught:
+        build_seed_files(pipeline)
+    assert "2 problems" in str(caught.value)
+
+
+def test_unknown_key_warns_with_suggestion(make_pipeline, caplog):
+    pipeline = load_pipeline(make_pipeline("name: t\n", user_data="#cloud-config\npacakges: [curl]\n"))
+    build_seed_files(pipeline)
+    assert "user-data.yaml:2:1: pacakges: unknown cloud-config key (did you mean 'packages'?)" in caplog.text
+
+
+def test_unknown_key_is_an_error_when_strict(make_pipeline):
+    pipeline = load_pipeline(make_pipeline("cloud_init: {strict: true}\n", user_data="#cloud-config\npacakges: [x]\n"))
+    with pytest.raises(PipelineError, match="did you mean 'packages'"):
+        build_seed_files(pipeline)
+
+
+def test_passthrough_keys_are_not_unknown(make_pipeline, caplog):
+    pipeline = load_pipeline(make_pipeline("name: t\n", user_data="#cloud-config\nsnap: {commands: []}\nchpasswd: {}\n"))
+    build_seed_files(pipeline)
+    assert "unknown" not in caplog.text
+
+
+def test_key_file_that_is_not_a_public_key(make_pipeline, tmp_path):
+    (tmp_path / "id").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    pipeline = load_pipeline(make_pipeline("cloud_init: {ssh_authorized_keys: [id]}\n"))
+    with pytest.raises(PipelineError, match="does not hold an OpenSSH public key"):
+        build_seed_files(pipeline)
+
+
+def test_glob_matching_nothing_only_warns(make_pipeline, caplog):
+    pipeline = load_pipeline(make_pipeline("cloud_init: {ssh_authorized_keys: ['nokeys/*.pub']}\n"))
+    build_seed_files(pipeline)
+    assert "no public key matches nokeys/*.pub" in caplog.text
+
+
+def test_network_config_must_have_a_version(make_pipeline, tmp_path):
+    (tmp_path / "cloud-init" / "net.yaml").parent.mkdir(exist_ok=True)
+    (tmp_path / "cloud-init" / "net.yaml").write_text("ethernets: {}\n")
+    pipeline = load_pipeline(make_pipeline("cloud_init: {network_config: cloud-init/net.yaml}\n"))
+    with pytest.raises(PipelineError, match="version: 1' or 'version: 2"):
+        build_seed_files(pipeline)
+
+
+def test_host_cloud_init_schema_check_is_used_when_present(make_pipeline, tmp_path, monkeypatch):
+    """A stand-in cloud-init (the real interpreter) that rejects: its verdict reaches the user."""
+    fake = tmp_path / "bin" / "cloud-init"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('Error: Cloud config schema errors: bogus')\nsys.exit(1)\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    pipeline = load_pipeline(make_pipeline("name: t\n"))
+    with pytest.raises(PipelineError, match=r"(?s)cloud-init's own schema check rejected.*bogus"):
+        build_seed_files(pipeline)
+
+
+# --- the ISO ---------------------------------------------------------------------------
+
+FILES = SeedFiles(b"#cloud-config\n{}\n", b"instance-id: i-1\nlocal-hostname: h\n", b"version: 2\n")
+
+
+def test_iso_reads_back_with_pycdlib():
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(seed_iso_bytes(FILES)))
+    try:
+        assert iso.pvd.volume_identifier.rstrip(b" ") == b"cidata"
+        for name, data in FILES.items():
+            for kind in ("rr_path", "joliet_path"):
+                out = io.BytesIO()
+                iso.get_file_from_iso_fp(out, **{kind: "/" + name})
+                assert out.getvalue() == data
+    finally:
+        iso.close()
+
+
+def test_iso_is_byte_identical_across_runs_and_time_zones(tmp_path):
+    code = ("import sys,time; sys.path.insert(0, sys.argv[1]); from tests.test_seed import FILES; "
+            "from tasks.seed import seed_iso_bytes; time.sleep(1.1); sys.stdout.buffer.write(seed_iso_bytes(FILES))")
+    root = str(Path(__file__).resolve().parent.parent)
+    outputs = {
+        subprocess.run([sys.executable, "-c", code, root], capture_output=True, check=True,
+                       env={**os.environ, "TZ": tz}).stdout
+        for tz in ("UTC", "Asia/Kathmandu", "America/St_Johns")
+    }
+    assert len(outputs) == 1
+    assert seed_iso_bytes(FILES) in outputs
+
+
+def test_changed_content_changes_bytes():
+    changed = SeedFiles(FILES.user_data + b"# x\n", FILES.meta_data, FILES.network_config)
+    assert seed_iso_bytes(changed) != seed_iso_bytes(FILES)
+
+
+def test_source_date_epoch_sets_dates(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert seed_iso_bytes(FILES) != (monkeypatch.delenv("SOURCE_DATE_EPOCH") or seed_iso_bytes(FILES))
+
+
+def test_write_is_atomic_and_leaves_no_temp(tmp_path):
+    dest = tmp_path / "seed.iso"
+    build_seed_iso(FILES, dest)
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644
+
+
+@pytest.mark.skipif(shutil.which("isoinfo") is None or shutil.which("blkid") is None, reason="needs genisoimage, util-linux")
+def test_os_tools_see_label_and_names(tmp_path):
+    dest = tmp_path / "seed.iso"
+    build_seed_iso(FILES, dest)
+    blkid = subprocess.run(["blkid", str(dest)], capture_output=True, text=True, check=True).stdout
+    assert 'LABEL="cidata"' in blkid and 'TYPE="iso9660"' in blkid
+    for flag in ("-R", "-J"):
+        listing = subprocess.run(["isoinfo", flag, "-f", "-i", str(dest)], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        assert {"/user-data", "/meta-data", "/network-config"} <= set(listing)
