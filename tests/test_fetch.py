@@ -1,0 +1,391 @@
+"""fetch against the fixture mirror on a real HTTP server, with real gpgv and real faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from tasks import fetch
+from tasks.errors import PipelineError
+from tasks.fetch import (
+    HttpSettings,
+    dearmor,
+    ensure_image,
+    key_fingerprints,
+    parse_sums,
+    read_lock,
+    resolve_upstream,
+)
+from tasks.paths import resolve_paths
+from tasks.pipeline import load_pipeline
+from tests.fixture.mirror import make_gpg_key, write_sums
+from tests.fixture.server import Fault, MirrorServer
+
+FAST = HttpSettings(connect_timeout_s=2, read_timeout_s=2, attempts=3, backoff_s=0.01)
+IMAGE_PATH = "/noble/current/noble-server-cloudimg-amd64.img"
+
+
+@pytest.fixture
+def make(make_pipeline, tmp_path):
+    def build(mirror_url: str, keyring: Path, fingerprint: str, extra: str = ""):
+        text = f"""\
+name: t
+source:
+  mirror: {mirror_url}
+  verify:
+    keyring: {keyring}
+    fingerprints: [{fingerprint}]
+cache: {{dir: {tmp_path / 'cache'}}}
+{extra}"""
+        pipeline = load_pipeline(make_pipeline(text))
+        return pipeline, resolve_paths(pipeline)
+    return build
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- resolve ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("release", "channel", "url"), [
+    ("noble", "current", "M/noble/current/noble-server-cloudimg-amd64.img"),
+    ("24.04", "current", "M/noble/current/noble-server-cloudimg-amd64.img"),
+    ("noble", "20240423", "M/noble/20240423/noble-server-cloudimg-amd64.img"),
+    ("24.04", "release", "M/releases/24.04/release/ubuntu-24.04-server-cloudimg-amd64.img"),
+    ("noble", "release-20240423", "M/releases/24.04/release-20240423/ubuntu-24.04-server-cloudimg-amd64.img"),
+])
+def test_resolve_urls(make_pipeline, release, channel, url):
+    pipeline = load_pipeline(make_pipeline(f"source: {{mirror: 'http://m/', release: '{release}', channel: '{channel}'}}\n"))
+    assert resolve_upstream(pipeline.source).image_url == url.replace("M/", "http://m/")
+
+
+def test_unknown_version_is_an_error(make_pipeline):
+    pipeline = load_pipeline(make_pipeline("source: {release: '19.19'}\n"))
+    with pytest.raises(PipelineError, match="unknown Ubuntu version 19.19"):
+        resolve_upstream(pipeline.source)
+
+
+# --- SHA256SUMS and keys ----------------------------------------------------------------------
+
+HEX = "ab" * 32
+
+
+def test_parse_sums_accepts_every_form():
+    text = f"{HEX} *a.img\n\n{HEX.upper()}  b.img\n{HEX} ./c.img\n{HEX} *./d img.img\n"
+    assert parse_sums(text, "u") == {"a.img": HEX, "b.img": HEX, "c.img": HEX, "d img.img": HEX}
+
+
+@pytest.mark.parametrize("line", ["abc *a.img", f"{HEX}", f"{HEX[:-1]}z *a.img"])
+def test_parse_sums_rejects_malformed(line):
+    with pytest.raises(PipelineError, match="u:2: malformed line"):
+        parse_sums(f"{HEX} *ok.img\n{line}\n", "u")
+
+
+def test_fingerprint_of_armored_key_matches_gpg(gpg_key):
+    assert gpg_key.fingerprint in key_fingerprints(dearmor(gpg_key.armored.read_bytes()))
+    assert key_fingerprints(gpg_key.keyring.read_bytes())[0] == gpg_key.fingerprint
+
+
+# --- the happy path and the lock -------------------------------------------------------------
+
+def test_fetch_verifies_downloads_and_pins(server, small_mirror, make):
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    image, lock = ensure_image(pipeline, paths, http=FAST)
+    assert _digest(image) == _digest(small_mirror.image)
+    assert lock.sha256 == _digest(small_mirror.image) and lock.size == image.stat().st_size
+    assert lock.signed_by == small_mirror.key.fingerprint and lock.serial == small_mirror.serial
+    on_disk = json.loads(paths.lock_file.read_text())
+    assert on_disk["url"] == server.url + IMAGE_PATH.lstrip("/")
+    assert read_lock(paths.lock_file) == lock
+    assert [p.name for p in image.parent.iterdir() if p.name.endswith((".part", ".tmp"))] == []
+
+
+def test_second_fetch_uses_lock_and_cache_offline(small_mirror, make):
+    with MirrorServer(small_mirror.root) as srv:
+        pipeline, paths = make(srv.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+        ensure_image(pipeline, paths, http=FAST)
+    # The server is gone: any request would fail.
+    image, lock = ensure_image(pipeline, paths, http=FAST)
+    assert image.is_file() and lock.sha256 == _digest(small_mirror.image)
+
+
+def test_cached_image_is_not_rehashed(server, small_mirror, make, monkeypatch):
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    ensure_image(pipeline, paths, http=FAST)
+    monkeypatch.setattr(fetch, "_hash_existing", lambda path: pytest.fail("re-hashed a verified image"))
+    ensure_image(pipeline, paths, http=FAST)
+
+
+def test_changed_cached_file_is_not_trusted(server, small_mirror, make):
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    image, lock = ensure_image(pipeline, paths, http=FAST)
+    with open(image, "r+b") as f:
+        f.write(b"X")
+    assert not fetch.is_verified(image, lock.sha256)
+    server.reset()
+    image, _ = ensure_image(pipeline, paths, http=FAST)
+    assert _digest(image) == lock.sha256
+    assert server.requests_for("amd64.img")
+
+
+def test_lock_for_another_source_says_update(server, small_mirror, make):
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    ensure_image(pipeline, paths, http=FAST)
+    other, _ = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint, "disk: {size: 9G}\n")
+    ensure_image(other, paths, http=FAST)  # disk settings don't touch the source: the lock still holds
+    moved, paths2 = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    paths2.lock_file.write_text(paths.lock_file.read_text().replace('"channel": "current"', '"channel": "release"'))
+    with pytest.raises(PipelineError, match="run doit update"):
+        ensure_image(moved, paths2, http=FAST)
+
+
+def test_lock_whose_url_serves_other_bytes(small_mirror, make, tmp_path):
+    root = tmp_path / "moved"
+    import shutil
+    shutil.copytree(small_mirror.root, root)
+    with MirrorServer(root) as srv:
+        pipeline, paths = make(srv.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+        image, _ = ensure_image(pipeline, paths, http=FAST)
+        image.unlink()
+        target = root / IMAGE_PATH.lstrip("/")
+        target.unlink()
+        target.write_bytes(b"a newer image")
+        with pytest.raises(PipelineError, match="no longer serves the image pinned"):
+            ensure_image(pipeline, paths, http=FAST)
+
+
+# --- faults --------------------------------------------------------------------------------
+
+def test_resume_after_drop_fetches_only_missing_bytes(server, small_mirror, make):
+    size = small_mirror.image.stat().st_size
+    server.fail(IMAGE_PATH, Fault(drop_after=2_000_000))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    image, _ = ensure_image(pipeline, paths, http=FAST)
+    assert _digest(image) == _digest(small_mirror.image)
+    first, second = server.requests_for("amd64.img")
+    assert first.bytes_sent == 2_000_000
+    assert second.range == "bytes=2000000-" and second.if_range and second.status == 206
+    assert second.bytes_sent == size - 2_000_000
+
+
+def test_resume_across_runs(server, small_mirror, make):
+    size = small_mirror.image.stat().st_size
+    server.fail(IMAGE_PATH, *[Fault(drop_after=1_000_000)] * 1)
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    one_try = HttpSettings(connect_timeout_s=2, read_timeout_s=2, attempts=1)
+    with pytest.raises(PipelineError, match="kept in .*part"):
+        ensure_image(pipeline, paths, http=one_try)
+    image, _ = ensure_image(pipeline, paths, http=one_try)
+    assert _digest(image) == _digest(small_mirror.image)
+    assert server.requests_for("amd64.img")[-1].bytes_sent == size - 1_000_000
+
+
+def test_server_ignoring_range_restarts_cleanly(server, small_mirror, make):
+    server.fail(IMAGE_PATH, Fault(drop_after=1_500_000), Fault(ignore_range=True))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    image, _ = ensure_image(pipeline, paths, http=FAST)
+    assert _digest(image) == _digest(small_mirror.image)
+    assert server.requests_for("amd64.img")[-1].status == 200
+
+
+def test_changed_validator_restarts(server, small_mirror, make):
+    server.fail(IMAGE_PATH, Fault(drop_after=1_500_000))
+    server.state.etag_salt = "v1"
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    one_try = HttpSettings(connect_timeout_s=2, read_timeout_s=2, attempts=1)
+    with pytest.raises(PipelineError):
+        ensure_image(pipeline, paths, http=one_try)
+    server.state.etag_salt = "v2"
+    image, _ = ensure_image(pipeline, paths, http=one_try)
+    assert _digest(image) == _digest(small_mirror.image)
+    last = server.requests_for("amd64.img")[-1]
+    assert last.range and last.status == 200
+
+
+def test_flipped_byte_is_rejected_and_nothing_cached(server, small_mirror, make):
+    server.fail(IMAGE_PATH, Fault(flip_byte_at=4242))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    with pytest.raises(PipelineError, match="SHA-256 mismatch: expected [0-9a-f]{64}, got [0-9a-f]{64}"):
+        ensure_image(pipeline, paths, http=FAST)
+    leftovers = [p.name for p in paths.images_cache.iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
+    assert not paths.lock_file.exists()
+
+
+def test_404_names_the_url(server, small_mirror, make):
+    server.fail("/noble/current/SHA256SUMS", Fault(status=404))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    with pytest.raises(PipelineError, match=r"not found \(404\): http://127.0.0.1:\d+/noble/current/SHA256SUMS"):
+        ensure_image(pipeline, paths, http=FAST)
+
+
+def test_stall_hits_read_timeout(server, small_mirror, make):
+    server.fail(IMAGE_PATH, Fault(stall_s=3))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    settings = HttpSettings(connect_timeout_s=2, read_timeout_s=0.5, attempts=1)
+    with pytest.raises(PipelineError, match=r"no data from .*amd64.img for 0.5 s \(read timeout\)"):
+        ensure_image(pipeline, paths, http=settings)
+
+
+def test_500_then_recovery(server, small_mirror, make):
+    server.fail(IMAGE_PATH, Fault(status=500), Fault(status=503))
+    server.fail("/noble/current/SHA256SUMS", Fault(status=502))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    image, _ = ensure_image(pipeline, paths, http=FAST)
+    assert _digest(image) == _digest(small_mirror.image)
+    assert [r.status for r in server.requests_for("amd64.img")] == [500, 503, 200]
+
+
+def test_persistent_500_gives_up_with_the_status(server, small_mirror, make):
+    server.fail(IMAGE_PATH, *[Fault(status=500)] * 3)
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    with pytest.raises(PipelineError, match="answered 500.*gave up after 3 attempts"):
+        ensure_image(pipeline, paths, http=FAST)
+
+
+# --- trust ---------------------------------------------------------------------------------
+
+def test_signature_by_another_key_is_rejected_and_image_never_requested(server, small_mirror, make, other_gpg_key):
+    pipeline, paths = make(server.url, other_gpg_key.keyring, other_gpg_key.fingerprint)
+    with pytest.raises(PipelineError, match="not in the keyring"):
+        ensure_image(pipeline, paths, http=FAST)
+    assert server.requests_for("amd64.img") == []
+
+
+def test_key_in_keyring_but_not_pinned_is_rejected(server, small_mirror, make, other_gpg_key):
+    pipeline, paths = make(server.url, small_mirror.key.keyring, other_gpg_key.fingerprint)
+    with pytest.raises(PipelineError, match="not in source.verify.fingerprints"):
+        ensure_image(pipeline, paths, http=FAST)
+    assert server.requests_for("amd64.img") == []
+
+
+def test_tampered_sums_are_rejected(small_mirror, make, tmp_path):
+    import shutil
+    root = tmp_path / "tampered"
+    shutil.copytree(small_mirror.root, root)
+    sums = root / "noble" / "current" / "SHA256SUMS"
+    sums.write_text(sums.read_text().replace(sums.read_text()[0], "0" if sums.read_text()[0] != "0" else "1", 1))
+    with MirrorServer(root) as srv:
+        pipeline, paths = make(srv.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+        with pytest.raises(PipelineError, match="does not match SHA256SUMS"):
+            ensure_image(pipeline, paths, http=FAST)
+        assert srv.requests_for("amd64.img") == []
+
+
+def test_missing_entry_is_a_clear_error(small_mirror, make, tmp_path):
+    import shutil
+    root = tmp_path / "noentry"
+    shutil.copytree(small_mirror.root, root)
+    write_sums(root / "noble" / "current", {"other.img": "0" * 64}, small_mirror.key)
+    with MirrorServer(root) as srv:
+        pipeline, paths = make(srv.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+        with pytest.raises(PipelineError, match="has no entry for noble-server-cloudimg-amd64.img"):
+            ensure_image(pipeline, paths, http=FAST)
+
+
+def test_sha256_pin_must_agree(server, small_mirror, make):
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    pinned, _ = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    from dataclasses import replace
+    bad = replace(pinned, source=replace(pinned.source, verify=replace(pinned.source.verify, sha256="0" * 64)))
+    with pytest.raises(PipelineError, match="source.verify.sha256 pins 0000"):
+        ensure_image(bad, paths, http=FAST)
+
+
+def test_armored_keyring_and_binary_signature(small_mirror, make, tmp_path):
+    import shutil
+    root = tmp_path / "binsig"
+    shutil.copytree(small_mirror.root, root)
+    small_mirror.key.sign(root / "noble" / "current" / "SHA256SUMS", armor=False)
+    with MirrorServer(root) as srv:
+        pipeline, paths = make(srv.url, small_mirror.key.armored, small_mirror.key.fingerprint)
+        image, lock = ensure_image(pipeline, paths, http=FAST)
+        assert lock.signed_by == small_mirror.key.fingerprint
+
+
+def test_signature_off_warns_loudly(server, small_mirror, make, caplog, other_gpg_key):
+    pipeline, paths = make(server.url, other_gpg_key.keyring, other_gpg_key.fingerprint,
+                           "")
+    from dataclasses import replace
+
+    from tasks.pipeline import SignaturePolicy
+    off = replace(pipeline, source=replace(pipeline.source, verify=replace(pipeline.source.verify,
+                                                                           signature=SignaturePolicy.off)))
+    image, lock = ensure_image(off, paths, http=FAST)
+    assert "SIGNATURE CHECK OFF" in caplog.text
+    assert lock.signed_by is None
+    assert server.requests_for("SHA256SUMS.gpg") == []
+
+
+def test_key_from_keyserver_is_trusted_only_by_fingerprint(server, small_mirror, make, monkeypatch, tmp_path):
+    """The keyserver is unreachable here: the local server stands in for it, serving the armored key."""
+    keyserver = tmp_path / "ks"
+    (keyserver / "pks").mkdir(parents=True)
+    (keyserver / "pks" / "lookup").write_bytes(small_mirror.key.armored.read_bytes())
+    monkeypatch.setattr(fetch, "SYSTEM_KEYRING", tmp_path / "absent.gpg")
+    with MirrorServer(keyserver) as ks:
+        monkeypatch.setattr(fetch, "KEYSERVER_URL", ks.url + "pks/lookup?search=0x{fingerprint}")
+        pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+        from dataclasses import replace
+        no_keyring = replace(pipeline, source=replace(pipeline.source, verify=replace(pipeline.source.verify,
+                                                                                      keyring=None)))
+        image, lock = ensure_image(no_keyring, paths, http=FAST)
+        assert lock.signed_by == small_mirror.key.fingerprint
+        assert (paths.cache_dir / "keys" / f"{small_mirror.key.fingerprint}.gpg").is_file()
+        # A keyserver answer with another key is refused.
+        wrong = make_gpg_key(tmp_path / "wrong", "wrong")
+        (keyserver / "pks" / "lookup").write_bytes(wrong.armored.read_bytes())
+        (paths.cache_dir / "keys" / f"{small_mirror.key.fingerprint}.gpg").unlink()
+        paths.lock_file.unlink()
+        with pytest.raises(PipelineError, match="not .* refusing it"):
+            ensure_image(no_keyring, paths, http=FAST)
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+def _fetch_in_process(pipeline_file: str, queue) -> None:
+    from tasks.fetch import HttpSettings, ensure_image
+    from tasks.paths import resolve_paths
+    from tasks.pipeline import load_pipeline
+    pipeline = load_pipeline(pipeline_file)
+    try:
+        image, _ = ensure_image(pipeline, resolve_paths(pipeline), http=HttpSettings(attempts=2, backoff_s=0.01))
+        queue.put(str(image))
+    except Exception as err:  # reported to the parent
+        queue.put(f"error: {err}")
+
+
+def test_concurrent_fetches_do_not_corrupt(server, small_mirror, make):
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fetch_in_process, args=(str(pipeline.file), queue)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    assert len(set(results)) == 1 and not results[0].startswith("error"), results
+    assert _digest(Path(results[0])) == _digest(small_mirror.image)
+    assert len(server.requests_for("amd64.img")) == 1
+
+
+def test_doit_fetch_then_offline(small_mirror, make):
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT
+    with MirrorServer(small_mirror.root) as srv:
+        pipeline, paths = make(srv.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+        argv = [sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), "fetch", f"pipeline={pipeline.file}"]
+        first = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert paths.lock_file.is_file()
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "cached:" in second.stderr
