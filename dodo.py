@@ -16,6 +16,7 @@ from tasks.testrun import task_test_image  # noqa: F401
 
 # Load and validate the pipeline once, so every command (even `doit list`) reports a bad one.
 _pipeline, _paths = current()
+_paths.doit_state.parent.mkdir(parents=True, exist_ok=True)  # doit does not create its state folder
 
 DOIT_CONFIG = {
     "default_tasks": ["bake"],
