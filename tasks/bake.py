@@ -1,20 +1,403 @@
-"""bake: boot once so cloud-init runs, then publish a content-hashed base image (not implemented yet)."""
+"""bake: boot the upstream image once with the seed, check cloud-init's verdict, publish a content-hashed image.
 
+The key names the image: a SHA-256 over everything that can change its content (the
+pinned upstream digest, the image-affecting settings, the seed's files, the recipe
+version). The published file ``<output.dir>/<name>-<key>.qcow2`` is the proof that
+a bake happened, so a restored CI cache skips the bake without doit's state.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from doit.exceptions import TaskFailed
+from tasks import __version__
+from tasks.errors import PipelineError, doit_action
+from tasks.fetch import Lock, ensure_image, file_lock, read_lock
+from tasks.log import stage_logger
+from tasks.paths import Paths
+from tasks.pipeline import Compression, Pipeline
+from tasks.qemu import (
+    VmSpec,
+    boot_with_fallback,
+    choose_accel,
+    detect_host,
+    find_uefi,
+    pflash_code,
+    prepare_vars,
+    qemu_binary,
+    qemu_version,
+    read_kvm_verdict,
+    resolve_firmware,
+    serial_tail,
+)
+from tasks.runner import require_tool, run
+from tasks.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, SeedFiles, build_seed_files, build_seed_iso
+from tasks.units import format_size, human_bytes
+
+# Bump when the way an image is made changes (boot steps, finish script, publish options).
+RECIPE_VERSION = 1
+KEY_HEX_DIGITS = 16
+QEMU_IMG_TIMEOUT_S = 3600
+
+log = stage_logger("bake")
+
+
+# --- the key ------------------------------------------------------------------------------
+
+
+def image_settings(pipeline: Pipeline) -> dict[str, Any]:
+    """The pipeline settings that change the image's bytes. Test, output and VM sizing settings don't."""
+    raw = pipeline.raw
+    return {
+        "arch": raw["source"]["arch"],
+        "disk_size": str(pipeline.disk.size),
+        "compression": raw["disk"]["compression"],
+        "firmware": raw["vm"]["firmware"],
+        "qemu_args": raw["vm"]["qemu_args"],
+        "generalize": raw["cloud_init"]["generalize"],
+    }
+
+
+def key_inputs(pipeline: Pipeline, lock: Lock, seed: SeedFiles) -> dict[str, Any]:
+    return {
+        "recipe": RECIPE_VERSION,
+        "upstream_sha256": lock.sha256,
+        "settings": image_settings(pipeline),
+        "seed": {name: hashlib.sha256(data).hexdigest() for name, data in seed.items()},
+    }
+
+
+def compute_key(inputs: dict[str, Any]) -> str:
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:KEY_HEX_DIGITS]
+
+
+def require_lock(paths: Paths, pipeline: Pipeline) -> Lock:
+    lock = read_lock(paths.lock_file)
+    if lock is None:
+        raise PipelineError(f"no {paths.lock_file.name} beside {pipeline.file.name}: the upstream image is not "
+                            "pinned yet, so the key cannot be computed offline",
+                            hint="run doit fetch once and commit the lock file")
+    if not lock.matches(pipeline.source):
+        raise PipelineError(f"{paths.lock_file} was resolved for another source ({lock.source})",
+                            hint="run doit update")
+    return lock
+
+
+def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], SeedFiles, Lock]:
+    """The key for the pipeline as it is now: offline, no boot, a few milliseconds."""
+    lock = require_lock(paths, pipeline)
+    seed = build_seed_files(pipeline, for_bake=True)
+    inputs = key_inputs(pipeline, lock, seed)
+    return compute_key(inputs), inputs, seed, lock
+
+
+def published_image(paths: Paths, name: str, key: str) -> Path:
+    return paths.output_dir / f"{name}-{key}.qcow2"
+
+
+def manifest_path(image: Path) -> Path:
+    return image.with_suffix(".json")
+
+
+def is_published(image: Path) -> bool:
+    return image.is_file() and manifest_path(image).is_file()
+
+
+# --- cloud-init's verdict -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CloudInitResult:
+    errors: list[str]
+    recoverable: dict[str, list[str]]
+    datasource: str | None
+    generalized: bool
+
+    def failing_modules(self) -> list[str]:
+        return sorted({m for e in self.errors for m in re.findall(r"\('([a-z0-9_]+)'", e)})
+
+
+def _marker_json(text: str, marker: str) -> dict[str, Any] | None:
+    found = re.findall(rf"{marker} ([A-Za-z0-9+/=]+)", text)
+    if not found:
+        return None
+    try:
+        data: dict[str, Any] = json.loads(base64.b64decode(found[-1]))
+        return data
+    except ValueError:
+        return None
+
+
+def parse_cloud_init_result(serial: str) -> CloudInitResult | None:
+    """cloud-init's status and result, as the finish script printed them on the console; None if absent."""
+    result = _marker_json(serial, RESULT_MARKER)
+    status = _marker_json(serial, STATUS_MARKER)
+    if result is None and status is None:
+        return None
+    errors: list[str] = list((result or {}).get("v1", {}).get("errors", []))
+    recoverable: dict[str, list[str]] = {}
+    for stage, info in ((status or {}).get("v1", {}) or {}).items():
+        if isinstance(info, dict):
+            errors += [e for e in info.get("errors", []) if e not in errors]
+            for level, messages in (info.get("recoverable_errors") or {}).items():
+                recoverable.setdefault(level, []).extend(f"{stage}: {m}" for m in messages)
+    datasource = (result or {}).get("v1", {}).get("datasource")
+    return CloudInitResult(errors, recoverable, datasource, GENERALIZED_MARKER in serial)
+
+
+# --- the steps ----------------------------------------------------------------------------
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.steps[name] = round(time.monotonic() - start, 3)
+
+
+def qemu_img_info(image: Path) -> dict[str, Any]:
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    info: dict[str, Any] = json.loads(run([qemu_img, "info", "--output=json", image], stage="bake", timeout=60).stdout)
+    return info
+
+
+def make_work_disk(upstream: Path, dest: Path, pipeline: Pipeline) -> int:
+    """A qcow2 overlay of the cached upstream image (never written), grown per disk.size; returns its size."""
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    info = qemu_img_info(upstream)
+    current = int(info["virtual-size"])
+    target = pipeline.disk.size.resolve(current)
+    if target < current:
+        raise PipelineError(f"disk.size {pipeline.disk.size} would shrink the image from {format_size(current)} "
+                            f"to {format_size(target)}", hint=f"use +N growth or at least {format_size(current)}")
+    dest.unlink(missing_ok=True)
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-F", info.get("format", "qcow2"), "-b", upstream.resolve(), dest,
+         str(target)], stage="bake", timeout=60)
+    log.info("work disk %s: overlay of %s, %s (was %s)", dest.name, upstream.name, human_bytes(target),
+             human_bytes(current))
+    return target
+
+
+def convert_argv(qemu_img: str, source: Path, dest: Path, compression: Compression) -> list[str]:
+    argv = [qemu_img, "convert", "-O", "qcow2"]
+    if compression is not Compression.none:
+        argv += ["-c", "-o", f"compression_type={compression}"]
+    argv += [os.fspath(source), os.fspath(dest)]
+    return argv
+
+
+def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: Compression) -> None:
+    """Flatten into a self-contained qcow2 under a temp name, check it, then rename image and manifest into place."""
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp_manifest = dest.with_name(f".{dest.stem}.json.tmp")
+    try:
+        run(convert_argv(qemu_img, work_disk, tmp, compression), stage="bake", timeout=QEMU_IMG_TIMEOUT_S)
+        check = run([qemu_img, "check", "-q", tmp], stage="bake", timeout=QEMU_IMG_TIMEOUT_S, check=False)
+        if check.returncode not in (0,):
+            raise PipelineError(f"qemu-img check found problems in the converted image (exit {check.returncode}): "
+                                f"{check.stdout}{check.stderr}")
+        info = qemu_img_info(tmp)
+        if info.get("backing-filename"):
+            raise PipelineError("the converted image still has a backing file")
+        manifest["image"]["virtual_size"] = info["virtual-size"]
+        manifest["image"]["file_size"] = tmp.stat().st_size
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, dest)
+        os.replace(tmp_manifest, manifest_path(dest))
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
+    pointer = dest.parent / f"{manifest['name']}.qcow2"
+    tmp_pointer = dest.parent / f".{manifest['name']}.qcow2.tmp"
+    tmp_pointer.unlink(missing_ok=True)
+    tmp_pointer.symlink_to(dest.name)
+    os.replace(tmp_pointer, pointer)
+
+
+def run_bake(pipeline: Pipeline, paths: Paths) -> Path:
+    """Bake unless the image for the current key is already published; returns the published image."""
+    if paths.lock_file.exists():
+        key, inputs, seed, lock = resolve_key(pipeline, paths)
+        dest = published_image(paths, pipeline.name, key)
+        if is_published(dest):
+            log.info("up to date: %s", dest)
+            return dest
+    with file_lock(paths.work_dir / "bake.lock", f"the bake of {pipeline.name}"):
+        timer = _Timer()
+        with timer.step("fetch"):
+            upstream, lock = ensure_image(pipeline, paths)
+        key, inputs, seed, lock = resolve_key(pipeline, paths)
+        dest = published_image(paths, pipeline.name, key)
+        if is_published(dest):  # another process baked it while we waited for the lock
+            log.info("up to date: %s", dest)
+            return dest
+        log.info("baking %s (key %s)", dest.name, key)
+        return _bake(pipeline, paths, upstream, lock, seed, inputs, key, dest, timer)
+
+
+def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: SeedFiles, inputs: dict[str, Any],
+          key: str, dest: Path, timer: _Timer) -> Path:
+    started = time.time()
+    binary = qemu_binary(pipeline.source.arch)
+    with timer.step("seed"):
+        seed_digest = build_seed_iso(seed, paths.seed_iso)
+    with timer.step("work_disk"):
+        make_work_disk(upstream, paths.work_disk, pipeline)
+    firmware = resolve_firmware(pipeline.vm.firmware, pipeline.source.arch, upstream)
+    host = detect_host()
+    choice = choose_accel(pipeline.vm.accel, pipeline.source.arch, host, read_kvm_verdict(paths.cache_dir))
+    spec = VmSpec(
+        name=pipeline.name, arch=pipeline.source.arch, accel=choice.accel, cpus=pipeline.vm.cpus,
+        memory_mib=pipeline.vm.memory_bytes >> 20, disk=paths.work_disk, serial_log=paths.serial_log,
+        qmp_socket=paths.work_dir / "qmp.sock", seed=paths.seed_iso, firmware=firmware,
+        extra_args=pipeline.vm.qemu_args,
+    )
+    if firmware == "uefi":
+        files = find_uefi(pipeline.source.arch, host)
+        spec = _with_uefi(spec, files, pipeline, paths.work_dir / "efivars.fd", paths.cache_dir)
+    log.info("firmware: %s; serial console: %s", firmware, paths.serial_log)
+    if pipeline.cloud_init.generalize:
+        log.info("the guest generalizes itself before power-off (cloud-init clean --logs --machine-id, SSH host "
+                 "keys removed), so every clone boots as a new machine")
+    with timer.step("boot"), boot_with_fallback(spec, choice, paths.cache_dir, "bake") as (vm, choice):
+        exit_ = vm.wait(pipeline.vm.timeout_s)
+        serial = paths.serial_log.read_bytes().decode("utf-8", errors="replace")
+        result = parse_cloud_init_result(serial)
+        if result is None:
+            raise vm.failure("the guest powered off without reporting cloud-init's result (was the seed "
+                             "found? did cloud-init run?)")
+    log.info("guest powered off after %.0f s", exit_.seconds)
+    for level, messages in result.recoverable.items():
+        for message in messages:
+            log.warning("cloud-init %s: %s", level.lower(), message)
+    if result.errors:
+        modules = result.failing_modules()
+        raise PipelineError(
+            f"cloud-init reported errors{' in module ' + ', '.join(modules) if modules else ''}:\n  "
+            + "\n  ".join(result.errors)
+            + f"\n--- last lines of {paths.serial_log} ---\n{serial_tail(paths.serial_log)}",
+            hint="fix the user-data (see the module named above); nothing was published")
+    if pipeline.cloud_init.generalize and not result.generalized:
+        raise PipelineError("the guest did not confirm the generalization step", hint=f"see {paths.serial_log}")
+    manifest = {
+        "name": pipeline.name,
+        "key": key,
+        "created": dt.datetime.fromtimestamp(started, dt.UTC).isoformat().replace("+00:00", "Z"),
+        "cloudbake_version": __version__,
+        "inputs": {
+            **inputs,
+            "upstream": {"url": lock.url, "serial": lock.serial, "sha256": lock.sha256, "signed_by": lock.signed_by,
+                         "signature_time": lock.signature_time},
+            "seed_iso_sha256": seed_digest,
+        },
+        "qemu": {"version": qemu_version(binary), "accel": choice.accel, "accel_reason": choice.reason,
+                 "firmware": firmware, "machine": spec.arch.value},
+        "cloud_init": {"errors": result.errors, "recoverable_errors": result.recoverable,
+                       "datasource": result.datasource, "generalized": result.generalized},
+        "durations_s": timer.steps,
+        "image": {"file": dest.name, "compression": str(pipeline.disk.compression)},
+    }
+    with timer.step("publish"):
+        publish(paths.work_disk, dest, manifest, pipeline.disk.compression)
+    paths.work_disk.unlink(missing_ok=True)
+    log.info("published %s (%s) in %.0f s", dest, human_bytes(dest.stat().st_size), time.time() - started)
+    return dest
+
+
+def _with_uefi(spec: VmSpec, files: Any, pipeline: Pipeline, vars_dest: Path, cache_dir: Path) -> VmSpec:
+    import dataclasses
+
+    vars_copy = prepare_vars(files, pipeline.source.arch, vars_dest)
+    return dataclasses.replace(spec, firmware_code=pflash_code(files, pipeline.source.arch, cache_dir),
+                               firmware_code_format=files.code_format, firmware_vars=vars_copy,
+                               firmware_vars_format=files.vars_format)
+
+
+def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:
+    key, _, _, _ = resolve_key(pipeline, paths)
+    print(key, flush=True)
+
+
+def run_prune(pipeline: Pipeline, paths: Paths) -> None:
+    """Keep the newest ``output.keep`` images of this pipeline (and whatever the pointer names)."""
+    images = sorted((p for p in paths.output_dir.glob(f"{pipeline.name}-*.qcow2")
+                     if p.is_file() and not p.is_symlink()
+                     and re.fullmatch(rf"{re.escape(pipeline.name)}-[0-9a-f]{{{KEY_HEX_DIGITS}}}\.qcow2", p.name)),
+                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    pointer = paths.output_dir / f"{pipeline.name}.qcow2"
+    current = pointer.resolve() if pointer.is_symlink() else None
+    for old in images[pipeline.output_keep:]:
+        if current is not None and old.resolve() == current:
+            continue
+        log.info("pruning %s", old.name)
+        old.unlink()
+        manifest_path(old).unlink(missing_ok=True)
+
+
+def bake_is_current(pipeline: Pipeline, paths: Paths) -> bool:
+    """doit up-to-date check: the image named by the current key exists. No doit state needed."""
+    try:
+        key, _, _, _ = resolve_key(pipeline, paths)
+    except PipelineError:
+        return False  # let the action run and report the problem
+    return is_published(published_image(paths, pipeline.name, key))
 
 
 def task_bake() -> dict[str, Any]:
-    return {"doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2",
-            "task_dep": ["seed"], "actions": [lambda: TaskFailed("[bake] not implemented yet")]}
+    from tasks.context import current
+
+    pipeline, paths = current()
+    return {
+        "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2",
+        "actions": [(doit_action(run_bake), [pipeline, paths])],
+        "uptodate": [lambda: bake_is_current(pipeline, paths)],
+        "verbosity": 2,
+    }
 
 
 def task_cache_key() -> dict[str, Any]:
-    return {"basename": "cache-key", "doc": "Print the baked image's key (offline), for CI caches",
-            "actions": [lambda: TaskFailed("[cache-key] not implemented yet")]}
+    from tasks.context import current
+
+    pipeline, paths = current()
+    return {
+        "basename": "cache-key",
+        "doc": "Print the baked image's key (offline), for CI caches",
+        "actions": [(doit_action(run_cache_key), [pipeline, paths])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 def task_prune() -> dict[str, Any]:
-    return {"doc": "Delete all but the newest output.keep baked images of this pipeline",
-            "actions": [lambda: TaskFailed("[prune] not implemented yet")]}
+    from tasks.context import current
+
+    pipeline, paths = current()
+    return {
+        "doc": "Delete all but the newest output.keep baked images of this pipeline",
+        "actions": [(doit_action(run_prune), [pipeline, paths])],
+        "uptodate": [False],
+    }
+
+
