@@ -36,7 +36,7 @@ MAC = Host("Darwin", "arm64", kvm_usable=False)
 
 
 def _spec(**kw) -> VmSpec:
-    base = dict(name="t", arch=Arch.amd64, accel="tcg", cpus=2, memory_mib=2048, disk=Path("/w/disk.qcow2"),
+    base: dict = dict(name="t", arch=Arch.amd64, accel="tcg", cpus=2, memory_mib=2048, disk=Path("/w/disk.qcow2"),
                 serial_log=Path("/w/serial.log"), qmp_socket=Path("/w/qmp.sock"), seed=Path("/w/seed.iso"),
                 firmware="uefi", firmware_code=Path("/fw/CODE.fd"), firmware_vars=Path("/w/vars.fd"))
     base.update(kw)
