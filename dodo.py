@@ -12,7 +12,7 @@ from tasks.docs import task_docs  # noqa: F401
 from tasks.doitutil import SizeMtimeChecker
 from tasks.fetch import task_fetch, task_update  # noqa: F401
 from tasks.seed import task_seed  # noqa: F401
-from tasks.testrun import task_test_image  # noqa: F401
+from tasks.testrun import task_console, task_test_image  # noqa: F401
 
 # Load and validate the pipeline once, so every command (even `doit list`) reports a bad one.
 _pipeline, _paths = current()

@@ -20,7 +20,7 @@ from typing import Any
 from tasks.errors import PipelineError
 from tasks.log import stage_logger
 from tasks.pipeline import Accel, Arch, Firmware
-from tasks.runner import require_tool, run, spawn, stop_process, tail
+from tasks.runner import Spawned, require_tool, run, spawn, stop_process, tail
 
 QEMU_BINARY = {Arch.amd64: "qemu-system-x86_64", Arch.arm64: "qemu-system-aarch64"}
 QEMU_PACKAGE = {Arch.amd64: "qemu-system-x86", Arch.arm64: "qemu-system-arm"}
@@ -468,6 +468,7 @@ class VmRun:
         self.spec, self.binary, self.stage = spec, binary, stage
         self.log = stage_logger(stage)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.spawned: Spawned | None = None
         self.started = 0.0
         self._stack = contextlib.ExitStack()
         self._stderr_file = spec.serial_log.with_name(spec.serial_log.stem + ".qemu-stderr.log")
@@ -481,13 +482,26 @@ class VmRun:
                       self.spec.cpus, self.spec.memory_mib)
         stderr = self._stack.enter_context(open(self._stderr_file, "wb"))
         interactive = self.spec.interactive
-        self.proc = self._stack.enter_context(
+        self.spawned = self._stack.enter_context(
             spawn(argv, stage=self.stage, stdout=None if interactive else subprocess.DEVNULL, stderr=stderr,
-                  stdin=None if interactive else subprocess.DEVNULL, grace=5.0))
+                  stdin=None if interactive else subprocess.DEVNULL, grace=5.0, new_session=not interactive))
+        self.proc = self.spawned.proc
         self.started = time.monotonic()
         return self
 
+    def keep_running(self) -> None:
+        """The VM outlives this block (test-image keep=1)."""
+        if self.spawned is not None:
+            self.spawned.keep_running()
+
+    @property
+    def kept(self) -> bool:
+        return self.spawned is not None and self.spawned.kept
+
     def __exit__(self, *exc: object) -> None:
+        if self.kept:
+            self._stack.close()
+            return
         try:
             if self.proc is not None and self.proc.poll() is None:
                 if exc[0] is KeyboardInterrupt:
@@ -516,9 +530,11 @@ class VmRun:
         ``progress_timeout_s`` passes with no serial output at all."""
         assert self.proc is not None
         streamed = 0
+        called = time.monotonic()
         while True:
             code = self.proc.poll()
             elapsed = time.monotonic() - self.started
+            waited = time.monotonic() - called
             streamed = self._stream_serial(streamed)
             if code is not None:
                 return VmExit(elapsed, code)
@@ -526,7 +542,7 @@ class VmRun:
                 return VmExit(elapsed, -1)
             if progress_timeout_s is not None and elapsed > progress_timeout_s and self._serial_size() == 0:
                 raise KvmNoProgressError()
-            if elapsed > timeout_s:
+            if waited > timeout_s:
                 raise self.failure(f"the guest did not finish within {timeout_s:.0f} s; it was stopped",
                                    hint=f"raise vm.timeout if it was still working; serial log: "
                                         f"{self.spec.serial_log}")

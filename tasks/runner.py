@@ -107,6 +107,18 @@ def run(
     return Result(proc.returncode, stdout, stderr)
 
 
+class Spawned:
+    """A started program; stopped when its block ends unless ``keep_running()`` was called."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.kept = False
+
+    def keep_running(self) -> None:
+        """Leave the process running after the block (``keep=1``: the user takes it over)."""
+        self.kept = True
+
+
 @contextlib.contextmanager
 def spawn(
     argv: Sequence[Arg],
@@ -116,20 +128,24 @@ def spawn(
     stderr: IO[bytes] | int | None = subprocess.PIPE,
     stdin: IO[bytes] | int | None = subprocess.DEVNULL,
     grace: float = STOP_GRACE_SECONDS,
-) -> Iterator[subprocess.Popen[bytes]]:
+    new_session: bool = False,
+) -> Iterator[Spawned]:
     """Start a long-running program (a VM) and guarantee it is gone when the block ends.
 
     Whatever ends the block (success, error, Ctrl-C), the process is terminated,
-    given ``grace`` seconds, then killed and reaped. Callers that want a clean
-    shutdown (QMP powerdown) do it inside the block.
+    given ``grace`` seconds, then killed and reaped, unless the caller asked to
+    keep it. Callers that want a clean shutdown (QMP powerdown) do it inside the block.
+    ``new_session`` detaches it from the terminal's Ctrl-C, for processes that may be kept.
     """
     args = _argv(argv)
     stage_logger(stage).debug("$ %s", shlex.join(args))
     try:
-        proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr)
+        proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=new_session)
     except FileNotFoundError:
         raise PipelineError(f"'{args[0]}' not found", hint="install it or put it on PATH") from None
+    spawned = Spawned(proc)
     try:
-        yield proc
+        yield spawned
     finally:
-        stop_process(proc, grace)
+        if not spawned.kept:
+            stop_process(proc, grace)
