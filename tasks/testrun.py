@@ -86,10 +86,6 @@ class RunFiles:
         return self.folder / "efivars.fd"
 
     @property
-    def artifacts(self) -> Path:
-        return self.folder / "artifacts"
-
-    @property
     def owner(self) -> Path:
         return self.folder / "run.json"
 
@@ -268,14 +264,17 @@ def _ssh_ok(files: RunFiles, port: int, user: str, command: str, timeout: float)
     return result.returncode == 0
 
 
-def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, ...]) -> list[str]:
-    """Copy guest paths/globs into ``<run>/artifacts`` through a tar stream (read with sudo, extracted safely)."""
+def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, ...], dest: Path) -> list[str]:
+    """Copy guest paths/globs into ``dest`` through a tar stream (read with sudo, extracted safely).
+
+    ``dest`` is outside the run folder, which is thrown away with the VM.
+    """
     if not patterns:
         return []
     script = ('cd / && for p in "$@"; do for f in $p; do [ -e "$f" ] && printf "%s\\0" "${f#/}"; done; done '
               '| xargs -0 -r tar -cf - --')
     remote = "sudo -n sh -c " + shlex.quote(script) + " sh " + " ".join(shlex.quote(p) for p in patterns)
-    files.artifacts.mkdir(exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(ssh_argv(files, port, user, remote), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
@@ -283,7 +282,7 @@ def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, 
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
             for member in archive:
-                archive.extract(member, files.artifacts, filter="data")
+                archive.extract(member, dest, filter="data")
                 names.append(member.name)
     except tarfile.ReadError:
         pass  # nothing matched: tar never ran
@@ -300,6 +299,7 @@ class RunResult:
     exit_status: int
     folder: Path
     artifacts: list[str]
+    artifacts_dir: Path
     port: int
     kept: bool
 
@@ -396,9 +396,10 @@ def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[s
         except subprocess.TimeoutExpired:
             raise vm.failure(f"the test command did not finish within test.timeout ({deadline.total:.0f} s)") \
                 from None
-        artifacts = fetch_artifacts(files, port, user, pipeline.test.artifacts)
+        artifacts_dir = paths.work_dir / "artifacts" / files.folder.name
+        artifacts = fetch_artifacts(files, port, user, pipeline.test.artifacts, artifacts_dir)
         if artifacts:
-            log.info("copied %d artifact(s) into %s", len(artifacts), files.artifacts)
+            log.info("copied %d artifact(s) into %s", len(artifacts), artifacts_dir)
         if keep:
             vm.keep_running()
             info = json.loads(files.owner.read_text())
@@ -412,7 +413,7 @@ def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[s
                            stdin=subprocess.DEVNULL, check=False)
             with contextlib.suppress(PipelineError):
                 vm.wait(60, poll_s=0.5)
-    return RunResult(status, files.folder, artifacts, port, keep)
+    return RunResult(status, files.folder, artifacts, artifacts_dir, port, keep)
 
 
 def run_test_task(pipeline: Pipeline, paths: Paths, command: str | None, keep: bool) -> None:

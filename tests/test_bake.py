@@ -1,0 +1,149 @@
+"""The bake's pure parts: the key, cloud-init's verdict, publish argv, pruning. No guest boots here."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import pytest
+
+from tasks.bake import (
+    compute_key,
+    convert_argv,
+    key_inputs,
+    parse_cloud_init_result,
+    resolve_key,
+    run_prune,
+)
+from tasks.errors import PipelineError
+from tasks.fetch import Lock, write_lock
+from tasks.paths import resolve_paths
+from tasks.pipeline import Compression, load_pipeline
+from tasks.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, build_seed_files
+
+PIPELINE = """\
+name: k
+cloud_init:
+  ssh_authorized_keys: []
+"""
+
+
+@pytest.fixture
+def locked(make_pipeline):
+    def make(text: str = PIPELINE, user_data: str | None = None, sha: str = "a" * 64):
+        kwargs = {} if user_data is None else {"user_data": user_data}
+        pipeline = load_pipeline(make_pipeline(text, **kwargs))
+        paths = resolve_paths(pipeline)
+        from tasks.fetch import lock_source
+        write_lock(paths.lock_file, Lock(source=lock_source(pipeline.source), url="http://m/x.img", serial="1",
+                                         sha256=sha, size=1, signed_by=None, signature_time=None))
+        return pipeline, paths
+    return make
+
+
+def _key(pipeline, paths) -> str:
+    return resolve_key(pipeline, paths)[0]
+
+
+def test_key_is_stable(locked):
+    pipeline, paths = locked()
+    assert _key(pipeline, paths) == _key(pipeline, paths)
+    assert len(_key(pipeline, paths)) == 16
+
+
+@pytest.mark.parametrize(("text", "user_data", "sha"), [
+    (PIPELINE + "disk: {size: +30G}\n", None, "a" * 64),
+    (PIPELINE + "disk: {compression: none}\n", None, "a" * 64),
+    (PIPELINE, "#cloud-config\npackages: [git]\n", "a" * 64),
+    (PIPELINE, None, "b" * 64),
+    (PIPELINE.replace("cloud_init:", "cloud_init:\n  hostname: other"), None, "a" * 64),
+    (PIPELINE + "vm: {qemu_args: ['-device', 'x']}\n", None, "a" * 64),
+])
+def test_key_changes_with_every_image_input(locked, text, user_data, sha):
+    base = _key(*locked())
+    assert _key(*locked(text, user_data, sha)) != base
+
+
+@pytest.mark.parametrize("text", [
+    "# a comment\n" + PIPELINE,
+    PIPELINE + "test: {command: make check, timeout: 1h}\n",
+    PIPELINE + "vm: {cpus: 8, memory: 8G, timeout: 2h, accel: tcg}\n",
+    PIPELINE + "output: {keep: 9}\n",
+])
+def test_key_ignores_what_does_not_change_the_image(locked, text):
+    assert _key(*locked(text)) == _key(*locked())
+
+
+def test_key_needs_a_lock(make_pipeline):
+    pipeline = load_pipeline(make_pipeline(PIPELINE))
+    with pytest.raises(PipelineError, match="run doit fetch once and commit the lock file"):
+        resolve_key(pipeline, resolve_paths(pipeline))
+
+
+def test_key_inputs_hold_digests_not_content(locked):
+    pipeline, paths = locked()
+    inputs = key_inputs(pipeline, Lock({}, "u", None, "c" * 64, 1, None, None), build_seed_files(pipeline))
+    text = json.dumps(inputs)
+    assert "runcmd" not in text and "ssh-" not in text
+    assert compute_key(inputs) == compute_key(json.loads(text))
+
+
+def _serial(status: dict, result: dict, generalized: bool = True) -> str:
+    def enc(doc):
+        return base64.b64encode(json.dumps(doc).encode()).decode()
+    text = f"[  1.0] booting\n{STATUS_MARKER} {enc(status)}\n{RESULT_MARKER} {enc(result)}\n"
+    return text + (f"{GENERALIZED_MARKER}\n" if generalized else "")
+
+
+def test_result_parse_success():
+    serial = _serial({"v1": {"modules-final": {"errors": []}}},
+                     {"v1": {"datasource": "DataSourceNoCloud", "errors": []}})
+    result = parse_cloud_init_result(serial)
+    assert result is not None and result.errors == [] and result.generalized
+    assert result.datasource == "DataSourceNoCloud"
+
+
+def test_result_parse_names_the_failing_module():
+    error = "('scripts_user', RuntimeError('Runparts: 1 failures (runcmd) in 1 attempted commands'))"
+    serial = _serial({"v1": {"modules-final": {"errors": [error],
+                                                "recoverable_errors": {"WARNING": ["w1"]}}}},
+                     {"v1": {"errors": [error]}}, generalized=False)
+    result = parse_cloud_init_result(serial)
+    assert result is not None
+    assert result.failing_modules() == ["scripts_user"]
+    assert result.errors == [error]
+    assert result.recoverable == {"WARNING": ["modules-final: w1"]}
+    assert not result.generalized
+
+
+def test_result_absent():
+    assert parse_cloud_init_result("[ 1.0] kernel panic\n") is None
+
+
+@pytest.mark.parametrize(("compression", "expected"), [
+    (Compression.zstd, ["-c", "-o", "compression_type=zstd"]),
+    (Compression.zlib, ["-c", "-o", "compression_type=zlib"]),
+    (Compression.none, []),
+])
+def test_convert_argv(tmp_path, compression, expected):
+    argv = convert_argv("qemu-img", tmp_path / "a", tmp_path / "b", compression)
+    assert argv == ["qemu-img", "convert", "-O", "qcow2", *expected, str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_prune_keeps_the_newest_and_the_pointer(locked):
+    pipeline, paths = locked(PIPELINE + "output: {keep: 2}\n")
+    paths.output_dir.mkdir(parents=True)
+    names = [f"k-{i:016x}.qcow2" for i in range(4)]
+    now = time.time()
+    for age, name in enumerate(reversed(names)):
+        (paths.output_dir / name).write_bytes(b"x")
+        (paths.output_dir / name).with_suffix(".json").write_text("{}")
+        os.utime(paths.output_dir / name, (now - age * 100, now - age * 100))
+    (paths.output_dir / "k.qcow2").symlink_to(names[0])  # the pointer names the oldest
+    (paths.output_dir / "other-0000000000000000.qcow2").write_bytes(b"x")
+    run_prune(pipeline, paths)
+    left = sorted(p.name for p in paths.output_dir.iterdir())
+    assert left == sorted([names[0], names[0].replace(".qcow2", ".json"), names[2], names[2].replace(".qcow2", ".json"),
+                           names[3], names[3].replace(".qcow2", ".json"), "k.qcow2", "other-0000000000000000.qcow2"])

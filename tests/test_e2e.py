@@ -1,0 +1,295 @@
+"""End to end under TCG: a real bake of the fixture image from the fixture mirror, and throwaway test VMs.
+
+One bake is shared by the whole session; each test that boots says why it needs its own guest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT
+
+pytestmark = pytest.mark.e2e
+
+USER_DATA = """\
+#cloud-config
+write_files:
+  - path: /etc/cloudbake-e2e
+    content: "baked\\n"
+runcmd:
+  - [sh, -c, "mkdir -p /var/lib/e2e && echo ok > /var/lib/e2e/result.txt"]
+"""
+
+
+def doit(*args: str, cwd: Path, timeout: float = 1200, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def write_project(folder: Path, mirror_url: str, key, *, user_data: str = USER_DATA, extra: str = "",
+                  accel: str = "auto", cache: Path | None = None) -> Path:
+    (folder / "cloud-init").mkdir(parents=True, exist_ok=True)
+    (folder / "cloud-init" / "user-data.yaml").write_text(user_data)
+    pipeline = folder / "pipeline.yaml"
+    pipeline.write_text(textwrap.dedent(f"""\
+        name: e2e
+        source:
+          mirror: {mirror_url}
+          verify:
+            keyring: {key.keyring}
+            fingerprints: [{key.fingerprint}]
+        disk: {{size: +1G, compression: zstd}}
+        vm: {{cpus: 2, memory: 1G, accel: {accel}, timeout: 15m}}
+        cloud_init:
+          ssh_authorized_keys: []
+        test:
+          command: sudo -n true && test -f /etc/cloudbake-e2e
+          timeout: 10m
+          artifacts: ["/var/lib/e2e/*.txt", /etc/hostname]
+        cache: {{dir: {cache or folder / 'cache'}}}
+        """) + extra)
+    return pipeline
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def qemu_processes(marker: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if (cmd.startswith("qemu-system") or "/qemu-system" in cmd.split(" ")[0]) and marker in cmd:
+                found.append(cmd)
+    return found
+
+
+@pytest.fixture(scope="session")
+def baked(tmp_path_factory, real_mirror, real_server):
+    """The one shared bake, through `doit bake` exactly as a user runs it (accel auto: here that means the
+    KVM no-progress fallback to TCG)."""
+    folder = tmp_path_factory.mktemp("e2e-project")
+    pipeline = write_project(folder, real_server.url, real_mirror.key)
+    started = time.monotonic()
+    result = doit("bake", f"pipeline={pipeline}", cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    images = [p for p in (folder / "dist").glob("e2e-*.qcow2") if not p.is_symlink()]
+    assert len(images) == 1
+    return {"folder": folder, "pipeline": pipeline, "image": images[0], "log": result.stderr,
+            "upstream": real_mirror.image,
+            "seconds": time.monotonic() - started}
+
+
+def test_bake_publishes_a_self_contained_image_with_manifest(baked):
+    image = baked["image"]
+    manifest = json.loads(image.with_suffix(".json").read_text())
+    assert image.name == f"e2e-{manifest['key']}.qcow2"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["format"] == "qcow2" and "backing-filename" not in info
+    upstream = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(baked["upstream"])],
+                                         capture_output=True, text=True, check=True).stdout)
+    assert info["virtual-size"] == manifest["image"]["virtual_size"] == upstream["virtual-size"] + (1 << 30)
+    assert manifest["cloud_init"]["errors"] == [] and manifest["cloud_init"]["generalized"] is True
+    assert manifest["qemu"]["firmware"] == "uefi" and manifest["qemu"]["accel"] in ("tcg", "kvm")
+    assert manifest["inputs"]["upstream"]["sha256"] == sha256(baked["folder"] / "cache" / "images" / next(
+        p.name for p in (baked["folder"] / "cache" / "images").glob("*.img")))
+    assert (image.parent / "e2e.qcow2").resolve() == image
+    serial = (baked["folder"] / "build" / "e2e" / "serial.log").read_text(errors="replace")
+    assert "Cloud-init v." in serial and "finished at" in serial and "reboot: Power down" in serial
+    assert "generalizes itself" in baked["log"]
+    text = image.with_suffix(".json").read_text()
+    assert "PRIVATE KEY" not in text and "runcmd" not in text
+    assert (baked["folder"] / "pipeline.lock").is_file()
+    assert qemu_processes(str(baked["folder"])) == []
+
+
+def test_auto_accel_fell_back_or_used_kvm(baked):
+    manifest = json.loads(baked["image"].with_suffix(".json").read_text())
+    if manifest["qemu"]["accel"] == "tcg":
+        assert "falling back to TCG" in baked["log"] or "TCG" in manifest["qemu"]["accel_reason"]
+        assert (baked["folder"] / "cache" / "host" / "kvm-verdict.json").is_file() or \
+            "not accessible" in manifest["qemu"]["accel_reason"]
+
+
+def test_noop_rebake_does_nothing(baked, real_server):
+    before = len(real_server.state.requests)
+    result = doit("bake", f"pipeline={baked['pipeline']}", cwd=baked["folder"])
+    assert result.returncode == 0, result.stderr
+    assert "starting qemu" not in result.stderr
+    assert len(real_server.state.requests) == before
+
+
+def test_cache_key_matches_published_key(baked):
+    result = doit("-r", "zero", "cache-key", f"pipeline={baked['pipeline']}", cwd=baked["folder"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(baked["image"].with_suffix(".json").read_text())
+    assert result.stdout.strip() == manifest["key"]
+
+
+def test_restored_cache_skips_the_bake(baked, real_server, tmp_path):
+    """A fresh checkout with only output.dir restored (no doit state, no download cache, server gone)."""
+    fresh = tmp_path / "fresh"
+    (fresh / "cloud-init").mkdir(parents=True)
+    shutil.copy(baked["folder"] / "cloud-init" / "user-data.yaml", fresh / "cloud-init")
+    shutil.copy(baked["pipeline"], fresh / "pipeline.yaml")
+    shutil.copy(baked["folder"] / "pipeline.lock", fresh / "pipeline.lock")
+    text = (fresh / "pipeline.yaml").read_text().replace(str(baked["folder"] / "cache"), str(fresh / "cache"))
+    (fresh / "pipeline.yaml").write_text(text)
+    shutil.copytree(baked["folder"] / "dist", fresh / "dist", symlinks=True)
+    before = len(real_server.state.requests)
+    result = doit("bake", f"pipeline={fresh / 'pipeline.yaml'}", cwd=fresh)
+    assert result.returncode == 0, result.stderr
+    assert "starting qemu" not in result.stderr
+    assert len(real_server.state.requests) == before
+    assert not (fresh / "cache" / "images").exists()
+
+
+def test_test_image_exit_status_and_pristine_base(baked):
+    """The command scribbles over the disk, then exits 7: doit fails saying so, the base is untouched,
+    nothing is left behind."""
+    base_digest = sha256(baked["image"])
+    command = "sudo -n dd if=/dev/urandom of=/var/tmp/junk bs=1M count=64 status=none && sync && exit 7"
+    result = doit("test-image", f"pipeline={baked['pipeline']}", f"cmd={command}", cwd=baked["folder"])
+    assert result.returncode != 0
+    assert "the test command failed with exit status 7" in result.stdout + result.stderr
+    assert sha256(baked["image"]) == base_digest
+    assert list((baked["image"].parent / ".runs").iterdir()) == []
+    assert qemu_processes(str(baked["image"].parent)) == []
+
+
+def test_two_runs_at_once_both_pass_and_bring_artifacts(baked):
+    argv = [sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), "test-image",
+            f"pipeline={baked['pipeline']}"]
+    procs = [subprocess.Popen(argv, cwd=baked["folder"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=1500) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out + err
+        assert "the test command passed" in err
+    ports = {line.split("SSH on ")[1].split(")")[0] for _, err in outputs for line in err.splitlines()
+             if "SSH on " in line}
+    assert len(ports) == 2
+    runs = sorted((baked["folder"] / "build" / "e2e" / "artifacts").iterdir())
+    assert len(runs) >= 2
+    for run in runs[-2:]:
+        assert (run / "var" / "lib" / "e2e" / "result.txt").read_text() == "ok\n"
+        assert (run / "etc" / "hostname").read_text().strip() == "cloudbake"
+    assert list((baked["image"].parent / ".runs").iterdir()) == []
+
+
+def test_host_key_is_pinned(baked):
+    """keep=1 leaves the VM up; after the guest's host key is swapped, cloudbake's SSH refuses to talk to it."""
+    from tasks.errors import PipelineError
+    from tasks.paths import resolve_paths
+    from tasks.pipeline import load_pipeline
+    from tasks.testrun import RunFiles, _ssh_ok, run_test_image
+
+    pipeline = load_pipeline(baked["pipeline"])
+    swap = ("sudo -n rm -f /etc/ssh/ssh_host_ed25519_key* && sudo -n ssh-keygen -q -t ed25519 -N '' "
+            "-f /etc/ssh/ssh_host_ed25519_key && sudo -n systemctl restart ssh")
+    result = run_test_image(pipeline, resolve_paths(pipeline), swap, keep=True)
+    info = json.loads((result.folder / "run.json").read_text())
+    try:
+        assert result.exit_status == 0 and result.kept and info["kept"]
+        assert oct((result.folder / "id_ed25519").stat().st_mode & 0o777) == "0o600"
+        with pytest.raises(PipelineError, match="host key other than the one injected"):
+            _ssh_ok(RunFiles(result.folder), result.port, pipeline.cloud_init.user, "true", timeout=30)
+    finally:
+        os.kill(info["qemu_pid"], signal.SIGKILL)
+        shutil.rmtree(result.folder)
+
+
+def test_ssh_that_never_comes_up_fails_at_that_stage(baked):
+    from tasks.errors import PipelineError
+    from tasks.paths import resolve_paths
+    from tasks.pipeline import load_pipeline
+    from tasks.testrun import run_test_image
+
+    pipeline = load_pipeline(baked["pipeline"])
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as caught:
+        run_test_image(pipeline, resolve_paths(pipeline), "true", timeout_s=15)
+    assert "'SSH port answers' did not happen within test.timeout (15 s)" in str(caught.value)
+    assert "last lines of" in str(caught.value)
+    assert time.monotonic() - started < 120
+    assert qemu_processes(str(baked["image"].parent)) == []
+    assert list((baked["image"].parent / ".runs").iterdir()) == []
+
+
+# --- bakes that must fail: each needs its own guest --------------------------------------
+
+
+def test_failing_runcmd_fails_the_bake_naming_the_module(tmp_path, real_mirror, real_server):
+    pipeline = write_project(tmp_path, real_server.url, real_mirror.key, accel="tcg",
+                             user_data="#cloud-config\nruncmd:\n  - [sh, -c, 'echo boom; exit 3']\n",
+                             cache=tmp_path / "cache")
+    result = doit("bake", f"pipeline={pipeline}", cwd=tmp_path)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "cloud-init reported errors in module scripts_user" in out and "Traceback" not in out
+    assert not list((tmp_path / "dist").glob("*.qcow2")) if (tmp_path / "dist").exists() else True
+    assert qemu_processes(str(tmp_path)) == []
+
+
+def test_guest_that_never_powers_off_hits_the_timeout(tmp_path, real_mirror, real_server):
+    pipeline = write_project(tmp_path, real_server.url, real_mirror.key, accel="tcg",
+                             user_data="#cloud-config\nbootcmd:\n  - [sleep, '100000']\n", cache=tmp_path / "cache")
+    text = pipeline.read_text().replace("timeout: 15m", "timeout: 40s")
+    pipeline.write_text(text)
+    result = doit("bake", f"pipeline={pipeline}", cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "did not finish within 40 s" in out and "serial.log" in out
+    assert qemu_processes(str(tmp_path)) == []
+    assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
+
+
+def test_ctrl_c_during_boot_leaves_nothing(tmp_path, real_mirror, real_server):
+    pipeline = write_project(tmp_path, real_server.url, real_mirror.key, accel="tcg",
+                             user_data="#cloud-config\nruncmd: [[echo, sigint]]\n", cache=tmp_path / "cache")
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), "bake",
+                             f"pipeline={pipeline}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    serial = tmp_path / "build" / "e2e" / "serial.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (serial.exists() and serial.stat().st_size > 0):
+        time.sleep(0.5)
+    assert serial.exists() and serial.stat().st_size > 0, "the guest never started"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "interrupted" in out + err
+    assert qemu_processes(str(tmp_path)) == []
+    assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
+
+
+def test_restored_cache_with_changed_user_data_misses(baked, tmp_path):
+    """Changing user-data changes the key offline (no boot needed to see the miss)."""
+    fresh = tmp_path / "changed"
+    shutil.copytree(baked["folder"] / "cloud-init", fresh / "cloud-init")
+    shutil.copy(baked["pipeline"], fresh / "pipeline.yaml")
+    shutil.copy(baked["folder"] / "pipeline.lock", fresh / "pipeline.lock")
+    (fresh / "cloud-init" / "user-data.yaml").write_text(USER_DATA + "timezone: Europe/Berlin\n")
+    result = doit("-r", "zero", "cache-key", f"pipeline={fresh / 'pipeline.yaml'}", cwd=fresh, timeout=60)
+    manifest = json.loads(baked["image"].with_suffix(".json").read_text())
+    assert result.returncode == 0 and result.stdout.strip() != manifest["key"]
