@@ -293,3 +293,61 @@ def test_restored_cache_with_changed_user_data_misses(baked, tmp_path):
     result = doit("-r", "zero", "cache-key", f"pipeline={fresh / 'pipeline.yaml'}", cwd=fresh, timeout=60)
     manifest = json.loads(baked["image"].with_suffix(".json").read_text())
     assert result.returncode == 0 and result.stdout.strip() != manifest["key"]
+
+
+# --- CI, played on this machine ------------------------------------------------------------
+
+
+def _clone(dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(PROJECT), str(dest)], check=True)
+    return dest
+
+
+def _cache_key(folder: Path) -> str:
+    result = doit("-r", "zero", "cache-key", f"pipeline={folder / 'ci.yaml'}", cwd=folder, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_ci_replay_restored_cache_skips_bake(tmp_path, real_mirror, real_server):
+    """Clone, bake, save dist/ and the download cache under `doit cache-key`; a second clone restores
+    them under the key it computes and neither downloads nor boots to bake; test-image runs on the
+    restored image; a user-data change in the second clone misses the cache and bakes."""
+    def setup(clone: Path) -> Path:
+        pipeline = write_project(clone, real_server.url, real_mirror.key, accel="tcg", cache=clone / ".cache-dl")
+        pipeline.rename(clone / "ci.yaml")
+        return clone / "ci.yaml"
+
+    first = _clone(tmp_path / "clone-a")
+    pipeline_a = setup(first)
+    assert doit("fetch", f"pipeline={pipeline_a}", cwd=first).returncode == 0
+    key_a = _cache_key(first)
+    baked = doit("bake", f"pipeline={pipeline_a}", cwd=first)
+    assert baked.returncode == 0, baked.stderr
+    cache = tmp_path / "ci-cache" / key_a
+    shutil.copytree(first / "dist", cache / "dist", symlinks=True)
+    shutil.copytree(first / ".cache-dl", cache / "downloads")
+
+    second = _clone(tmp_path / "clone-b")
+    pipeline_b = setup(second)
+    shutil.copy(first / "ci.lock", second / "ci.lock")  # CI commits the lock
+    key_b = _cache_key(second)
+    assert key_b == key_a
+    shutil.copytree(tmp_path / "ci-cache" / key_b / "dist", second / "dist", symlinks=True)
+    shutil.copytree(tmp_path / "ci-cache" / key_b / "downloads", second / ".cache-dl")
+    requests_before = len(real_server.state.requests)
+    rebake = doit("bake", f"pipeline={pipeline_b}", cwd=second)
+    assert rebake.returncode == 0, rebake.stderr
+    assert rebake.stderr.count("starting qemu") == 0
+    assert len(real_server.state.requests) == requests_before
+    tested = doit("test-image", f"pipeline={pipeline_b}", cwd=second)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert tested.stderr.count("starting qemu") == 1  # the test VM, not a bake
+
+    (second / "cloud-init" / "user-data.yaml").write_text(USER_DATA + "final_message: changed\n")
+    key_c = _cache_key(second)
+    assert key_c != key_a and not (tmp_path / "ci-cache" / key_c).exists()
+    changed = doit("bake", f"pipeline={pipeline_b}", cwd=second)
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stderr.count("starting qemu") == 1
+    assert (second / "dist" / f"e2e-{key_c}.qcow2").is_file()
