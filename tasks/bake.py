@@ -126,7 +126,7 @@ class CloudInitResult:
     generalized: bool
 
     def failing_modules(self) -> list[str]:
-        return sorted({m for e in self.errors for m in re.findall(r"\('([a-z0-9_]+)'", e)})
+        return sorted({m.replace("-", "_") for e in self.errors for m in re.findall(r"\('([a-z0-9_-]+)'", e)})
 
 
 def _marker_json(text: str, marker: str) -> dict[str, Any] | None:

@@ -147,3 +147,10 @@ def test_prune_keeps_the_newest_and_the_pointer(locked):
     left = sorted(p.name for p in paths.output_dir.iterdir())
     assert left == sorted([names[0], names[0].replace(".qcow2", ".json"), names[2], names[2].replace(".qcow2", ".json"),
                            names[3], names[3].replace(".qcow2", ".json"), "k.qcow2", "other-0000000000000000.qcow2"])
+
+
+def test_module_names_are_normalized():
+    """cloud-init 22.x says 'scripts-user', newer releases 'scripts_user'."""
+    serial = _serial({"v1": {}}, {"v1": {"errors": ["('scripts-user', RuntimeError('x'))"]}})
+    result = parse_cloud_init_result(serial)
+    assert result is not None and result.failing_modules() == ["scripts_user"]
