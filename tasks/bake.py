@@ -126,7 +126,8 @@ class CloudInitResult:
     generalized: bool
 
     def failing_modules(self) -> list[str]:
-        return sorted({m.replace("-", "_") for e in self.errors for m in re.findall(r"\('([a-z0-9_-]+)'", e)})
+        found = (re.match(r"\('([a-z0-9_-]+)',", error) for error in self.errors)
+        return sorted({match.group(1).replace("-", "_") for match in found if match})
 
 
 def _marker_json(text: str, marker: str) -> dict[str, Any] | None:
