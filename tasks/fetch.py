@@ -28,6 +28,7 @@ import requests
 
 from tasks import __version__
 from tasks.errors import PipelineError, doit_action
+from tasks.files import write_atomically
 from tasks.log import stage_logger
 from tasks.paths import Paths
 from tasks.pipeline import Pipeline, SignaturePolicy, Source
@@ -288,7 +289,7 @@ def resolve_keyring(pipeline: Pipeline, paths: Paths, session: requests.Session,
             raise PipelineError(f"the keyserver returned a key that is not {fingerprint}; refusing it",
                                 hint="set source.verify.keyring to a keyring you trust")
         cached = keys_dir / f"{fingerprint}.gpg"
-        _write_atomically(cached, key)
+        write_atomically(cached, key)
         return cached
     raise PipelineError("no keyring for the signature check")  # unreachable: fingerprints has minItems 1
 
@@ -299,7 +300,7 @@ def _binary_keyring(data: bytes, paths: Paths, label: str) -> Path:
         return Path(label)
     dest = paths.cache_dir / "keys" / f"dearmored-{hashlib.sha256(binary).hexdigest()[:16]}.gpg"
     if not dest.is_file():
-        _write_atomically(dest, binary)
+        write_atomically(dest, binary)
     return dest
 
 
@@ -358,16 +359,6 @@ def parse_sums(text: str, url: str) -> dict[str, str]:
 # --- download ----------------------------------------------------------------------------
 
 
-def _write_atomically(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-
-
 @contextlib.contextmanager
 def file_lock(path: Path, what: str) -> Iterator[None]:
     """An exclusive lock shared by every cloudbake process on this machine (flock)."""
@@ -401,7 +392,7 @@ def is_verified(image: Path, sha256: str) -> bool:
 
 def _record_verified(image: Path, sha256: str) -> None:
     stat = image.stat()
-    _write_atomically(verified_record(image),
+    write_atomically(verified_record(image),
                       json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode())
 
 
@@ -559,7 +550,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
                 log.info("the server sent the whole file (no range support or the file changed); restarting")
             digest, size, mode = hashlib.sha256(), 0, "wb"
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
-        _write_atomically(validator_file, json.dumps({"url": url, "validator": new_validator}).encode())
+        write_atomically(validator_file, json.dumps({"url": url, "validator": new_validator}).encode())
         length = response.headers.get("Content-Length")
         total = size + int(length) if length is not None else expected_size
         progress = _Progress(part.name.removesuffix(".part"), total, size)
@@ -622,7 +613,7 @@ def read_lock(file: Path) -> Lock | None:
 
 def write_lock(file: Path, lock: Lock) -> None:
     data = {"cloudbake_lock": LOCK_VERSION, **asdict(lock)}
-    _write_atomically(file, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    write_atomically(file, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Session, http: HttpSettings) -> Lock:

@@ -207,6 +207,12 @@ def find_uefi_in_descriptors(arch: Arch, dirs: list[Path]) -> FirmwareFiles | No
 def known_uefi_paths(arch: Arch, host: Host) -> list[tuple[Path, Path]]:
     """Where distros and Homebrew put UEFI firmware, for hosts without descriptors."""
     brew = host.homebrew_prefix / "share" / "qemu" if host.homebrew_prefix else None
+    if host.system == "Darwin":  # only Homebrew's (or MacPorts-like prefixes named as Homebrew's)
+        if brew is None:
+            return []
+        if arch is Arch.amd64:
+            return [(brew / "edk2-x86_64-code.fd", brew / "edk2-i386-vars.fd")]
+        return [(brew / "edk2-aarch64-code.fd", brew / "edk2-arm-vars.fd")]
     if arch is Arch.amd64:
         pairs = [
             (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),  # Debian, Ubuntu
@@ -236,8 +242,9 @@ def find_uefi(arch: Arch, host: Host, home: Path | None = None) -> FirmwareFiles
         if code.is_file() and template.is_file():
             return FirmwareFiles(code, template, _format_of(code), _format_of(template), source=str(code))
     package = "brew install qemu" if host.system == "Darwin" else f"apt install {FIRMWARE_PACKAGE[arch]}"
-    raise PipelineError(f"no UEFI firmware for {QEMU_ARCH[arch]} found (looked in QEMU's firmware descriptors "
-                        f"and {', '.join(str(c.parent) for c, _ in known_uefi_paths(arch, host)[:2])})",
+    looked = sorted({str(code.parent) for code, _ in known_uefi_paths(arch, host)})
+    raise PipelineError(f"no UEFI firmware for {QEMU_ARCH[arch]} found (looked in QEMU's firmware descriptors"
+                        f"{' and ' + ', '.join(looked) if looked else ''})",
                         hint=f"{package} (Fedora: dnf install edk2-ovmf / edk2-aarch64)")
 
 

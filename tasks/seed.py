@@ -34,6 +34,7 @@ import yaml
 
 from tasks.doitutil import value_changed
 from tasks.errors import PipelineError, doit_action
+from tasks.files import write_atomically
 from tasks.log import stage_logger
 from tasks.paths import Paths
 from tasks.pipeline import PROJECT_ROOT, Pipeline, Problem, locate, parse_yaml, schema_problems, suggest
@@ -396,22 +397,6 @@ def seed_iso_bytes(files: SeedFiles) -> bytes:
         iso.write_fp(out)
         iso.close()
     return out.getvalue()
-
-
-def write_atomically(dest: Path, data: bytes) -> None:
-    """Write ``dest`` through a temp file in the same folder, so no reader sees half of it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_seed_iso(files: SeedFiles, dest: Path) -> str:

@@ -5,7 +5,6 @@ One bake is shared by the whole session; each test that boots says why it needs 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT
+from tests.fixture.mirror import sha256_file as sha256
 
 pytestmark = pytest.mark.e2e
 
@@ -60,14 +60,6 @@ def write_project(folder: Path, mirror_url: str, key, *, user_data: str = USER_D
         cache: {{dir: {cache or folder / 'cache'}}}
         """) + extra)
     return pipeline
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def qemu_processes(marker: str) -> list[str]:
