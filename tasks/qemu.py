@@ -28,6 +28,8 @@ QEMU_ARCH = {Arch.amd64: "x86_64", Arch.arm64: "aarch64"}
 HOST_ARCH = {"x86_64": Arch.amd64, "amd64": Arch.amd64, "aarch64": Arch.arm64, "arm64": Arch.arm64}
 FIRMWARE_PACKAGE = {Arch.amd64: "ovmf", Arch.arm64: "qemu-efi-aarch64"}
 AARCH64_PFLASH_BYTES = 64 << 20
+# sockaddr_un.sun_path holds 108 bytes including the final NUL; QEMU refuses longer socket paths.
+UNIX_SOCKET_PATH_MAX = 107
 SERIAL_TAIL_LINES = 30
 # Without a byte on the serial console this long after start, a KVM guest counts as hung.
 KVM_PROGRESS_TIMEOUT_S = 45.0
@@ -478,9 +480,17 @@ class VmRun:
         self.spawned: Spawned | None = None
         self.started = 0.0
         self._stack = contextlib.ExitStack()
+        self._socket_dir: Path | None = None
         self._stderr_file = spec.serial_log.with_name(spec.serial_log.stem + ".qemu-stderr.log")
 
     def __enter__(self) -> VmRun:
+        if len(os.fsencode(self.spec.qmp_socket)) > UNIX_SOCKET_PATH_MAX:
+            # Deep work folders overflow the socket path limit: use a private folder under the temp dir.
+            import dataclasses
+            import tempfile
+
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="cloudbake-"))
+            self.spec = dataclasses.replace(self.spec, qmp_socket=self._socket_dir / "qmp.sock")
         self.spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.spec.serial_log.write_bytes(b"")
         self.spec.qmp_socket.unlink(missing_ok=True)
@@ -518,6 +528,8 @@ class VmRun:
         finally:
             self._stack.close()
             self.spec.qmp_socket.unlink(missing_ok=True)
+            if self._socket_dir is not None:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def qemu_stderr(self) -> str:
         with contextlib.suppress(OSError):

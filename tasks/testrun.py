@@ -406,7 +406,7 @@ def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[s
             files.owner.write_text(json.dumps({**info, "kept": True}))
             log.info("keep=1: the VM keeps running.\n  ssh: %s\n  monitor: nc -U %s   (QMP; 'socat - UNIX-CONNECT:"
                      "%s' works too)\n  serial log: %s\n  stop it: kill %d, then rm -r %s",
-                     shlex.join(ssh_argv(files, port, user)), files.qmp_socket, files.qmp_socket, files.serial_log,
+                     shlex.join(ssh_argv(files, port, user)), vm.spec.qmp_socket, vm.spec.qmp_socket, files.serial_log,
                      vm.proc.pid if vm.proc else 0, files.folder)
         else:
             subprocess.run(ssh_argv(files, port, user, "sudo -n poweroff"), capture_output=True, timeout=30,

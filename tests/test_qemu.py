@@ -259,3 +259,21 @@ def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch
     assert "did not finish within 2 s" in str(caught.value)
     assert "stuck here" in str(caught.value) and str(log_file) in str(caught.value)
     assert vm.proc is not None and vm.proc.poll() is not None
+
+
+def test_long_socket_paths_move_to_a_private_short_folder(tmp_path, monkeypatch):
+    """Unix socket paths are limited to 107 bytes; deep work folders must still boot."""
+    import tasks.qemu as qemu
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    seen = []
+
+    def fake_argv(spec, binary):
+        seen.append(spec.qmp_socket)
+        return [sys.executable, "-c", "import time; time.sleep(30)"]
+
+    monkeypatch.setattr(qemu, "build_qemu_argv", fake_argv)
+    vm = VmRun(_spec(serial_log=deep / "serial.log", qmp_socket=deep / "qmp.sock"), "unused", "bake")
+    with vm:
+        assert len(str(seen[0])) <= 107 and seen[0].parent.stat().st_mode & 0o077 == 0
+    assert not seen[0].parent.exists()
