@@ -31,6 +31,8 @@ AARCH64_PFLASH_BYTES = 64 << 20
 # sockaddr_un.sun_path holds 108 bytes including the final NUL; QEMU refuses longer socket paths.
 UNIX_SOCKET_PATH_MAX = 107
 SERIAL_TAIL_LINES = 30
+# A TCG boot takes minutes: say what the guest is doing every so often.
+HEARTBEAT_S = 30.0
 # Without a byte on the serial console this long after start, a KVM guest counts as hung.
 KVM_PROGRESS_TIMEOUT_S = 45.0
 ESP_TYPE_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -550,6 +552,7 @@ class VmRun:
         assert self.proc is not None
         streamed = 0
         called = time.monotonic()
+        next_heartbeat = called + HEARTBEAT_S
         while True:
             code = self.proc.poll()
             elapsed = time.monotonic() - self.started
@@ -561,11 +564,18 @@ class VmRun:
                 return VmExit(elapsed, -1)
             if progress_timeout_s is not None and elapsed > progress_timeout_s and self._serial_size() == 0:
                 raise KvmNoProgressError()
+            if time.monotonic() >= next_heartbeat:
+                self.log.info("guest running for %.0f s; console: %s", elapsed, self._last_serial_line())
+                next_heartbeat += HEARTBEAT_S
             if waited > timeout_s:
                 raise self.failure(f"the guest did not finish within {timeout_s:.0f} s; it was stopped",
                                    hint=f"raise vm.timeout if it was still working; serial log: "
                                         f"{self.spec.serial_log}")
             time.sleep(poll_s)
+
+    def _last_serial_line(self) -> str:
+        lines = serial_tail(self.spec.serial_log, 1)
+        return lines[-120:]
 
     def _serial_size(self) -> int:
         try:

@@ -158,7 +158,8 @@ def clean_leftovers(base: Path) -> list[Path]:
 def make_overlay(base: Path, overlay: Path) -> None:
     """A copy-on-write overlay; the backing path is relative when the overlay sits beside the base."""
     qemu_img = require_tool("qemu-img", "qemu-utils")
-    backing = os.path.relpath(base, overlay.parent) if overlay.parent.parent == base.parent else str(base.resolve())
+    beside = base.parent.resolve() in overlay.parent.resolve().parents
+    backing = os.path.relpath(base.resolve(), overlay.parent.resolve()) if beside else str(base.resolve())
     run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay], stage="test-image",
         timeout=60)
 

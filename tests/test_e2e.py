@@ -22,6 +22,10 @@ from tests.fixture.mirror import sha256_file as sha256
 
 pytestmark = pytest.mark.e2e
 
+# A public key the bake installs for cloud_init.user (its private half is not needed: the test only
+# checks that the key landed in authorized_keys).
+BAKED_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII5ZdQcpXjwlMc88OUnkR8DxZlgqvP7PF3eN3j6KY4nk cloudbake-e2e-key"
+
 USER_DATA = """\
 #cloud-config
 write_files:
@@ -52,9 +56,9 @@ def write_project(folder: Path, mirror_url: str, key, *, user_data: str = USER_D
         disk: {{size: +1G, compression: zstd}}
         vm: {{cpus: 2, memory: 1G, accel: {accel}, timeout: 15m}}
         cloud_init:
-          ssh_authorized_keys: []
+          ssh_authorized_keys: ["{BAKED_KEY}"]
         test:
-          command: sudo -n true && test -f /etc/cloudbake-e2e
+          command: sudo -n true && test -f /etc/cloudbake-e2e && grep -q cloudbake-e2e-key ~/.ssh/authorized_keys
           timeout: 10m
           artifacts: ["/var/lib/e2e/*.txt", /etc/hostname]
         cache: {{dir: {cache or folder / 'cache'}}}

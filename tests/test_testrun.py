@@ -1,0 +1,68 @@
+"""test-image's pure parts: the SSH command, the per-run seed, overlays and leftover cleanup. No boots here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from tasks.pipeline import load_pipeline
+from tasks.testrun import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root, ssh_argv
+
+
+def test_ssh_pins_the_host_key_and_uses_only_the_run_key(tmp_path):
+    files = RunFiles(tmp_path)
+    argv = ssh_argv(files, 2222, "ubuntu", "make check")
+    joined = " ".join(argv)
+    assert "StrictHostKeyChecking=yes" in joined and "StrictHostKeyChecking=no" not in joined
+    assert f"UserKnownHostsFile={tmp_path / 'known_hosts'}" in joined
+    assert "IdentitiesOnly=yes" in joined and f"-i {tmp_path / 'id_ed25519'}" in joined
+    assert argv[-3:] == ["ubuntu@127.0.0.1", "--", "make check"]
+    assert argv[argv.index("-p") + 1] == "2222"
+
+
+def test_run_seed_carries_run_key_and_host_key(make_pipeline):
+    pipeline = load_pipeline(make_pipeline("cloud_init: {user: dev}\n"))
+    files = run_seed_files(pipeline, "ssh-ed25519 AAAArun run", "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n",
+                           "ssh-ed25519 AAAAhost host", "cloudbake-run-1")
+    doc = yaml.safe_load(files.user_data)
+    assert doc["users"][0]["name"] == "dev" and doc["users"][0]["ssh_authorized_keys"] == ["ssh-ed25519 AAAArun run"]
+    assert doc["ssh_keys"]["ed25519_public"] == "ssh-ed25519 AAAAhost host"
+    assert doc["ssh_pwauth"] is False and "power_state" not in doc
+    assert yaml.safe_load(files.meta_data)["instance-id"] == "cloudbake-run-1"
+
+
+def test_overlay_names_its_base_relatively(tmp_path):
+    base = tmp_path / "dist" / "img-0123456789abcdef.qcow2"
+    base.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    run_folder = runs_root(base) / "r1"
+    run_folder.mkdir(parents=True)
+    overlay = run_folder / "disk.qcow2"
+    make_overlay(base, overlay)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["backing-filename"] == "../../img-0123456789abcdef.qcow2"
+    assert overlay.stat().st_size < 1 << 20
+    moved = tmp_path / "moved"
+    (tmp_path / "dist").rename(moved)
+    assert subprocess.run(["qemu-img", "info", str(moved / ".runs" / "r1" / "disk.qcow2")],
+                          capture_output=True).returncode == 0
+
+
+def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    base = tmp_path / "dist" / "img.qcow2"
+    root = runs_root(base)
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    for name, info in (("dead", {"pid": int(dead_pid)}), ("alive", {"pid": os.getpid()}),
+                       ("kept", {"pid": int(dead_pid), "kept": True})):
+        (root / name).mkdir(parents=True)
+        (root / name / "run.json").write_text(json.dumps(info))
+        (root / name / "disk.qcow2").write_bytes(b"x")
+    removed = clean_leftovers(base)
+    assert [p.name for p in removed] == ["dead"]
+    assert sorted(p.name for p in root.iterdir()) == ["alive", "kept"]
