@@ -27,4 +27,4 @@ def _load(file: str) -> tuple[Pipeline, Paths]:
 
 def current() -> tuple[Pipeline, Paths]:
     """The pipeline named by ``doit ... pipeline=PATH`` (default pipeline.yaml) and its paths."""
-    return _load(str(get_var("pipeline", DEFAULT_PIPELINE)))
+    return _load(str(get_var("pipeline", DEFAULT_PIPELINE) or DEFAULT_PIPELINE))
