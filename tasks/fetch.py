@@ -507,6 +507,34 @@ def _hash_existing_cached(part: Path) -> tuple[Any, int]:
     return _running[part]
 
 
+class BackgroundHasher:
+    """Feeds a digest on a second thread, so hashing overlaps with receiving and writing.
+
+    hashlib releases the GIL for large buffers; one extra thread takes the SHA-256 off
+    the download's critical path. ``finish()`` waits until every chunk is hashed.
+    """
+
+    def __init__(self, digest: Any, depth: int = 16) -> None:
+        import queue
+        import threading
+
+        self.digest = digest
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="cloudbake-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self.digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 def _body_chunks(response: requests.Response) -> Iterator[bytes]:
     """The body as it arrives; unlike iter_content, bytes received before a drop are not lost in a buffer."""
     import urllib3
@@ -555,15 +583,17 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         total = size + int(length) if length is not None else expected_size
         progress = _Progress(part.name.removesuffix(".part"), total, size)
         _running.pop(part, None)
+        hasher = BackgroundHasher(digest)
         try:
             with open(part, mode) as out:
                 for chunk in _body_chunks(response):
                     out.write(chunk)
-                    digest.update(chunk)
+                    hasher.update(chunk)
                     size += len(chunk)
                     progress.update(len(chunk))
         finally:
             progress.close()
+            hasher.finish()
             _running[part] = (digest, size)
         if total is not None and size < total:
             raise requests.exceptions.ChunkedEncodingError(f"connection closed after {human_bytes(size)}")
