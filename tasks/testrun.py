@@ -283,13 +283,27 @@ def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, 
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
             for member in archive:
-                archive.extract(member, dest, filter="data")
+                _extract_safely(archive, member, dest)
                 names.append(member.name)
     except tarfile.ReadError:
         pass  # nothing matched: tar never ran
     finally:
         proc.wait(60)
     return names
+
+
+def _extract_safely(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    """Only regular files and folders, only below ``dest``: the guest is not trusted to name host paths."""
+    if hasattr(tarfile, "data_filter"):  # Python 3.11.4+ and distro backports
+        try:
+            archive.extract(member, dest, filter="data")
+        except tarfile.FilterError as err:
+            raise PipelineError(f"refusing artifact {member.name!r}: {err}") from None
+        return
+    target = (dest / member.name).resolve()
+    if dest.resolve() not in target.parents or not (member.isfile() or member.isdir()):
+        raise PipelineError(f"refusing artifact {member.name!r}: not a plain file below the artifacts folder")
+    archive.extract(member, dest)
 
 
 # --- one run ------------------------------------------------------------------------------

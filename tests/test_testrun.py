@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tasks.pipeline import load_pipeline
@@ -66,3 +67,37 @@ def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     removed = clean_leftovers(base)
     assert [p.name for p in removed] == ["dead"]
     assert sorted(p.name for p in root.iterdir()) == ["alive", "kept"]
+
+
+def _tar(entries: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("with_filter", [True, False])
+def test_artifact_extraction_stays_in_its_folder(tmp_path, monkeypatch, with_filter):
+    import io
+    import tarfile
+
+    from tasks.errors import PipelineError
+    from tasks.testrun import _extract_safely
+    if not with_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    dest = tmp_path / "artifacts"
+    dest.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(_tar({"var/log/result.xml": b"<ok/>"})), mode="r|") as good:
+        for member in good:
+            _extract_safely(good, member, dest)
+    assert (dest / "var" / "log" / "result.xml").read_bytes() == b"<ok/>"
+    with tarfile.open(fileobj=io.BytesIO(_tar({"../escaped": b"x"})), mode="r|") as evil, \
+            pytest.raises(PipelineError, match="refusing artifact"):
+        for member in evil:
+            _extract_safely(evil, member, dest)
+    assert not (tmp_path / "escaped").exists()
