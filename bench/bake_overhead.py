@@ -10,6 +10,7 @@ Side by side in one run, both under TCG with the same disk, seed, firmware and s
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import time
@@ -19,7 +20,10 @@ from bench.project import make_bench_project
 
 
 def main() -> None:
-    project = make_bench_project()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", choices=["amd64", "arm64"], default="amd64")
+    arch = parser.parse_args().arch
+    project = make_bench_project(arch=arch)
     try:
         project.doit("fetch")
         start = time.perf_counter()
@@ -32,10 +36,16 @@ def main() -> None:
         seed = project.folder / "build" / "bench" / "seed.iso"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(upstream),
                         str(work / "disk.qcow2"), "3G"], check=True)
-        shutil.copy("/usr/share/OVMF/OVMF_VARS_4M.fd", work / "vars.fd")
-        argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024M",
+        if arch == "amd64":
+            binary, machine, code, template = ("qemu-system-x86_64", "q35", "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                                               "/usr/share/OVMF/OVMF_VARS_4M.fd")
+        else:
+            binary, machine, code, template = ("qemu-system-aarch64", "virt", "/usr/share/AAVMF/AAVMF_CODE.fd",
+                                               "/usr/share/AAVMF/AAVMF_VARS.fd")
+        shutil.copy(template, work / "vars.fd")
+        argv = [binary, "-machine", machine, "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024M",
                 "-nodefaults", "-no-reboot", "-display", "none",
-                "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={work / 'vars.fd'}",
                 "-drive", f"file={work / 'disk.qcow2'},if=virtio,format=qcow2",
                 "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
@@ -50,7 +60,7 @@ def main() -> None:
         noop_s = time.perf_counter() - start
     finally:
         project.server.stop()
-    report("bake vs plain QEMU (TCG, same disk and seed)", [
+    report(f"bake vs plain QEMU ({arch}, TCG, same disk and seed)", [
         ("doit bake (wall)", f"{bake_s:.1f} s"),
         ("plain QEMU boot to power-off", f"{plain_s:.1f} s"),
         ("overhead", f"{(bake_s / plain_s - 1) * 100:+.1f} % (goal <= 10 %)"),

@@ -29,10 +29,10 @@ class BenchProject:
                               check=True, env={**os.environ})
 
 
-def make_bench_project(folder: Path | None = None) -> BenchProject:
+def make_bench_project(folder: Path | None = None, arch: str = "amd64") -> BenchProject:
     folder = folder or Path(tempfile.mkdtemp(prefix="cloudbake-bench-"))
     key = make_gpg_key(folder / "gnupg", "bench")
-    build_mirror(folder / "mirror", {"amd64": ensure_image()}, key)
+    build_mirror(folder / "mirror", {arch: ensure_image(arch)}, key)
     server = MirrorServer(folder / "mirror").__enter__()
     (folder / "cloud-init").mkdir(exist_ok=True)
     (folder / "cloud-init" / "user-data.yaml").write_text(
@@ -41,6 +41,7 @@ def make_bench_project(folder: Path | None = None) -> BenchProject:
     pipeline.write_text(textwrap.dedent(f"""\
         name: bench
         source:
+          arch: {arch}
           mirror: {server.url}
           verify: {{keyring: {key.keyring}, fingerprints: [{key.fingerprint}]}}
         disk: {{size: +1G}}

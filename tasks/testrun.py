@@ -239,7 +239,7 @@ class Deadline:
         return max(0.0, self.end - time.monotonic())
 
 
-def wait_stage(vm: VmRun, deadline: Deadline, stage: str, check: Any, poll_s: float = 2.0) -> None:
+def wait_stage(vm: VmRun, deadline: Deadline, stage: str, check: Any, poll_s: float = 1.0) -> None:
     """Poll ``check()`` until it is true; fail naming the stage when the guest exits or time runs out."""
     while True:
         if vm.proc is not None and vm.proc.poll() is not None:
