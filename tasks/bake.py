@@ -23,23 +23,21 @@ from typing import Any
 
 from tasks import __version__
 from tasks.errors import PipelineError, doit_action
-from tasks.fetch import Lock, ensure_image, file_lock, read_lock
+from tasks.fetch import Lock, ensure_image, read_lock
+from tasks.files import file_lock
 from tasks.log import stage_logger
 from tasks.paths import Paths
 from tasks.pipeline import Compression, Pipeline
 from tasks.qemu import (
     VmSpec,
     boot_with_fallback,
-    choose_accel,
     detect_host,
-    find_uefi,
-    pflash_code,
-    prepare_vars,
     qemu_binary,
     qemu_version,
-    read_kvm_verdict,
+    resolve_accel,
     resolve_firmware,
     serial_tail,
+    with_uefi,
 )
 from tasks.runner import require_tool, run
 from tasks.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, SeedFiles, build_seed_files, build_seed_iso
@@ -237,23 +235,31 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
     os.replace(tmp_pointer, pointer)
 
 
+def _already_baked(pipeline: Pipeline, paths: Paths) -> Path | None:
+    """The published image for the current key, when there is a lock to compute the key from."""
+    if not paths.lock_file.exists():
+        return None
+    dest = published_image(paths, pipeline.name, resolve_key(pipeline, paths)[0])
+    if not is_published(dest):
+        return None
+    log.info("up to date: %s", dest)
+    return dest
+
+
 def run_bake(pipeline: Pipeline, paths: Paths) -> Path:
     """Bake unless the image for the current key is already published; returns the published image."""
-    if paths.lock_file.exists():
-        key, inputs, seed, lock = resolve_key(pipeline, paths)
-        dest = published_image(paths, pipeline.name, key)
-        if is_published(dest):
-            log.info("up to date: %s", dest)
-            return dest
+    done = _already_baked(pipeline, paths)
+    if done is not None:
+        return done
     with file_lock(paths.work_dir / "bake.lock", f"the bake of {pipeline.name}"):
+        done = _already_baked(pipeline, paths)  # another process may have baked it while we waited
+        if done is not None:
+            return done
         timer = _Timer()
         with timer.step("fetch"):
             upstream, lock = ensure_image(pipeline, paths)
         key, inputs, seed, lock = resolve_key(pipeline, paths)
         dest = published_image(paths, pipeline.name, key)
-        if is_published(dest):  # another process baked it while we waited for the lock
-            log.info("up to date: %s", dest)
-            return dest
         log.info("baking %s (key %s)", dest.name, key)
         return _bake(pipeline, paths, upstream, lock, seed, inputs, key, dest, timer)
 
@@ -268,7 +274,7 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
         make_work_disk(upstream, paths.work_disk, pipeline)
     firmware = resolve_firmware(pipeline.vm.firmware, pipeline.source.arch, upstream)
     host = detect_host()
-    choice = choose_accel(pipeline.vm.accel, pipeline.source.arch, host, read_kvm_verdict(paths.cache_dir))
+    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, host, paths.cache_dir)
     spec = VmSpec(
         name=pipeline.name, arch=pipeline.source.arch, accel=choice.accel, cpus=pipeline.vm.cpus,
         memory_mib=pipeline.vm.memory_bytes >> 20, disk=paths.work_disk, serial_log=paths.serial_log,
@@ -276,8 +282,7 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
         extra_args=pipeline.vm.qemu_args,
     )
     if firmware == "uefi":
-        files = find_uefi(pipeline.source.arch, host)
-        spec = _with_uefi(spec, files, pipeline, paths.work_dir / "efivars.fd", paths.cache_dir)
+        spec = with_uefi(spec, host, paths.cache_dir, paths.work_dir / "efivars.fd")
     log.info("firmware: %s; serial console: %s", firmware, paths.serial_log)
     if pipeline.cloud_init.generalize:
         log.info("the guest generalizes itself before power-off (cloud-init clean --logs --machine-id, SSH host "
@@ -325,15 +330,6 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
     paths.work_disk.unlink(missing_ok=True)
     log.info("published %s (%s) in %.0f s", dest, human_bytes(dest.stat().st_size), time.time() - started)
     return dest
-
-
-def _with_uefi(spec: VmSpec, files: Any, pipeline: Pipeline, vars_dest: Path, cache_dir: Path) -> VmSpec:
-    import dataclasses
-
-    vars_copy = prepare_vars(files, pipeline.source.arch, vars_dest)
-    return dataclasses.replace(spec, firmware_code=pflash_code(files, pipeline.source.arch, cache_dir),
-                               firmware_code_format=files.code_format, firmware_vars=vars_copy,
-                               firmware_vars_format=files.vars_format)
 
 
 def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ import requests
 
 from tasks import __version__
 from tasks.errors import PipelineError, doit_action
-from tasks.files import write_atomically
+from tasks.files import file_lock, write_atomically
 from tasks.log import stage_logger
 from tasks.paths import Paths
 from tasks.pipeline import Pipeline, SignaturePolicy, Source
@@ -357,22 +356,6 @@ def parse_sums(text: str, url: str) -> dict[str, str]:
 
 
 # --- download ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, what: str) -> Iterator[None]:
-    """An exclusive lock shared by every cloudbake process on this machine (flock)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another cloudbake process working on %s", what)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def verified_record(image: Path) -> Path:

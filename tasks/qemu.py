@@ -288,6 +288,22 @@ def pflash_code(firmware: FirmwareFiles, arch: Arch, cache_dir: Path) -> Path:
     return padded
 
 
+def with_uefi(spec: VmSpec, host: Host, cache_dir: Path, vars_dest: Path) -> VmSpec:
+    """``spec`` with UEFI code (padded where needed) and a private copy of the variable store."""
+    import dataclasses
+
+    files = find_uefi(spec.arch, host)
+    return dataclasses.replace(spec, firmware_code=pflash_code(files, spec.arch, cache_dir),
+                               firmware_code_format=files.code_format,
+                               firmware_vars=prepare_vars(files, spec.arch, vars_dest),
+                               firmware_vars_format=files.vars_format)
+
+
+def resolve_accel(requested: Accel, guest: Arch, host: Host, cache_dir: Path) -> AccelChoice:
+    """choose_accel with this host's remembered KVM verdict."""
+    return choose_accel(requested, guest, host, read_kvm_verdict(cache_dir))
+
+
 def image_has_esp(image: Path) -> bool:
     """True when the disk image's GPT has an EFI system partition (read through qemu-img, no mounts)."""
     import tempfile

@@ -29,15 +29,14 @@ from tasks.log import stage_logger
 from tasks.paths import Paths
 from tasks.pipeline import Pipeline
 from tasks.qemu import (
+    Host,
     VmRun,
     VmSpec,
     boot_with_fallback,
-    choose_accel,
     detect_host,
-    find_uefi,
-    pflash_code,
-    prepare_vars,
-    read_kvm_verdict,
+    qemu_binary,
+    resolve_accel,
+    with_uefi,
 )
 from tasks.runner import require_tool, run
 from tasks.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
@@ -336,15 +335,7 @@ def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None,
     deadline = Deadline(timeout_s or pipeline.test.timeout_s)
     kept = False
     try:
-        files.owner.write_text(json.dumps({"pid": os.getpid(), "base": base.name}))
-        make_overlay(base, files.overlay)
-        client_public = make_keypair(files.client_key, f"cloudbake-run-{files.folder.name}")
-        host_public = make_keypair(files.host_key, "cloudbake-test-host")
-        seed = run_seed_files(pipeline, client_public, files.host_key.read_text(), host_public,
-                              f"cloudbake-run-{secrets.token_hex(8)}")
-        build_seed_iso(seed, files.seed)
-        os.chmod(files.seed, 0o600)  # it carries the private host key
-        files.host_key.unlink()  # the guest has it now; the host only needs the public half
+        host_public = prepare_run(pipeline, base, files, "run")
         result = _boot_and_run(pipeline, paths, base, manifest, files, command or pipeline.test.command, keep,
                                deadline, host_public)
         kept = result.kept
@@ -354,19 +345,28 @@ def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None,
             shutil.rmtree(files.folder, ignore_errors=True)
 
 
-def _spec_for(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], files: RunFiles, port: int) -> VmSpec:
+def prepare_run(pipeline: Pipeline, base: Path, files: RunFiles, label: str) -> str:
+    """Owner record, overlay, this run's key pair and host key, and its seed; returns the host's public key."""
+    files.owner.write_text(json.dumps({"pid": os.getpid(), "base": base.name}))
+    make_overlay(base, files.overlay)
+    client_public = make_keypair(files.client_key, f"cloudbake-{label}-{files.folder.name}")
+    host_public = make_keypair(files.host_key, f"cloudbake-{label}-host")
+    seed = run_seed_files(pipeline, client_public, files.host_key.read_text(), host_public,
+                          f"cloudbake-{label}-{secrets.token_hex(8)}")
+    build_seed_iso(seed, files.seed)
+    os.chmod(files.seed, 0o600)  # it carries the private host key
+    files.host_key.unlink()  # the guest has it now; the host only needs the public half
+    return host_public
+
+
+def _spec_for(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], files: RunFiles, port: int,
+              host: Host, accel: str) -> VmSpec:
     firmware = manifest.get("qemu", {}).get("firmware", "uefi")
-    spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel="tcg", cpus=pipeline.vm.cpus,
+    spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
                   memory_mib=pipeline.vm.memory_bytes >> 20, disk=files.overlay, serial_log=files.serial_log,
                   qmp_socket=files.qmp_socket, seed=files.seed, firmware=firmware, ssh_port=port,
                   extra_args=pipeline.vm.qemu_args)
-    if firmware == "uefi":
-        uefi = find_uefi(pipeline.source.arch, detect_host())
-        spec = dataclasses.replace(spec, firmware_code=pflash_code(uefi, pipeline.source.arch, paths.cache_dir),
-                                   firmware_code_format=uefi.code_format,
-                                   firmware_vars=prepare_vars(uefi, pipeline.source.arch, files.vars),
-                                   firmware_vars_format=uefi.vars_format)
-    return spec
+    return with_uefi(spec, host, paths.cache_dir, files.vars) if firmware == "uefi" else spec
 
 
 @contextlib.contextmanager
@@ -374,10 +374,10 @@ def _started_vm(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], file
         tuple[VmRun, int]]:
     """Boot with a free forwarded port; another run grabbing the same port in between means a retry."""
     host = detect_host()
-    choice = choose_accel(pipeline.vm.accel, pipeline.source.arch, host, read_kvm_verdict(paths.cache_dir))
+    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, host, paths.cache_dir)
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
-        spec = dataclasses.replace(_spec_for(pipeline, paths, manifest, files, port), accel=choice.accel)
+        spec = _spec_for(pipeline, paths, manifest, files, port, host, choice.accel)
         with boot_with_fallback(spec, choice, paths.cache_dir, "test-image") as (vm, _):
             time.sleep(0.5)
             if vm.proc is not None and vm.proc.poll() is not None and "hostfwd" in vm.qemu_stderr() \
@@ -445,21 +445,15 @@ def run_console(pipeline: Pipeline, paths: Paths) -> None:
     clean_leftovers(base)
     files = new_run(base)
     try:
-        files.owner.write_text(json.dumps({"pid": os.getpid(), "base": base.name}))
-        make_overlay(base, files.overlay)
-        client_public = make_keypair(files.client_key, "cloudbake-console")
-        host_public = make_keypair(files.host_key, "cloudbake-console-host")
-        build_seed_iso(run_seed_files(pipeline, client_public, files.host_key.read_text(), host_public,
-                                      f"cloudbake-console-{secrets.token_hex(8)}"), files.seed)
+        host_public = prepare_run(pipeline, base, files, "console")
         port = free_port()
         files.known_hosts.write_text(f"[127.0.0.1]:{port} {host_public}\n")
-        spec = dataclasses.replace(_spec_for(pipeline, paths, manifest, files, port), interactive=True)
-        choice = choose_accel(pipeline.vm.accel, pipeline.source.arch, detect_host(),
-                              read_kvm_verdict(paths.cache_dir))
-        spec = dataclasses.replace(spec, accel=choice.accel)
+        host = detect_host()
+        choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, host, paths.cache_dir)
+        spec = dataclasses.replace(_spec_for(pipeline, paths, manifest, files, port, host, choice.accel),
+                                   interactive=True)
         log.info("console VM (accel %s); from another terminal: %s\n  Ctrl-A X quits; the VM is thrown away",
                  choice.accel, shlex.join(ssh_argv(files, port, pipeline.cloud_init.user)))
-        from tasks.qemu import qemu_binary
         with VmRun(spec, qemu_binary(spec.arch), "console") as vm:
             vm.wait(float("inf"), poll_s=0.5)
     finally:
