@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -137,21 +138,46 @@ def host_fingerprint() -> str:
 
 
 def read_kvm_verdict(cache_dir: Path) -> str | None:
-    """A remembered 'KVM hangs here' for this host, with when it was seen."""
-    with contextlib.suppress(OSError, ValueError):
+    """A remembered 'KVM does not run guests here' for this host: what was seen, and when."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         data = json.loads(kvm_verdict_file(cache_dir).read_text())
         if data.get("host") == host_fingerprint():
-            return f"seen {data['when']}; delete {kvm_verdict_file(cache_dir)} to probe again"
+            return (f"{data['verdict']}; seen {data['when']}; delete {kvm_verdict_file(cache_dir)} "
+                    "to probe again")
     return None
 
 
-def remember_kvm_hangs(cache_dir: Path) -> None:
-    dest = kvm_verdict_file(cache_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"host": host_fingerprint(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "verdict": "no serial output under KVM"}))
-    os.replace(tmp, dest)
+def remember_kvm_broken(cache_dir: Path, verdict: str) -> None:
+    """Remember for this host that KVM does not run guests, in QEMU's own words."""
+    from tasks.files import write_atomically
+
+    record = {"host": host_fingerprint(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "verdict": verdict}
+    write_atomically(kvm_verdict_file(cache_dir), (json.dumps(record) + "\n").encode())
+
+
+# What QEMU says (or how it dies) when the host's KVM cannot run a guest, as opposed to a
+# mistake in the command line or a missing file, which TCG would hit just the same.
+KVM_FAILURE_WORDS = ("kvm", "msr", "-cpu host", "host cpu", "hypervisor", "vmx", "svm")
+
+
+def kvm_failure_verdict(returncode: int, stderr: str) -> str | None:
+    """Why QEMU's early exit under KVM means a broken KVM; None when it failed for another reason.
+
+    A death by signal (the MSR assertion aborts, SIGABRT) or words about KVM or the host CPU
+    count as broken KVM; "could not open disk" and other mistakes do not.
+    """
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    said = " / ".join(lines[-3:])[:400]
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"QEMU died of {name} under KVM before the guest printed anything" + (f": {said}" if said else "")
+    if any(word in stderr.lower() for word in KVM_FAILURE_WORDS):
+        return f"QEMU exited with status {returncode} under KVM before the guest printed anything: {said}"
+    return None
 
 
 # --- firmware ---------------------------------------------------------------------------
@@ -578,7 +604,7 @@ class VmRun:
                 return VmExit(elapsed, code)
             if until is not None and until():
                 return VmExit(elapsed, -1)
-            if progress_timeout_s is not None and elapsed > progress_timeout_s and self._serial_size() == 0:
+            if progress_timeout_s is not None and elapsed > progress_timeout_s and self.serial_size() == 0:
                 raise KvmNoProgressError()
             if time.monotonic() >= next_heartbeat:
                 self.log.info("guest running for %.0f s; console: %s", elapsed, self._last_serial_line())
@@ -593,7 +619,7 @@ class VmRun:
         lines = serial_tail(self.spec.serial_log, 1)
         return lines[-120:]
 
-    def _serial_size(self) -> int:
+    def serial_size(self) -> int:
         try:
             return self.spec.serial_log.stat().st_size
         except OSError:
@@ -618,7 +644,13 @@ class VmRun:
 @contextlib.contextmanager
 def boot_with_fallback(spec: VmSpec, choice: AccelChoice, cache_dir: Path, stage: str,
                        progress_timeout_s: float = KVM_PROGRESS_TIMEOUT_S) -> Iterator[tuple[VmRun, AccelChoice]]:
-    """Start the VM; when auto picked KVM, watch it first and fall back to TCG if the guest never speaks.
+    """Start the VM; when auto picked KVM, watch it first and fall back to TCG if KVM cannot run it.
+
+    Hosts differ in how a broken KVM shows: on some the guest hangs without a byte on the
+    console, on others QEMU aborts at once (``failed to set MSR``, an assertion in kvm.c),
+    refuses ``-cpu host`` or cannot create the VM. Both end in TCG, with the verdict
+    remembered in QEMU's own words. QEMU exiting for other reasons (a missing disk, a bad
+    argument) is not a KVM verdict: the caller reports it as it is.
 
     Yields the running VM and the accelerator finally used. The caller ``wait``s on it.
     """
@@ -628,22 +660,26 @@ def boot_with_fallback(spec: VmSpec, choice: AccelChoice, cache_dir: Path, stage
     log = stage_logger(stage)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     if choice.probe:
+        verdict: str | None = None
         vm = VmRun(spec, binary, stage)
         with vm:
             try:
-                vm.wait(progress_timeout_s, progress_timeout_s=progress_timeout_s,
-                        until=lambda: vm._serial_size() > 0)
+                exit_ = vm.wait(progress_timeout_s, progress_timeout_s=progress_timeout_s,
+                                until=lambda: vm.serial_size() > 0)
             except KvmNoProgressError:
-                log.warning("no output from the guest under KVM after %.0f s: this host's KVM does not run "
-                            "guests; falling back to TCG (remembered in %s)", progress_timeout_s,
-                            kvm_verdict_file(cache_dir))
-                remember_kvm_hangs(cache_dir)
+                verdict = f"no output from the guest under KVM within {progress_timeout_s:.0f} s"
                 if vm.proc is not None:
                     stop_process(vm.proc)
             else:
-                yield vm, choice
-                return
-        choice = AccelChoice("tcg", "KVM made no progress here: software emulation (TCG)")
+                if exit_.returncode != -1 and vm.serial_size() == 0:
+                    verdict = kvm_failure_verdict(exit_.returncode, vm.qemu_stderr())
+                if verdict is None:
+                    yield vm, choice
+                    return
+        log.warning("KVM cannot run guests on this host (%s); falling back to TCG, remembered in %s",
+                    verdict, kvm_verdict_file(cache_dir))
+        remember_kvm_broken(cache_dir, verdict)
+        choice = AccelChoice("tcg", f"KVM cannot run guests here ({verdict}): software emulation (TCG)")
         spec = dataclasses.replace(spec, accel="tcg")
     vm = VmRun(spec, binary, stage)
     with vm:

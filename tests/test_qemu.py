@@ -277,3 +277,87 @@ def test_long_socket_paths_move_to_a_private_short_folder(tmp_path, monkeypatch)
     with vm:
         assert len(str(seen[0])) <= 107 and seen[0].parent.stat().st_mode & 0o077 == 0
     assert not seen[0].parent.exists()
+
+
+# --- every broken KVM, with stand-in QEMU programs first on PATH ----------------------------
+
+BROKEN_KVM = [
+    ("abort", "failed to set MSR 0x10a"),
+    ("abort", "SIGABRT"),
+    ("hang", "no output from the guest under KVM"),
+    ("cpu-host-refused", "requires KVM"),
+    ("create-vm-fails", "KVM_CREATE_VM"),
+]
+
+
+def _standin_boot(tmp_path, monkeypatch, mode: str):
+    from tasks.qemu import AccelChoice, boot_with_fallback
+    from tests.fixture.standin import install_standin_qemu, path_with
+
+    monkeypatch.setenv("PATH", path_with(install_standin_qemu(tmp_path / "bin", mode)))
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("CLOUDBAKE_STANDIN_CALLS", str(calls))
+    spec = _spec(serial_log=tmp_path / "serial.log", qmp_socket=tmp_path / "qmp.sock", firmware="bios",
+                 accel="kvm", disk=tmp_path / "disk.qcow2")
+    choice = AccelChoice("kvm", "/dev/kvm is usable", probe=True)
+    with boot_with_fallback(spec, choice, tmp_path / "cache", "bake", progress_timeout_s=2.0) as (vm, used):
+        exit_ = vm.wait(30, poll_s=0.1)
+    return used, exit_, calls.read_text().split(), tmp_path / "serial.log"
+
+
+@pytest.mark.parametrize(("mode", "words"), BROKEN_KVM)
+def test_broken_kvm_falls_back_to_tcg_and_remembers_why(tmp_path, monkeypatch, capsys, mode, words):
+    from tasks.qemu import kvm_verdict_file, read_kvm_verdict
+
+    used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, mode)
+    assert calls == ["kvm", "tcg"]
+    assert used.accel == "tcg" and words in used.reason
+    assert exit_.returncode == 0 and "accel tcg" in serial.read_text()
+    verdict = read_kvm_verdict(tmp_path / "cache")
+    assert verdict is not None and words in verdict
+    assert json.loads(kvm_verdict_file(tmp_path / "cache").read_text())["verdict"] in verdict
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "falling back to TCG" in warnings[0] and words in warnings[0]
+    # The next start on this host does not probe again.
+    again = choose_accel(Accel.auto, Arch.amd64, LINUX, verdict)
+    assert again.accel == "tcg" and not again.probe and words in again.reason
+
+
+def test_working_kvm_is_kept(tmp_path, monkeypatch):
+    from tasks.qemu import read_kvm_verdict
+
+    used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "works")
+    assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 0
+    assert "accel kvm" in serial.read_text()
+    assert read_kvm_verdict(tmp_path / "cache") is None
+
+
+def test_a_qemu_failure_unrelated_to_kvm_is_not_a_kvm_verdict(tmp_path, monkeypatch):
+    """A missing disk fails under TCG too: no fallback, no remembered verdict, QEMU's words reach the user."""
+    from tasks.qemu import read_kvm_verdict
+
+    used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "bad-disk")
+    assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 1
+    assert read_kvm_verdict(tmp_path / "cache") is None
+
+
+@pytest.mark.parametrize(("returncode", "stderr", "broken"), [
+    (-6, "", True),
+    (-11, "", True),
+    (1, "qemu-system-x86_64: failed to initialize kvm: Permission denied", True),
+    (1, "qemu-system-x86_64: -drive file=x: Could not open 'x'", False),
+    (1, "qemu-system-x86_64: -nic user,hostfwd=tcp:127.0.0.1:2222-:22: could not set up host forwarding rule", False),
+])
+def test_kvm_failure_verdict_reads_qemu_words(returncode, stderr, broken):
+    from tasks.qemu import kvm_failure_verdict
+
+    assert (kvm_failure_verdict(returncode, stderr) is not None) is broken
+
+
+def test_corrupt_verdict_file_means_probe_again(tmp_path):
+    from tasks.qemu import kvm_verdict_file, read_kvm_verdict
+
+    for text in ("{", "[]", '{"host": 3}', "\xff"):
+        kvm_verdict_file(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        kvm_verdict_file(tmp_path).write_text(text)
+        assert read_kvm_verdict(tmp_path) is None
