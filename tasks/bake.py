@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +41,15 @@ from tasks.qemu import (
     with_uefi,
 )
 from tasks.runner import require_tool, run
-from tasks.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, SeedFiles, build_seed_files, build_seed_iso
+from tasks.seed import (
+    GENERALIZED_MARKER,
+    RESULT_MARKER,
+    STATUS_MARKER,
+    SeedFiles,
+    build_seed_files,
+    build_seed_iso,
+    with_boot_nonce,
+)
 from tasks.units import format_size, human_bytes
 
 # Bump when the way an image is made changes (boot steps, finish script, publish options).
@@ -128,8 +137,8 @@ class CloudInitResult:
         return sorted({match.group(1).replace("-", "_") for match in found if match})
 
 
-def _marker_json(text: str, marker: str) -> dict[str, Any] | None:
-    found = re.findall(rf"{marker} ([A-Za-z0-9+/=]+)", text)
+def _marker_json(text: str, marker: str, nonce: str) -> dict[str, Any] | None:
+    found = re.findall(rf"{marker} {re.escape(nonce)} ([A-Za-z0-9+/=]+)", text)
     if not found:
         return None
     try:
@@ -139,10 +148,13 @@ def _marker_json(text: str, marker: str) -> dict[str, Any] | None:
         return None
 
 
-def parse_cloud_init_result(serial: str) -> CloudInitResult | None:
-    """cloud-init's status and result, as the finish script printed them on the console; None if absent."""
-    result = _marker_json(serial, RESULT_MARKER)
-    status = _marker_json(serial, STATUS_MARKER)
+def parse_cloud_init_result(serial: str, nonce: str) -> CloudInitResult | None:
+    """cloud-init's status and result, as this boot's finish script printed them on the console.
+
+    Only lines carrying this boot's ``nonce`` count; None when there are none.
+    """
+    result = _marker_json(serial, RESULT_MARKER, nonce)
+    status = _marker_json(serial, STATUS_MARKER, nonce)
     if result is None and status is None:
         return None
     errors: list[str] = list((result or {}).get("v1", {}).get("errors", []))
@@ -153,7 +165,7 @@ def parse_cloud_init_result(serial: str) -> CloudInitResult | None:
             for level, messages in (info.get("recoverable_errors") or {}).items():
                 recoverable.setdefault(level, []).extend(f"{stage}: {m}" for m in messages)
     datasource = (result or {}).get("v1", {}).get("datasource")
-    return CloudInitResult(errors, recoverable, datasource, GENERALIZED_MARKER in serial)
+    return CloudInitResult(errors, recoverable, datasource, f"{GENERALIZED_MARKER} {nonce}" in serial)
 
 
 # --- the steps ----------------------------------------------------------------------------
@@ -268,8 +280,9 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
           key: str, dest: Path, timer: _Timer) -> Path:
     started = time.time()
     binary = qemu_binary(pipeline.source.arch)
+    nonce = secrets.token_hex(16)
     with timer.step("seed"):
-        seed_digest = build_seed_iso(seed, paths.seed_iso)
+        seed_digest = build_seed_iso(with_boot_nonce(seed, nonce), paths.seed_iso)
     with timer.step("work_disk"):
         make_work_disk(upstream, paths.work_disk, pipeline)
     firmware = resolve_firmware(pipeline.vm.firmware, pipeline.source.arch, upstream)
@@ -290,7 +303,7 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
     with timer.step("boot"), boot_with_fallback(spec, choice, paths.cache_dir, "bake") as (vm, choice):
         exit_ = vm.wait(pipeline.vm.timeout_s)
         serial = paths.serial_log.read_bytes().decode("utf-8", errors="replace")
-        result = parse_cloud_init_result(serial)
+        result = parse_cloud_init_result(serial, nonce)
         if result is None:
             raise vm.failure("the guest powered off without reporting cloud-init's result (was the seed "
                              "found? did cloud-init run?)")

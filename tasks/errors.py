@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from doit.exceptions import TaskFailed
@@ -27,17 +30,54 @@ class PipelineError(Exception):
         return self.message
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP, SIGINT) arrived: unwind like Ctrl-C so every cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_unwind() -> Iterator[None]:
+    """While the block runs, SIGTERM, SIGHUP and SIGINT raise Interrupted.
+
+    Python's default for SIGTERM and SIGHUP is to die on the spot, skipping every
+    ``finally``: QEMU (in its own session) would survive and a run's private keys stay
+    on disk. Raising instead unwinds through the same cleanups as Ctrl-C. Signal
+    handlers can only be set from the main thread; elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def doit_action(func: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a task action so a PipelineError reaches the user as a clean doit failure."""
 
     @functools.wraps(func)
     def action(*args: Any, **kwargs: Any) -> Any:
         try:
-            result = func(*args, **kwargs)
+            with stop_signals_unwind():
+                result = func(*args, **kwargs)
         except PipelineError as err:
             return TaskFailed(str(err))
-        except KeyboardInterrupt:
-            return TaskFailed("interrupted (Ctrl-C); the guest and its work files were cleaned up")
+        except KeyboardInterrupt as err:
+            what = err.signal_name if isinstance(err, Interrupted) else "Ctrl-C"
+            return TaskFailed(f"interrupted ({what}); the guest and its work files were cleaned up")
         # doit treats only None, True, dict and str as success; stage functions may return paths.
         return result if isinstance(result, dict) else None
 

@@ -30,17 +30,13 @@ from tasks.errors import PipelineError, doit_action
 from tasks.files import file_lock, write_atomically
 from tasks.log import stage_logger
 from tasks.paths import Paths
-from tasks.pipeline import Pipeline, SignaturePolicy, Source
+from tasks.pipeline import RELEASES, Pipeline, SignaturePolicy, Source
 from tasks.runner import require_tool, run
 from tasks.units import human_bytes
 
 log = stage_logger("fetch")
 
 # Ubuntu releases cloud images are published for: version <-> codename.
-RELEASES = {
-    "18.04": "bionic", "20.04": "focal", "22.04": "jammy", "23.10": "mantic", "24.04": "noble",
-    "24.10": "oracular", "25.04": "plucky", "25.10": "questing", "26.04": "resolute",
-}
 SYSTEM_KEYRING = Path("/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg")
 KEYSERVER_URL = "https://keyserver.ubuntu.com/pks/lookup?op=get&options=mr&search=0x{fingerprint}"
 SUMS_MAX_BYTES = 1 << 20
@@ -373,7 +369,7 @@ def is_verified(image: Path, sha256: str) -> bool:
                 and record.get("mtime_ns") == stat.st_mtime_ns)
 
 
-def _record_verified(image: Path, sha256: str) -> None:
+def record_verified(image: Path, sha256: str) -> None:
     stat = image.stat()
     write_atomically(verified_record(image),
                       json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode())
@@ -468,7 +464,7 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str, http:
         os.replace(part, dest)
         _running.pop(part, None)
         validator_file.unlink(missing_ok=True)
-        _record_verified(dest, sha256)
+        record_verified(dest, sha256)
         log.info("verified %s (sha256 %s…)", dest.name, sha256[:12])
         return dest
 
@@ -599,7 +595,7 @@ def _copy_local(url: str, dest: Path, sha256: str) -> None:
         tmp.unlink()
         raise PipelineError(f"{url}: SHA-256 mismatch: expected {sha256}, got {digest.hexdigest()}")
     os.replace(tmp, dest)
-    _record_verified(dest, sha256)
+    record_verified(dest, sha256)
 
 
 # --- the stage ---------------------------------------------------------------------------

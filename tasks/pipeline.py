@@ -12,6 +12,7 @@ import enum
 import functools
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,13 @@ class Pipeline:
     raw: dict[str, Any]  # the validated document with defaults, for hashing and manifests
 
 
+# Ubuntu releases whose cloud images cloudbake knows how to find, version -> codename.
+RELEASES = {
+    "18.04": "bionic", "20.04": "focal", "22.04": "jammy", "23.10": "mantic", "24.04": "noble",
+    "24.10": "oracular", "25.04": "plucky", "25.10": "questing", "26.04": "resolute",
+}
+
+
 @functools.cache
 def load_schema() -> dict[str, Any]:
     with open(SCHEMA_PATH, encoding="utf-8") as f:
@@ -232,9 +240,20 @@ def _duplicate_keys(node: yaml.Node | None, path: list[str | int]) -> Iterator[P
             yield from _duplicate_keys(item, [*path, index])
 
 
+def _is_strict_integer(checker: Any, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# JSON Schema counts 2.0 as an integer; QEMU's -smp does not. Integers are written as integers.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
+
+
 def schema_problems(document: Any, root: yaml.Node | None, schema: dict[str, Any]) -> list[Problem]:
     """Every schema violation in ``document``, located in the YAML and sorted by position."""
-    validator = jsonschema.Draft202012Validator(schema, format_checker=_format_checker())
+    validator = _Validator(schema, format_checker=_format_checker())
     problems: list[Problem] = list(_duplicate_keys(root, []))
     for error in validator.iter_errors(document):
         if error.context:  # oneOf/anyOf: report the branch that came closest, not "valid under none"
@@ -283,11 +302,92 @@ def fill_defaults(document: dict[str, Any], schema: dict[str, Any]) -> dict[str,
 # --- loading ------------------------------------------------------------------------
 
 
-def parse_yaml(text: str, file: Path) -> tuple[Any, yaml.Node | None]:
-    """The document and its node tree; a syntax error names FILE:LINE:COL."""
+# A config file nests a handful of levels; thousands only come from hostile input, and
+# PyYAML's composer recurses once per level.
+MAX_YAML_DEPTH = 64
+# Aliases let a few lines stand for billions of nodes ("billion laughs"); a real config has
+# a few hundred. Counted on the node graph before anything is expanded.
+MAX_YAML_NODES = 100_000
+_NESTING_OPENERS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+                    yaml.FlowSequenceStartToken)
+_NESTING_CLOSERS = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+class _Yaml12BooleansLoader(yaml.SafeLoader):
+    """SafeLoader that reads only true/false as booleans (YAML 1.2), so `signature: off` is the word 'off'."""
+
+
+_Yaml12BooleansLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BooleansLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _check_depth(text: str, file: Path) -> None:
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):  # the scanner is iterative: safe at any depth
+        if isinstance(token, _NESTING_OPENERS):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                mark = token.start_mark
+                raise PipelineError(f"{file}:{mark.line + 1}:{mark.column + 1}: nested more than "
+                                    f"{MAX_YAML_DEPTH} levels deep", hint="a configuration never needs this much "
+                                                                          "nesting; check the file")
+        elif isinstance(token, _NESTING_CLOSERS):
+            depth -= 1
+
+
+def _check_expansion(root: yaml.Node, file: Path) -> None:
+    """Refuse documents whose aliases expand past MAX_YAML_NODES nodes, or refer to themselves."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            mark = node.start_mark
+            raise PipelineError(f"{file}:{mark.line + 1}:{mark.column + 1}: an alias refers to the node that "
+                                "contains it (a recursive structure)", hint="remove the recursive alias")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(key) + size(value) for key, value in node.value)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        if total > MAX_YAML_NODES:
+            mark = node.start_mark
+            raise PipelineError(f"{file}:{mark.line + 1}:{mark.column + 1}: YAML aliases here expand to more than "
+                                f"{MAX_YAML_NODES:,} values; refused before expanding them",
+                                hint="write the values out, or use fewer nested aliases")
+        return total
+
+    size(root)
+
+
+def parse_yaml(text: str, file: Path, *, yaml12_booleans: bool = False) -> tuple[Any, yaml.Node | None]:
+    """The document and its node tree, parsed once; a syntax error names FILE:LINE:COL.
+
+    Hostile documents (too deep, alias bombs, recursive aliases) are refused with their
+    position before anything is expanded. ``yaml12_booleans`` reads only true/false as
+    booleans, for cloudbake's own files; user-data keeps YAML 1.1, as cloud-init reads it.
+    """
+    loader_class = _Yaml12BooleansLoader if yaml12_booleans else yaml.SafeLoader
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text)
+        _check_depth(text, file)
+        loader = loader_class(text)
+        try:
+            root = loader.get_single_node()
+            document = None
+            if root is not None:
+                _check_expansion(root, file)
+                document = loader.construct_document(root)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -295,13 +395,18 @@ def parse_yaml(text: str, file: Path) -> tuple[Any, yaml.Node | None]:
                             hint="fix the YAML syntax (indentation, quotes, colons) at that line") from None
     except yaml.YAMLError as err:
         raise PipelineError(f"{file}: YAML error: {err}") from None
+    except (RecursionError, ValueError, OverflowError) as err:
+        raise PipelineError(f"{file}: cannot read this YAML: {err}") from None
     return document, root
 
 
 def _resolve(base: Path, value: str | None) -> Path | None:
     if value is None:
         return None
-    return (base / os.path.expanduser(value)).resolve()
+    try:
+        return (base / os.path.expanduser(value)).resolve()
+    except RuntimeError as err:  # Python < 3.13 raises RuntimeError for symlink loops
+        raise OSError(str(err)) from None
 
 
 def default_cache_dir() -> Path:
@@ -319,7 +424,7 @@ def load_pipeline(file: Path | str) -> Pipeline:
                             hint="create it (start from cloudbake's pipeline.yaml) or pass pipeline=PATH") from None
     except (OSError, UnicodeDecodeError) as err:
         raise PipelineError(f"{file}: cannot read pipeline file: {err}") from None
-    document, root = parse_yaml(text, file)
+    document, root = parse_yaml(text, file, yaml12_booleans=True)
     if document is None:
         raise PipelineError(f"{file}:1:1: the pipeline is empty",
                             hint="start from the pipeline.yaml shipped with cloudbake; every key has a default")
@@ -351,11 +456,22 @@ def _file_problems(document: dict[str, Any], root: yaml.Node | None, base: Path)
     ]
     problems = []
     for path, value in checks:
-        resolved = _resolve(base, value)
-        if resolved is not None and not resolved.is_file():
+        try:
+            resolved = _resolve(base, value)
+            missing = resolved is not None and not resolved.is_file()
+            reason = f"file not found: {resolved} (paths are relative to the pipeline's folder)"
+        except (OSError, RuntimeError) as err:  # a symlink loop: RuntimeError before Python 3.13
+            missing, reason = True, f"cannot follow this path: {err}"
+        if missing:
             line, col = locate(root, path)
-            problems.append(Problem(line, col, dotted(path),
-                                    f"file not found: {resolved} (paths are relative to the pipeline's folder)"))
+            problems.append(Problem(line, col, dotted(path), reason))
+    release = str(filled["source"]["release"])
+    if release not in RELEASES and release not in RELEASES.values():
+        line, col = locate(root, ["source", "release"])
+        known = ", ".join(f"{codename} ({version})" for version, codename in RELEASES.items())
+        problems.append(Problem(line, col, "source.release",
+                                f"unknown Ubuntu release {release!r}"
+                                f"{suggest(release, [*RELEASES, *RELEASES.values()])}; known: {known}"))
     return problems
 
 

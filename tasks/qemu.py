@@ -536,11 +536,15 @@ class VmRun:
             self._socket_dir = Path(tempfile.mkdtemp(prefix="cloudbake-"))
             self.spec = dataclasses.replace(self.spec, qmp_socket=self._socket_dir / "qmp.sock")
         self.spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        # A new file, not a truncated one: a QEMU left over from an earlier boot keeps writing
+        # into the old (unlinked) file and can never put its lines into this boot's log.
+        self.spec.serial_log.unlink(missing_ok=True)
         self.spec.serial_log.write_bytes(b"")
         self.spec.qmp_socket.unlink(missing_ok=True)
         argv = build_qemu_argv(self.spec, self.binary)
         self.log.info("starting %s (accel %s, %d vCPU, %d MiB)", os.path.basename(self.binary), self.spec.accel,
                       self.spec.cpus, self.spec.memory_mib)
+        self._stderr_file.unlink(missing_ok=True)
         stderr = self._stack.enter_context(open(self._stderr_file, "wb"))
         interactive = self.spec.interactive
         self.spawned = self._stack.enter_context(
@@ -565,8 +569,8 @@ class VmRun:
             return
         try:
             if self.proc is not None and self.proc.poll() is None:
-                if exc[0] is KeyboardInterrupt:
-                    stop_process(self.proc)
+                if isinstance(exc[0], type) and issubclass(exc[0], KeyboardInterrupt):
+                    self._quit_now()
                 else:
                     graceful_stop(self.proc, self.spec.qmp_socket, 10.0, self.stage)
         finally:
@@ -574,6 +578,15 @@ class VmRun:
             self.spec.qmp_socket.unlink(missing_ok=True)
             if self._socket_dir is not None:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _quit_now(self) -> None:
+        """Interrupted: no time for the guest to shut down. QMP quit, then terminate and kill."""
+        assert self.proc is not None
+        with contextlib.suppress(Exception):
+            qmp_command(self.spec.qmp_socket, "quit", timeout=2.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(3.0)
+        stop_process(self.proc)
 
     def qemu_stderr(self) -> str:
         with contextlib.suppress(OSError):

@@ -13,6 +13,7 @@ The merge (documented in docs/seed.md):
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
@@ -47,6 +48,10 @@ SUDO_NOPASSWD = "ALL=(ALL) NOPASSWD:ALL"
 RESULT_MARKER = "CLOUDBAKE-RESULT"
 STATUS_MARKER = "CLOUDBAKE-STATUS"
 GENERALIZED_MARKER = "CLOUDBAKE-GENERALIZED"
+# Every marker carries a nonce fresh for each boot, so the host never believes lines
+# another boot printed (an orphaned QEMU, an old log). The seed the key is computed from
+# holds this placeholder; the ISO a boot uses holds that boot's nonce instead.
+BOOT_NONCE_PLACEHOLDER = "CLOUDBAKE_BOOT_NONCE"
 # 2000-01-01T00:00:00Z: the ISO's dates when SOURCE_DATE_EPOCH is not set.
 DEFAULT_SOURCE_DATE_EPOCH = 946684800
 
@@ -83,10 +88,21 @@ def load_cloud_config_schema() -> dict[str, Any]:
 def read_cloud_config(file: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     """Parse a ``#cloud-config`` file; other user-data forms are named and refused."""
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"{file}: user-data file not found",
                             hint="set cloud_init.user_data in the pipeline to an existing file") from None
+    except OSError as err:
+        raise PipelineError(f"{file}: cannot read user-data: {err.strerror or err}") from None
+    if data.startswith(b"\x1f\x8b"):
+        raise PipelineError(f"{file}:1:1: user-data is gzip-compressed; cloudbake merges a plain #cloud-config file",
+                            hint=f"decompress it (gunzip -c {file.name}); the seed ISO has room for it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise PipelineError(f"{file}:{line}:1: user-data is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                            f"{err.start})", hint="save the file as UTF-8") from None
     first = text.lstrip("\ufeff").split("\n", 1)[0].strip()
     if first.startswith("#!"):
         raise PipelineError(f"{file}:1:1: user-data is a shell script ({first}); cloudbake needs #cloud-config "
@@ -187,8 +203,11 @@ def resolve_authorized_keys(entries: tuple[str, ...], base: Path, *, warn: bool 
             try:
                 text = Path(match).read_text(encoding="utf-8")
             except OSError as err:
-                raise PipelineError(f"cloud_init.ssh_authorized_keys: cannot read {match}: {err.strerror}",
+                raise PipelineError(f"cloud_init.ssh_authorized_keys: cannot read {match}: {err.strerror or err}",
                                     hint="give the path of an existing .pub file, or the key text itself") from None
+            except UnicodeDecodeError:
+                raise PipelineError(f"cloud_init.ssh_authorized_keys: {match} is not UTF-8 text, so not an OpenSSH "
+                                    "public key", hint="point to the .pub file, never the private key") from None
             for line in text.splitlines():
                 if line.strip() and not line.startswith("#"):
                     if not is_public_key_text(line):
@@ -210,8 +229,8 @@ def bake_finish_script(generalize: bool) -> str:
     lines = [
         "exec >/dev/console 2>&1",
         "cloud-init status --long || true",
-        f'echo "{STATUS_MARKER} $(base64 -w0 /var/lib/cloud/data/status.json 2>/dev/null)"',
-        f'echo "{RESULT_MARKER} $(base64 -w0 /var/lib/cloud/data/result.json 2>/dev/null)"',
+        f'echo "{STATUS_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/status.json 2>/dev/null)"',
+        f'echo "{RESULT_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/result.json 2>/dev/null)"',
     ]
     if generalize:
         lines += [
@@ -219,7 +238,7 @@ def bake_finish_script(generalize: bool) -> str:
             # treat each clone as a first boot; host keys are regenerated then.
             "cloud-init clean --logs --machine-id || { cloud-init clean --logs; : > /etc/machine-id; }",
             "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub",
-            f'echo "{GENERALIZED_MARKER}"',
+            f'echo "{GENERALIZED_MARKER} {BOOT_NONCE_PLACEHOLDER}"',
         ]
     # Free blocks reach the host as discards, so the published image stays compact.
     lines += ["fstrim -a >/dev/null 2>&1 || true", "sync", "exit 0"]
@@ -259,6 +278,14 @@ def merge_user_data(user: dict[str, Any], pipeline: Pipeline, keys: list[str], *
             "condition": ["sh", "-c", bake_finish_script(pipeline.cloud_init.generalize)],
         }
     return merged
+
+
+def with_boot_nonce(files: SeedFiles, nonce: str) -> SeedFiles:
+    """The seed for one boot: its markers carry ``nonce`` (hex), the rest is byte for byte the same."""
+    if not nonce.isalnum():
+        raise ValueError("a boot nonce is alphanumeric")
+    user_data = files.user_data.replace(BOOT_NONCE_PLACEHOLDER.encode(), nonce.encode())
+    return dataclasses.replace(files, user_data=user_data)
 
 
 def render_cloud_config(document: dict[str, Any]) -> bytes:

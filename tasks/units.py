@@ -9,6 +9,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE
 _SIZE_FACTORS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)", re.IGNORECASE)
 _DURATION_FACTORS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+# Far beyond any real memory, disk or artifact size, and any real timeout, yet small
+# enough that every tool and every sleep below can take the value.
+MAX_SIZE_BYTES = 1 << 50  # 1 PiB
+MAX_DURATION_S = 30 * 24 * 3600.0  # 30 days
 
 
 def parse_size(text: str) -> int:
@@ -17,7 +21,10 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"{text!r} is not a size (examples: 512M, 2G, 1.5GiB)")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_FACTORS[unit.upper()])
+    size = float(number) * _SIZE_FACTORS[unit.upper()]
+    if not size <= MAX_SIZE_BYTES:
+        raise ValueError(f"{text!r} is larger than the largest size cloudbake accepts (1024T)")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -49,16 +56,21 @@ def parse_disk_size(text: str) -> DiskSize:
 
 
 def parse_duration(text: str | int | float) -> float:
-    """Seconds in ``text``: ``90s``, ``30m``, ``1h30m``, ``250ms``; a bare number is seconds."""
+    """Seconds in ``text``: ``90s``, ``30m``, ``1h30m``, ``250ms``; a bare number is seconds (at most 30 days)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    stripped = str(text).strip()
-    if re.fullmatch(r"\d+(?:\.\d+)?", stripped):
-        return float(stripped)
-    parts = _DURATION_PART.findall(stripped)
-    if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", stripped):
-        raise ValueError(f"{text!r} is not a duration (examples: 90s, 30m, 1h30m)")
-    return sum(float(n) * _DURATION_FACTORS[u.lower()] for n, u in parts)
+        seconds = float(text)
+    else:
+        stripped = str(text).strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", stripped):
+            seconds = float(stripped)
+        else:
+            parts = _DURATION_PART.findall(stripped)
+            if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", stripped):
+                raise ValueError(f"{text!r} is not a duration (examples: 90s, 30m, 1h30m)")
+            seconds = sum(float(n) * _DURATION_FACTORS[u.lower()] for n, u in parts)
+    if not 0 <= seconds <= MAX_DURATION_S:
+        raise ValueError(f"{text!r} is not a duration between 0 and 30 days")
+    return seconds
 
 
 def format_size(size: int) -> str:

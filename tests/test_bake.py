@@ -90,17 +90,20 @@ def test_key_inputs_hold_digests_not_content(locked):
     assert compute_key(inputs) == compute_key(json.loads(text))
 
 
-def _serial(status: dict, result: dict, generalized: bool = True) -> str:
+NONCE = "0f" * 16
+
+
+def _serial(status: dict, result: dict, generalized: bool = True, nonce: str = NONCE) -> str:
     def enc(doc):
         return base64.b64encode(json.dumps(doc).encode()).decode()
-    text = f"[  1.0] booting\n{STATUS_MARKER} {enc(status)}\n{RESULT_MARKER} {enc(result)}\n"
-    return text + (f"{GENERALIZED_MARKER}\n" if generalized else "")
+    text = f"[  1.0] booting\n{STATUS_MARKER} {nonce} {enc(status)}\n{RESULT_MARKER} {nonce} {enc(result)}\n"
+    return text + (f"{GENERALIZED_MARKER} {nonce}\n" if generalized else "")
 
 
 def test_result_parse_success():
     serial = _serial({"v1": {"modules-final": {"errors": []}}},
                      {"v1": {"datasource": "DataSourceNoCloud", "errors": []}})
-    result = parse_cloud_init_result(serial)
+    result = parse_cloud_init_result(serial, NONCE)
     assert result is not None and result.errors == [] and result.generalized
     assert result.datasource == "DataSourceNoCloud"
 
@@ -110,7 +113,7 @@ def test_result_parse_names_the_failing_module():
     serial = _serial({"v1": {"modules-final": {"errors": [error],
                                                 "recoverable_errors": {"WARNING": ["w1"]}}}},
                      {"v1": {"errors": [error]}}, generalized=False)
-    result = parse_cloud_init_result(serial)
+    result = parse_cloud_init_result(serial, NONCE)
     assert result is not None
     assert result.failing_modules() == ["scripts_user"]
     assert result.errors == [error]
@@ -119,7 +122,31 @@ def test_result_parse_names_the_failing_module():
 
 
 def test_result_absent():
-    assert parse_cloud_init_result("[ 1.0] kernel panic\n") is None
+    assert parse_cloud_init_result("[ 1.0] kernel panic\n", NONCE) is None
+
+
+def test_markers_of_another_boot_are_ignored():
+    """An orphaned QEMU or an old log printed success with its own nonce: this boot saw nothing."""
+    other = _serial({"v1": {}}, {"v1": {"datasource": "DataSourceNoCloud", "errors": []}}, nonce="ab" * 16)
+    assert parse_cloud_init_result(other, NONCE) is None
+    mixed = other + f"{GENERALIZED_MARKER} {'ab' * 16}\n" + _serial({"v1": {}}, {"v1": {"errors": []}},
+                                                                   generalized=False)
+    result = parse_cloud_init_result(mixed, NONCE)
+    assert result is not None and not result.generalized
+
+
+def test_boot_nonce_changes_the_iso_not_the_key(locked):
+    from tasks.bake import resolve_key
+    from tasks.seed import BOOT_NONCE_PLACEHOLDER, seed_iso_bytes, with_boot_nonce
+
+    pipeline, paths = locked()
+    key, _, seed, _ = resolve_key(pipeline, paths)
+    assert BOOT_NONCE_PLACEHOLDER.encode() in seed.user_data
+    first, second = with_boot_nonce(seed, "1" * 32), with_boot_nonce(seed, "2" * 32)
+    assert b"1" * 32 in first.user_data and BOOT_NONCE_PLACEHOLDER.encode() not in first.user_data
+    assert first.meta_data == second.meta_data == seed.meta_data
+    assert seed_iso_bytes(first) != seed_iso_bytes(second)
+    assert resolve_key(pipeline, paths)[0] == key
 
 
 @pytest.mark.parametrize(("compression", "expected"), [
@@ -152,5 +179,5 @@ def test_prune_keeps_the_newest_and_the_pointer(locked):
 def test_module_names_are_normalized():
     """cloud-init 22.x says 'scripts-user', newer releases 'scripts_user'."""
     serial = _serial({"v1": {}}, {"v1": {"errors": ["('scripts-user', RuntimeError('x'))"]}})
-    result = parse_cloud_init_result(serial)
+    result = parse_cloud_init_result(serial, NONCE)
     assert result is not None and result.failing_modules() == ["scripts_user"]

@@ -161,3 +161,57 @@ def test_configuration_reference_is_current():
     from tasks.docs import REFERENCE, render_configuration_reference
 
     assert REFERENCE.read_text() == render_configuration_reference(), "run: doit docs"
+
+
+# --- hostile input: a located message, never a traceback or a hang ---------------------------
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8))
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("vm: {memory: 99999999999999999999G}\n", "vm.memory: '99999999999999999999G' is larger than"),
+    ("disk: {size: +99999999999T}\n", "disk.size:"),
+    ("vm: {timeout: 999999999999h}\n", "vm.timeout: '999999999999h' is not a duration between 0 and 30 days"),
+    ("test: {timeout: 1e400}\n", "test.timeout:"),
+    ("vm: {cpus: 2.0}\n", "vm.cpus: 2.0 is not of type 'integer'"),
+    ("output: {keep: 2.0}\n", "output.keep: 2.0 is not of type 'integer'"),
+    ("vm: {cpus: 100000000000000000000000}\n", "vm.cpus:"),
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 64 levels deep"),
+    ("x:\n" + "".join("  " * i + "- \n" for i in range(1, 300)), "nested more than 64 levels deep"),
+    (ALIAS_BOMB, "expand to more than 100,000 values"),
+    ("a: &a [*a]\n", "pipeline.yaml:1:"),
+    ("source: {release: lunarx}\n", "source.release: unknown Ubuntu release 'lunarx'"),
+    ("source: {release: '99.04'}\n", "known: bionic (18.04)"),
+    ("source: {release: nobel}\n", "(did you mean 'noble'?)"),
+])
+def test_hostile_pipeline_is_a_located_error(make_pipeline, text, fragment):
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(make_pipeline(text))
+    assert fragment in str(caught.value)
+    assert "pipeline.yaml:" in str(caught.value)
+
+
+def test_yaml_off_is_the_word_off_in_the_pipeline(make_pipeline):
+    """YAML 1.1 reads `off` as false; the pipeline's enum value `off` must work unquoted."""
+    pipeline = load_pipeline(make_pipeline("source: {verify: {signature: off}}\n"))
+    assert pipeline.source.verify.signature is SignaturePolicy.off
+
+
+def test_symlink_loop_is_a_located_error(make_pipeline, tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(make_pipeline("cloud_init: {user_data: loop}\n"))
+    assert "cloud_init.user_data: cannot follow this path" in str(caught.value)
+    (tmp_path / "self.yaml").symlink_to(tmp_path / "self.yaml")
+    with pytest.raises(PipelineError, match="cannot read pipeline file"):
+        load_pipeline(tmp_path / "self.yaml")
+
+
+def test_alias_bomb_does_not_hang_doit_list(tmp_path):
+    (tmp_path / "bomb.yaml").write_text(ALIAS_BOMB)
+    result = subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), "list",
+                             f"pipeline={tmp_path / 'bomb.yaml'}"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "expand to more than 100,000 values" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -231,3 +231,26 @@ def test_os_tools_see_label_and_names(tmp_path):
         listing = subprocess.run(["isoinfo", flag, "-f", "-i", str(dest)], capture_output=True, text=True,
                                  check=True).stdout.split()
         assert {"/user-data", "/meta-data", "/network-config"} <= set(listing)
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    (b"#cloud-config\nruncmd: ['\xff\xfe']\n", "user-data.yaml:2:1: user-data is not UTF-8 text (byte 0xff"),
+    (__import__("gzip").compress(b"#cloud-config\nruncmd: [ls]\n"), "user-data is gzip-compressed"),
+    (b"#cloud-config\n" + b"a: &a [x, x, x, x, x, x, x, x, x, x]\n" + b"".join(
+        b"%c: &%c [" % (98 + i, 98 + i) + b", ".join([b"*%c" % (97 + i)] * 10) + b"]\n" for i in range(8)),
+     "expand to more than 100,000 values"),
+    (b"#cloud-config\nx: " + b"[" * 3000 + b"]" * 3000 + b"\n", "nested more than 64 levels deep"),
+])
+def test_hostile_user_data_is_a_clear_error(make_pipeline, tmp_path, data, fragment):
+    pipeline = load_pipeline(make_pipeline("name: hostile\n"))
+    (tmp_path / "cloud-init" / "user-data.yaml").write_bytes(data)
+    with pytest.raises(PipelineError) as caught:
+        build_seed_files(pipeline)
+    assert fragment in str(caught.value)
+
+
+def test_key_file_that_is_not_utf8(make_pipeline, tmp_path):
+    (tmp_path / "bin.pub").write_bytes(b"ssh-ed25519 \xff\xfe\x00")
+    pipeline = load_pipeline(make_pipeline("cloud_init: {ssh_authorized_keys: [bin.pub]}\n"))
+    with pytest.raises(PipelineError, match="is not UTF-8 text"):
+        build_seed_files(pipeline)
