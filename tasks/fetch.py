@@ -44,6 +44,9 @@ SIGNATURE_MAX_BYTES = 64 << 10
 KEY_MAX_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20
 LOCK_VERSION = 1
+# A signing key fetched from the keyserver is fetched again after this long, so that its
+# revocation reaches this machine (docs/threat-model.md).
+KEY_REFRESH_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -206,11 +209,20 @@ def fetch_small(session: requests.Session, url: str, max_bytes: int, http: HttpS
 # --- signature ---------------------------------------------------------------------------
 
 
-def dearmor(data: bytes) -> bytes:
+def dearmor(data: bytes, what: str = "OpenPGP data") -> bytes:
     """Binary OpenPGP data from ASCII armor (gpgv 2.2 reads only binary keyrings); binary passes through."""
     text = data.decode("ascii", errors="replace")
     if "-----BEGIN PGP" not in text:
         return data
+    try:
+        return _dearmor_text(text)
+    except (IndexError, ValueError):
+        raise PipelineError(f"{what}: malformed ASCII armor (no valid base64 between the BEGIN and END lines)",
+                            hint="get the file again; an armored key or signature starts with "
+                                 "'-----BEGIN PGP' and is base64 inside") from None
+
+
+def _dearmor_text(text: str) -> bytes:
     body = text.split("-----BEGIN PGP", 1)[1].split("\n", 1)[1]
     body = body.split("-----END PGP", 1)[0]
     lines = body.strip().splitlines()
@@ -218,7 +230,7 @@ def dearmor(data: bytes) -> bytes:
     if "" in [line.strip() for line in lines]:
         lines = lines[[line.strip() for line in lines].index("") + 1:]
     lines = [line.strip() for line in lines if line.strip() and not line.startswith("=")]
-    return base64.b64decode("".join(lines))
+    return base64.b64decode("".join(lines), validate=True)
 
 
 def _packets(data: bytes) -> Iterator[tuple[int, bytes]]:
@@ -250,6 +262,13 @@ def _packets(data: bytes) -> Iterator[tuple[int, bytes]]:
         pos += length
 
 
+def _fingerprints_or_none(keyring: bytes) -> list[str]:
+    try:
+        return key_fingerprints(keyring)
+    except (ValueError, IndexError):
+        return []
+
+
 def key_fingerprints(keyring: bytes) -> list[str]:
     """v4 fingerprints of the primary keys and subkeys in a binary keyring."""
     found = []
@@ -268,18 +287,26 @@ def resolve_keyring(pipeline: Pipeline, paths: Paths, session: requests.Session,
     if SYSTEM_KEYRING.is_file():
         return SYSTEM_KEYRING
     keys_dir = paths.cache_dir / "keys"
+    stale: Path | None = None
     for fingerprint in verify.fingerprints:
         cached = keys_dir / f"{fingerprint}.gpg"
-        if cached.is_file() and fingerprint in key_fingerprints(cached.read_bytes()):
-            return cached
+        if cached.is_file() and fingerprint in _fingerprints_or_none(cached.read_bytes()):
+            if time.time() - cached.stat().st_mtime < KEY_REFRESH_S:
+                return cached
+            stale = stale or cached  # refreshed below, so that a revocation can arrive
     for fingerprint in verify.fingerprints:
         url = KEYSERVER_URL.format(fingerprint=fingerprint)
         log.info("fetching signing key %s from %s", fingerprint, url.split("/pks/")[0])
-        key = dearmor(fetch_small(session, url, KEY_MAX_BYTES, http))
         try:
-            present = key_fingerprints(key)
-        except (ValueError, IndexError):
-            present = []
+            key = dearmor(fetch_small(session, url, KEY_MAX_BYTES, http), url)
+        except PipelineError as err:
+            if stale is None:
+                raise
+            age_days = (time.time() - stale.stat().st_mtime) / 86400
+            log.warning("could not refresh signing key %s (%s); using the copy fetched %.0f days ago, so a "
+                        "revocation published since then is not seen", fingerprint, err.message, age_days)
+            return stale
+        present = _fingerprints_or_none(key)
         if fingerprint not in present:
             raise PipelineError(f"the keyserver returned a key that is not {fingerprint}; refusing it",
                                 hint="set source.verify.keyring to a keyring you trust")
@@ -290,13 +317,23 @@ def resolve_keyring(pipeline: Pipeline, paths: Paths, session: requests.Session,
 
 
 def _binary_keyring(data: bytes, paths: Paths, label: str) -> Path:
-    binary = dearmor(data)
+    binary = dearmor(data, label)
     if binary == data:
         return Path(label)
     dest = paths.cache_dir / "keys" / f"dearmored-{hashlib.sha256(binary).hexdigest()[:16]}.gpg"
     if not dest.is_file():
         write_atomically(dest, binary)
     return dest
+
+
+# gpgv status codes that refuse a signature whatever else it says.
+SIGNATURE_REFUSALS = {
+    "REVKEYSIG": "it was made by a key that has been revoked",
+    "EXPKEYSIG": "it was made by a key that has expired",
+    "EXPSIG": "the signature itself has expired",
+    "BADSIG": "the signature does not match SHA256SUMS (tampered or corrupted)",
+    "ERRSIG": "the signature could not be checked (unknown key or algorithm)",
+}
 
 
 @dataclass(frozen=True)
@@ -311,11 +348,22 @@ def check_signature(sums: bytes, signature: bytes, keyring: Path, fingerprints: 
     with tempfile.TemporaryDirectory(prefix="cloudbake-gpgv-") as tmp:
         sums_file, sig_file = Path(tmp) / "SHA256SUMS", Path(tmp) / "SHA256SUMS.gpg"
         sums_file.write_bytes(sums)
-        sig_file.write_bytes(dearmor(signature))
+        sig_file.write_bytes(dearmor(signature, "SHA256SUMS.gpg"))
         result = run([gpgv, "--homedir", tmp, "--status-fd", "1", "--keyring", keyring, sig_file, sums_file],
                      stage="fetch", timeout=60, check=False)
     status = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("[GNUPG:] ")]
+    status = [fields for fields in status if fields]
     valid = [fields for fields in status if fields[0] == "VALIDSIG"]
+    refused = [fields for fields in status if fields[0] in SIGNATURE_REFUSALS]
+    if refused:
+        # gpgv can print VALIDSIG beside these (a revoked key's signature is cryptographically valid):
+        # any of them refuses the signature.
+        code = refused[0][0]
+        reason = SIGNATURE_REFUSALS[code]
+        if code == "ERRSIG" and any(fields[0] == "NO_PUBKEY" for fields in status):
+            reason = "it was made by a key that is not in the keyring"
+        raise PipelineError(f"SHA256SUMS signature check failed: {reason} (gpgv: {code})",
+                            hint=f"keyring used: {keyring}; the image was not downloaded")
     if result.returncode != 0 or not valid:
         codes = sorted({fields[0] for fields in status} - {"NEWSIG", "KEY_CONSIDERED"})
         if "NO_PUBKEY" in codes or "ERRSIG" in codes:
@@ -613,11 +661,29 @@ def read_lock(file: Path) -> Lock | None:
         data = json.loads(file.read_text())
         if data.get("cloudbake_lock") != LOCK_VERSION:
             raise ValueError(f"unknown lock version {data.get('cloudbake_lock')!r}")
-        return Lock(source=data["source"], url=data["url"], serial=data["serial"], sha256=data["sha256"],
+        lock = Lock(source=data["source"], url=data["url"], serial=data["serial"], sha256=data["sha256"],
                     size=data["size"], signed_by=data["signed_by"], signature_time=data["signature_time"])
-    except (ValueError, KeyError, TypeError) as err:
+        _check_lock_values(lock)
+        return lock
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise PipelineError(f"{file}: not a valid cloudbake lock file ({err})",
                             hint="delete it and run doit update to write it again") from None
+
+
+def _check_lock_values(lock: Lock) -> None:
+    """A lock is input like any other: its digest names a file in the cache, its URL is fetched."""
+    if not isinstance(lock.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", lock.sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, not {lock.sha256!r}")
+    if not isinstance(lock.url, str) or not lock.url.startswith(("http://", "https://", "file://")):
+        raise ValueError(f"url must be an http(s):// or file:// URL, not {lock.url!r}")
+    if not isinstance(lock.size, int) or isinstance(lock.size, bool) or lock.size < -1:
+        raise ValueError(f"size must be a number of bytes, not {lock.size!r}")
+    if not isinstance(lock.source, dict) or not all(isinstance(v, str) for v in lock.source.values()):
+        raise ValueError("source must be a mapping of strings")
+    for name in ("serial", "signed_by", "signature_time"):
+        value = getattr(lock, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string or null, not {value!r}")
 
 
 def write_lock(file: Path, lock: Lock) -> None:

@@ -245,7 +245,7 @@ def _is_strict_integer(checker: Any, instance: object) -> bool:
 
 
 # JSON Schema counts 2.0 as an integer; QEMU's -smp does not. Integers are written as integers.
-_Validator = jsonschema.validators.extend(
+_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
 )

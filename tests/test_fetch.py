@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,10 +66,9 @@ def test_resolve_urls(make_pipeline, release, channel, url):
     assert resolve_upstream(pipeline.source).image_url == url.replace("M/", "http://m/")
 
 
-def test_unknown_version_is_an_error(make_pipeline):
-    pipeline = load_pipeline(make_pipeline("source: {release: '19.19'}\n"))
-    with pytest.raises(PipelineError, match="unknown Ubuntu version 19.19"):
-        resolve_upstream(pipeline.source)
+def test_unknown_version_is_an_error_at_load_time(make_pipeline):
+    with pytest.raises(PipelineError, match=r"pipeline.yaml:1:19: source.release: unknown Ubuntu release '19.19'"):
+        load_pipeline(make_pipeline("source: {release: '19.19'}\n"))
 
 
 # --- SHA256SUMS and keys ----------------------------------------------------------------------
@@ -389,3 +390,116 @@ def test_doit_fetch_then_offline(small_mirror, make):
     second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "cached:" in second.stderr
+
+
+# --- signatures gpgv refuses even beside VALIDSIG ----------------------------------------------
+
+def test_signature_by_a_revoked_key_is_refused(tmp_path):
+    """A real key, a real signature, then the key's real revocation imported: gpgv still says VALIDSIG
+    (the maths holds) but also REVKEYSIG, and that refuses it."""
+    from tasks.fetch import check_signature
+    from tests.fixture.mirror import make_gpg_key
+
+    key = make_gpg_key(tmp_path / "gnupg", "revoked")
+    data = tmp_path / "SHA256SUMS"
+    data.write_text(f"{'a' * 64} *x.img\n")
+    signature = key.sign(data).read_bytes()
+    assert check_signature(data.read_bytes(), signature, key.keyring, (key.fingerprint,)).fingerprint
+    revocation = (key.home / "openpgp-revocs.d" / f"{key.fingerprint}.rev").read_text()
+    cert = tmp_path / "revoke.asc"
+    cert.write_text(revocation.replace(":-----BEGIN", "-----BEGIN"))
+    base = ["gpg", "--homedir", str(key.home), "--batch"]
+    subprocess.run([*base, "--import", str(cert)], check=True, capture_output=True)
+    revoked_keyring = tmp_path / "revoked.gpg"
+    revoked_keyring.write_bytes(subprocess.run([*base, "--export", key.fingerprint], check=True,
+                                               capture_output=True).stdout)
+    with pytest.raises(PipelineError, match=r"revoked \(gpgv: REVKEYSIG\)"):
+        check_signature(data.read_bytes(), signature, revoked_keyring, (key.fingerprint,))
+
+
+@pytest.mark.parametrize("code", ["REVKEYSIG", "EXPKEYSIG", "EXPSIG", "BADSIG", "ERRSIG"])
+def test_refusing_status_wins_over_validsig(tmp_path, monkeypatch, code):
+    """A stand-in gpgv that prints VALIDSIG for the pinned key and one refusing code, exit 0."""
+    from tasks.fetch import check_signature
+
+    fpr = "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81"
+    gpgv = tmp_path / "bin" / "gpgv"
+    gpgv.parent.mkdir()
+    gpgv.write_text(f"#!/bin/sh\necho '[GNUPG:] NEWSIG'\necho '[GNUPG:] {code} 7DB87C81 someone'\n"
+                    f"echo '[GNUPG:] VALIDSIG {fpr} 2026-11-01 1793000000 0 4 0 22 8 00 {fpr}'\nexit 0\n")
+    gpgv.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gpgv.parent}:{os.environ['PATH']}")
+    with pytest.raises(PipelineError, match=f"gpgv: {code}"):
+        check_signature(b"sums", b"sig", tmp_path / "keyring.gpg", (fpr,))
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"sha256": None}, "sha256 must be 64 lowercase hex digits"),
+    ({"sha256": "../../../../etc/passwd" + "0" * 42}, "sha256 must be 64 lowercase hex digits"),
+    ({"sha256": "A" * 64}, "sha256 must be 64 lowercase hex digits"),
+    ({"url": "ftp://x/y.img"}, "url must be an http(s)"),
+    ({"size": "12"}, "size must be a number of bytes"),
+    ({"serial": 20261128}, "serial must be a string or null"),
+    ({"source": ["noble"]}, "source must be a mapping"),
+])
+def test_hostile_lock_values_are_refused(tmp_path, change, fragment):
+    from tasks.fetch import Lock, read_lock, write_lock
+
+    lock_file = tmp_path / "pipeline.lock"
+    write_lock(lock_file, Lock({"release": "noble"}, "http://m/x.img", "1", "a" * 64, 10, None, None))
+    data = json.loads(lock_file.read_text())
+    lock_file.write_text(json.dumps({**data, **change}))
+    with pytest.raises(PipelineError) as caught:
+        read_lock(lock_file)
+    assert "not a valid cloudbake lock file" in str(caught.value) and fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["[]", "\xff", "null"])
+def test_lock_that_is_not_a_lock(tmp_path, text):
+    from tasks.fetch import read_lock
+
+    (tmp_path / "pipeline.lock").write_bytes(text.encode("latin-1"))
+    with pytest.raises(PipelineError, match="not a valid cloudbake lock file"):
+        read_lock(tmp_path / "pipeline.lock")
+
+
+@pytest.mark.parametrize(("data", "what"), [
+    (b"-----BEGIN PGP SIGNATURE-----\n\n!!!not base64!!!\n-----END PGP SIGNATURE-----\n", "SHA256SUMS.gpg"),
+    (b"-----BEGIN PGP SIGNATURE-----", "SHA256SUMS.gpg"),
+])
+def test_malformed_armor_is_a_clear_error(tmp_path, data, what):
+    from tasks.fetch import check_signature
+
+    with pytest.raises(PipelineError, match=f"{what}: malformed ASCII armor"):
+        check_signature(b"sums", data, tmp_path / "keyring.gpg", ("A" * 40,))
+
+
+def test_keyserver_key_is_refreshed_after_a_week(make_pipeline, tmp_path, gpg_key, monkeypatch, caplog):
+    """A cached keyserver key younger than KEY_REFRESH_S is used as is; an older one is fetched again
+    (so a revocation can arrive); when the keyserver cannot be reached the old copy is used with a warning."""
+    import time
+
+    import requests
+
+    keys = tmp_path / "keyserver"
+    keys.mkdir()
+    (keys / "key.asc").write_bytes(gpg_key.armored.read_bytes())
+    pipeline = load_pipeline(make_pipeline(f"source: {{verify: {{fingerprints: [{gpg_key.fingerprint}]}}}}\n"
+                                           f"cache: {{dir: {tmp_path / 'cache'}}}\n"))
+    paths = resolve_paths(pipeline)
+    monkeypatch.setattr(fetch, "SYSTEM_KEYRING", tmp_path / "absent.gpg")
+    cached = paths.cache_dir / "keys" / f"{gpg_key.fingerprint}.gpg"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(gpg_key.keyring.read_bytes())
+    with MirrorServer(keys) as srv, requests.Session() as session:
+        monkeypatch.setattr(fetch, "KEYSERVER_URL", srv.url + "key.asc?{fingerprint}")
+        assert fetch.resolve_keyring(pipeline, paths, session, FAST) == cached
+        assert srv.state.requests == []
+        week_old = time.time() - fetch.KEY_REFRESH_S - 60
+        os.utime(cached, (week_old, week_old))
+        assert fetch.resolve_keyring(pipeline, paths, session, FAST) == cached
+        assert len(srv.state.requests) == 1 and cached.stat().st_mtime > week_old + 3600
+        os.utime(cached, (week_old, week_old))
+        monkeypatch.setattr(fetch, "KEYSERVER_URL", "http://127.0.0.1:9/key?{fingerprint}")
+        assert fetch.resolve_keyring(pipeline, paths, session, FAST) == cached
+    assert "could not refresh signing key" in caplog.text
