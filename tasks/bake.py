@@ -190,10 +190,41 @@ def qemu_img_info(image: Path) -> dict[str, Any]:
     return info
 
 
+UPSTREAM_FORMATS = ("qcow2", "raw")
+
+
+def inspect_upstream(upstream: Path) -> dict[str, Any]:
+    """qemu-img's view of the upstream image, refused unless it stands alone.
+
+    A qcow2 can name other files: a backing file or an external data file would be
+    read from the baker's disk and copied into the published image (a host file
+    leaking into an image shared with others). The checksum only proves the bytes
+    are upstream's, not that they are harmless.
+    """
+    try:
+        info = qemu_img_info(upstream)
+    except PipelineError as err:
+        raise PipelineError(f"{upstream.name}: qemu-img cannot read the upstream image ({err.message})",
+                            hint="the file is not a disk image; check source.mirror") from None
+    image_format = info.get("format")
+    if image_format not in UPSTREAM_FORMATS:
+        raise PipelineError(f"{upstream.name}: the upstream image is {image_format!r}, not qcow2 or raw; refused",
+                            hint="Ubuntu's cloud images are qcow2; check source.mirror")
+    if info.get("backing-filename"):
+        raise PipelineError(f"{upstream.name}: the upstream image names a backing file "
+                            f"({info['backing-filename']!r}); refused, it would copy a file from this machine into "
+                            "the image", hint="upstream cloud images stand alone; check source.mirror")
+    data_file = (info.get("format-specific") or {}).get("data", {}).get("data-file")
+    if data_file:
+        raise PipelineError(f"{upstream.name}: the upstream image keeps its data in an external file "
+                            f"({data_file!r}); refused", hint="upstream cloud images stand alone; check source.mirror")
+    return info
+
+
 def make_work_disk(upstream: Path, dest: Path, pipeline: Pipeline) -> int:
     """A qcow2 overlay of the cached upstream image (never written), grown per disk.size; returns its size."""
     qemu_img = require_tool("qemu-img", "qemu-utils")
-    info = qemu_img_info(upstream)
+    info = inspect_upstream(upstream)
     current = int(info["virtual-size"])
     target = pipeline.disk.size.resolve(current)
     if target < current:

@@ -74,7 +74,9 @@ def doit_action(func: Callable[..., Any]) -> Callable[..., Any]:
             with stop_signals_unwind():
                 result = func(*args, **kwargs)
         except PipelineError as err:
-            return TaskFailed(str(err))
+            from tasks.log import redact
+
+            return TaskFailed(redact(str(err)))
         except KeyboardInterrupt as err:
             what = err.signal_name if isinstance(err, Interrupted) else "Ctrl-C"
             return TaskFailed(f"interrupted ({what}); the guest and its work files were cleaned up")

@@ -28,7 +28,7 @@ import requests
 from tasks import __version__
 from tasks.errors import PipelineError, doit_action
 from tasks.files import file_lock, write_atomically
-from tasks.log import stage_logger
+from tasks.log import stage_logger, strip_credentials
 from tasks.paths import Paths
 from tasks.pipeline import RELEASES, Pipeline, SignaturePolicy, Source
 from tasks.runner import require_tool, run
@@ -98,7 +98,17 @@ class Lock:
 
 
 def lock_source(source: Source) -> dict[str, str]:
-    return {"release": source.release, "arch": str(source.arch), "channel": source.channel, "mirror": source.mirror}
+    """What the lock records of the source; the mirror without credentials (they stay in the pipeline)."""
+    return {"release": source.release, "arch": str(source.arch), "channel": source.channel,
+            "mirror": strip_credentials(source.mirror)}
+
+
+def with_mirror_credentials(url: str, mirror: str) -> str:
+    """A URL read back from the lock, with the pipeline mirror's credentials when it is on that mirror."""
+    plain_mirror = strip_credentials(mirror)
+    if plain_mirror != mirror and url.startswith(plain_mirror):
+        return mirror + url[len(plain_mirror):]
+    return url
 
 
 # --- resolve -----------------------------------------------------------------------------
@@ -715,7 +725,7 @@ def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Sessi
         raise PipelineError(f"source.verify.sha256 pins {source.verify.sha256} but SHA256SUMS says {sha256} for "
                             f"{upstream.image_name}", hint="update the pin if the new image is expected")
     serial = upstream.serial or _build_serial(session, upstream, http)
-    return Lock(source=lock_source(source), url=upstream.image_url, serial=serial, sha256=sha256, size=-1,
+    return Lock(source=lock_source(source), url=strip_credentials(upstream.image_url), serial=serial, sha256=sha256, size=-1,
                 signed_by=signature.fingerprint if signature else None,
                 signature_time=signature.created if signature else None)
 
@@ -731,7 +741,34 @@ def _build_serial(session: requests.Session, upstream: Upstream, http: HttpSetti
     return match.group(1) if match else None
 
 
-def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False,
+def _serial_order(serial: str | None) -> tuple[int, ...] | None:
+    if serial is None or not re.fullmatch(r"\d+(?:\.\d+)*", serial):
+        return None
+    return tuple(int(part) for part in serial.split("."))
+
+
+def check_not_older(pinned: Lock | None, resolved: Lock, allow_downgrade: bool) -> None:
+    """Refuse a signed set older than the pinned one (a mirror replaying an old, signed release).
+
+    Serial and signature time are compared where both sides have them; either going
+    backwards refuses, unless the user asked for the downgrade explicitly.
+    """
+    if pinned is None or allow_downgrade or pinned.source != resolved.source:
+        return
+    old_serial, new_serial = _serial_order(pinned.serial), _serial_order(resolved.serial)
+    older_serial = old_serial is not None and new_serial is not None and new_serial < old_serial
+    older_signature = bool(pinned.signature_time and resolved.signature_time
+                           and resolved.signature_time < pinned.signature_time)
+    if older_serial or older_signature:
+        raise PipelineError(
+            f"the mirror now offers an older image than the one pinned: serial {resolved.serial} signed "
+            f"{resolved.signature_time or 'unsigned'}, pinned serial {pinned.serial} signed "
+            f"{pinned.signature_time or 'unsigned'}; the lock was left as it is",
+            hint="a mirror serving an old signed release can be a replay attack; if you really want the older "
+                 "image, run doit update downgrade=1")
+
+
+def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allow_downgrade: bool = False,
                  http: HttpSettings | None = None) -> tuple[Path, Lock]:
     """The verified upstream image in the cache, and the lock that pins it (written when new).
 
@@ -753,7 +790,8 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False,
         log.info("downloading the image pinned by %s", paths.lock_file.name)
         with _session() as session:
             try:
-                download(session, lock.url, image, lock.sha256, http)
+                download(session, with_mirror_credentials(lock.url, pipeline.source.mirror), image, lock.sha256,
+                         http)
             except PipelineError as err:
                 if "mismatch" in err.message:
                     raise PipelineError(f"{lock.url} no longer serves the image pinned by {paths.lock_file} "
@@ -763,8 +801,10 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False,
         return image, lock
     with _session() as session:
         resolved = resolve_and_verify(pipeline, paths, session, http)
+        check_not_older(lock, resolved, allow_downgrade)
+        upstream_url = with_mirror_credentials(resolved.url, pipeline.source.mirror)
         image = cached_image_path(paths, resolved.sha256, name)
-        download(session, resolved.url, image, resolved.sha256, http)
+        download(session, upstream_url, image, resolved.sha256, http)
     resolved = Lock(**{**asdict(resolved), "size": image.stat().st_size})
     if lock != resolved:
         write_lock(paths.lock_file, resolved)
@@ -777,8 +817,8 @@ def run_fetch(pipeline: Pipeline, paths: Paths) -> None:
     ensure_image(pipeline, paths)
 
 
-def run_update(pipeline: Pipeline, paths: Paths) -> None:
-    ensure_image(pipeline, paths, update=True)
+def run_update(pipeline: Pipeline, paths: Paths, allow_downgrade: bool = False) -> None:
+    ensure_image(pipeline, paths, update=True, allow_downgrade=allow_downgrade)
 
 
 def task_fetch() -> dict[str, Any]:
@@ -796,10 +836,14 @@ def task_fetch() -> dict[str, Any]:
 def task_update() -> dict[str, Any]:
     from tasks.context import current
 
+    from doit import get_var
+
     pipeline, paths = current()
+    downgrade = str(get_var("downgrade", "0")).lower() in ("1", "true", "yes")
     return {
-        "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite pipeline.lock",
-        "actions": [(doit_action(run_update), [pipeline, paths])],
+        "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite pipeline.lock "
+               "(downgrade=1 accepts an older one)",
+        "actions": [(doit_action(run_update), [pipeline, paths, downgrade])],
         "uptodate": [False],
         "verbosity": 2,
     }

@@ -181,3 +181,31 @@ def test_module_names_are_normalized():
     serial = _serial({"v1": {}}, {"v1": {"errors": ["('scripts-user', RuntimeError('x'))"]}})
     result = parse_cloud_init_result(serial, NONCE)
     assert result is not None and result.failing_modules() == ["scripts_user"]
+
+
+def _qemu_img(*args: str) -> None:
+    import subprocess
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(("make", "fragment"), [
+    (lambda d: _qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", str(d / "up.img")),
+     "names a backing file ('/etc/hostname')"),
+    (lambda d: _qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={d / 'data.raw'}", str(d / "up.img"), "1M"),
+     "keeps its data in an external file"),
+    (lambda d: _qemu_img("create", "-q", "-f", "vmdk", str(d / "up.img"), "1M"), "is 'vmdk', not qcow2 or raw"),
+])
+def test_upstream_that_names_other_files_is_refused(tmp_path, make, fragment):
+    from tasks.bake import inspect_upstream
+
+    make(tmp_path)
+    with pytest.raises(PipelineError) as caught:
+        inspect_upstream(tmp_path / "up.img")
+    assert fragment in str(caught.value)
+
+
+def test_plain_qcow2_upstream_passes(tmp_path):
+    from tasks.bake import inspect_upstream
+
+    _qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "up.img"), "1M")
+    assert inspect_upstream(tmp_path / "up.img")["format"] == "qcow2"

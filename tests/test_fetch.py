@@ -503,3 +503,66 @@ def test_keyserver_key_is_refreshed_after_a_week(make_pipeline, tmp_path, gpg_ke
         monkeypatch.setattr(fetch, "KEYSERVER_URL", "http://127.0.0.1:9/key?{fingerprint}")
         assert fetch.resolve_keyring(pipeline, paths, session, FAST) == cached
     assert "could not refresh signing key" in caplog.text
+
+
+def test_mirror_credentials_are_used_but_never_stored_or_logged(server, small_mirror, make, caplog):
+    """user:secret@ in source.mirror authenticates every request, and appears in no log line, lock or error."""
+    import base64
+
+    from tasks.bake import run_cache_key  # noqa: F401  (the key path reads the same lock)
+    from tasks.log import redact
+
+    secret_url = server.url.replace("http://", "http://builder:s3cr3t@")
+    pipeline, paths = make(secret_url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    ensure_image(pipeline, paths, http=FAST)
+    expected = "Basic " + base64.b64encode(b"builder:s3cr3t").decode()
+    assert server.state.requests and all(r.authorization == expected for r in server.state.requests)
+    lock_text = paths.lock_file.read_text()
+    assert "s3cr3t" not in lock_text and "builder" not in lock_text
+    assert "s3cr3t" not in caplog.text
+    # The lock pins the plain URL; a later download from it gets the credentials back.
+    for image in paths.images_cache.iterdir():
+        image.unlink()
+    server.state.requests.clear()
+    ensure_image(pipeline, paths, http=FAST)
+    assert any(r.path.endswith(".img") and r.authorization == expected for r in server.state.requests)
+    # Errors that name the URL are redacted where they reach the user.
+    assert redact(f"not found (404): {secret_url}x") == f"not found (404): {server.url.replace('http://', 'http://***@')}x"
+
+
+def test_update_refuses_an_older_signed_set_unless_asked(server, small_mirror, make):
+    from dataclasses import replace
+
+    from tasks.fetch import read_lock, write_lock
+
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    _, current = ensure_image(pipeline, paths, http=FAST)
+    newer = replace(current, serial="99991231", signature_time="2099-01-01T00:00:00Z")
+    write_lock(paths.lock_file, newer)
+    with pytest.raises(PipelineError) as caught:
+        ensure_image(pipeline, paths, update=True, http=FAST)
+    message = str(caught.value)
+    assert "older image than the one pinned" in message and "99991231" in message and "2099-01-01" in message
+    assert current.signature_time in message and "downgrade=1" in message
+    assert read_lock(paths.lock_file) == newer
+    ensure_image(pipeline, paths, update=True, allow_downgrade=True, http=FAST)
+    assert read_lock(paths.lock_file).signature_time == current.signature_time
+
+
+@pytest.mark.parametrize(("pinned", "resolved", "refused"), [
+    (("20240423", "2024-04-23T00:00:00Z"), ("20240101", "2024-04-24T00:00:00Z"), True),
+    (("20240423", "2024-04-23T00:00:00Z"), ("20240423.1", "2024-04-22T00:00:00Z"), True),
+    (("20240423", "2024-04-23T00:00:00Z"), ("20240501", "2024-05-01T00:00:00Z"), False),
+    ((None, None), ("20240101", None), False),
+])
+def test_older_serial_or_signature_time(pinned, resolved, refused):
+    from tasks.fetch import Lock, check_not_older
+
+    old = Lock({"release": "noble"}, "http://m/x.img", pinned[0], "a" * 64, 1, None, pinned[1])
+    new = Lock({"release": "noble"}, "http://m/x.img", resolved[0], "b" * 64, 1, None, resolved[1])
+    if refused:
+        with pytest.raises(PipelineError, match="older image"):
+            check_not_older(old, new, allow_downgrade=False)
+        check_not_older(old, new, allow_downgrade=True)
+    else:
+        check_not_older(old, new, allow_downgrade=False)
