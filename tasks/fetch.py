@@ -725,8 +725,8 @@ def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Sessi
         raise PipelineError(f"source.verify.sha256 pins {source.verify.sha256} but SHA256SUMS says {sha256} for "
                             f"{upstream.image_name}", hint="update the pin if the new image is expected")
     serial = upstream.serial or _build_serial(session, upstream, http)
-    return Lock(source=lock_source(source), url=strip_credentials(upstream.image_url), serial=serial, sha256=sha256,
-                size=-1, signed_by=signature.fingerprint if signature else None,
+    return Lock(source=lock_source(source), url=strip_credentials(upstream.image_url), serial=serial,
+                sha256=sha256, size=-1, signed_by=signature.fingerprint if signature else None,
                 signature_time=signature.created if signature else None)
 
 
