@@ -44,6 +44,9 @@ SIGNATURE_MAX_BYTES = 64 << 10
 KEY_MAX_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20
 LOCK_VERSION = 1
+# Without a pinned size (the first fetch), a download larger than this is refused: Ubuntu's
+# cloud images are well under 1 GiB; a server that never stops sending is not an image.
+UNPINNED_MAX_BYTES = 16 << 30
 # A signing key fetched from the keyserver is fetched again after this long, so that its
 # revocation reaches this machine (docs/threat-model.md).
 KEY_REFRESH_S = 7 * 24 * 3600
@@ -58,6 +61,10 @@ class HttpSettings:
     attempts: int = 5
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
+    # A server that sends a byte now and then never trips the read timeout: an attempt that
+    # averages less than this over a whole window is cut off (and retried, then resumed).
+    min_rate_bytes_s: float = 16 << 10
+    rate_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -503,6 +510,12 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str, http:
                 last_error = _describe(err, url, http)
             except _ServerError as err:
                 last_error = str(err)
+            except _TooLargeError as err:
+                part.unlink(missing_ok=True)
+                validator_file.unlink(missing_ok=True)
+                _running.pop(part, None)
+                raise PipelineError(str(err), hint="check source.mirror; run doit update if the image really "
+                                                   "changed") from None
             if attempt + 1 == http.attempts:
                 raise PipelineError(f"{last_error} (gave up after {http.attempts} attempts; "
                                     f"{human_bytes(part.stat().st_size if part.exists() else 0)} kept in {part} "
@@ -594,9 +607,10 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         with contextlib.suppress(ValueError):
             validator = json.loads(validator_file.read_text()).get("validator")
     have = part.stat().st_size if (part.exists() and validator) else 0
-    headers = {}
+    # The checksum is of the bytes as published: never let a server compress them on the way.
+    headers = {"Accept-Encoding": "identity"}
     if have:
-        headers = {"Range": f"bytes={have}-", "If-Range": validator or ""}
+        headers.update({"Range": f"bytes={have}-", "If-Range": validator or ""})
     with session.get(url, stream=True, headers=headers,
                      timeout=(http.connect_timeout_s, http.read_timeout_s)) as response:
         _check_status(response, url)
@@ -614,20 +628,41 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
             if have:
                 log.info("the server sent the whole file (no range support or the file changed); restarting")
             digest, size, mode = hashlib.sha256(), 0, "wb"
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise PipelineError(f"{url}: the server sent the image with Content-Encoding: {encoding}; the checksum "
+                                "is of the bytes as published, so cloudbake takes them only unencoded",
+                                hint="a proxy or mirror is re-encoding the file; fetch from another mirror")
+        limit = expected_size if expected_size and expected_size > 0 else UNPINNED_MAX_BYTES
+        length = _content_length(response, url)
+        if length is not None and size + length > limit:
+            raise PipelineError(f"{url}: the server announces {human_bytes(size + length)}, more than the "
+                                f"{human_bytes(limit)} {'the lock pins' if limit == expected_size else 'allowed'}; "
+                                "refused", hint="check source.mirror; run doit update if the image really changed")
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         write_atomically(validator_file, json.dumps({"url": url, "validator": new_validator}).encode())
-        length = response.headers.get("Content-Length")
-        total = size + int(length) if length is not None else expected_size
+        total = size + length if length is not None else expected_size
         progress = _Progress(part.name.removesuffix(".part"), total, size)
         _running.pop(part, None)
         hasher = BackgroundHasher(digest)
         try:
+            window_start, window_bytes = time.monotonic(), 0
             with open(part, mode) as out:
                 for chunk in _body_chunks(response):
+                    if size + len(chunk) > limit:
+                        pinned = " (the size the lock pins)" if limit == expected_size else ""
+                        raise _TooLargeError(f"{url}: the server sent more than {human_bytes(limit)}{pinned}; refused")
                     out.write(chunk)
                     hasher.update(chunk)
                     size += len(chunk)
                     progress.update(len(chunk))
+                    window_bytes += len(chunk)
+                    elapsed = time.monotonic() - window_start
+                    if elapsed >= http.rate_window_s:
+                        if window_bytes < http.min_rate_bytes_s * elapsed:
+                            raise _ServerError(f"{url}: {human_bytes(window_bytes)} in {elapsed:.0f} s, slower than "
+                                               f"{human_bytes(http.min_rate_bytes_s)}/s; cut off")
+                        window_start, window_bytes = time.monotonic(), 0
         finally:
             progress.close()
             hasher.finish()
@@ -635,6 +670,20 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         if total is not None and size < total:
             raise requests.exceptions.ChunkedEncodingError(f"connection closed after {human_bytes(size)}")
         return True
+
+
+class _TooLargeError(Exception):
+    """More bytes than the limit: the partial download is worthless."""
+
+
+def _content_length(response: requests.Response, url: str) -> int | None:
+    value = response.headers.get("Content-Length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise PipelineError(f"{url}: the server sent a malformed Content-Length ({value[:40]!r})",
+                            hint="the mirror or a proxy in between is broken; try another mirror")
+    return int(value)
 
 
 def _copy_local(url: str, dest: Path, sha256: str) -> None:
@@ -791,7 +840,7 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
         with _session() as session:
             try:
                 download(session, with_mirror_credentials(lock.url, pipeline.source.mirror), image, lock.sha256,
-                         http)
+                         http, expected_size=lock.size if lock.size > 0 else None)
             except PipelineError as err:
                 if "mismatch" in err.message:
                     raise PipelineError(f"{lock.url} no longer serves the image pinned by {paths.lock_file} "

@@ -566,3 +566,69 @@ def test_older_serial_or_signature_time(pinned, resolved, refused):
         check_not_older(old, new, allow_downgrade=True)
     else:
         check_not_older(old, new, allow_downgrade=False)
+
+
+# --- transfers: size caps, trickles, broken headers ---------------------------------------------
+
+def test_trickling_server_is_cut_off_then_resumed(server, small_mirror, make):
+    """50 KiB/s never trips a 2 s read timeout; the minimum rate cuts the attempt, the retry resumes."""
+    server.fail(IMAGE_PATH, Fault(trickle_bytes_s=50 << 10))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    settings = HttpSettings(connect_timeout_s=2, read_timeout_s=2, attempts=2, backoff_s=0.01,
+                            min_rate_bytes_s=1 << 20, rate_window_s=1.0)
+    image, _ = ensure_image(pipeline, paths, http=settings)
+    assert _digest(image) == _digest(small_mirror.image)
+    gets = server.requests_for("amd64.img")
+    first, resumed = sorted(gets, key=lambda g: g.range is not None)
+    assert first.range is None and resumed.range is not None
+    assert 0 < int(resumed.range.removeprefix("bytes=").rstrip("-")) <= first.bytes_sent
+
+
+def test_trickle_that_never_recovers_is_an_error(server, small_mirror, make):
+    server.fail(IMAGE_PATH, Fault(trickle_bytes_s=50 << 10))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    settings = HttpSettings(connect_timeout_s=2, read_timeout_s=2, attempts=1, min_rate_bytes_s=1 << 20,
+                            rate_window_s=1.0)
+    with pytest.raises(PipelineError, match=r"slower than 1.0 MiB/s; cut off"):
+        ensure_image(pipeline, paths, http=settings)
+
+
+def test_download_never_grows_past_the_pinned_size(server, small_mirror, make):
+    """The lock pins the size: a server that sends more is cut off at that size, and nothing is kept."""
+    from dataclasses import replace
+
+    from tasks.fetch import write_lock
+
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    image, lock = ensure_image(pipeline, paths, http=FAST)
+    image.unlink()
+    write_lock(paths.lock_file, replace(lock, size=1 << 20))
+    with pytest.raises(PipelineError, match="announces 6.0 MiB, more than the 1.0 MiB the lock pins"):
+        ensure_image(pipeline, paths, http=FAST)
+    server.fail(IMAGE_PATH, Fault(content_length="1000"), Fault(content_length="1000"))
+    write_lock(paths.lock_file, replace(lock, size=500))
+    with pytest.raises(PipelineError, match="announces 1000 B, more than the 500 B the lock pins"):
+        ensure_image(pipeline, paths, http=FAST)
+    assert not list(paths.images_cache.glob("*.part"))
+
+
+def test_unpinned_download_is_capped(server, small_mirror, make, monkeypatch):
+    monkeypatch.setattr(fetch, "UNPINNED_MAX_BYTES", 1 << 20)
+    server.fail(IMAGE_PATH, Fault(content_length=None))
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    with pytest.raises(PipelineError, match="more than the 1.0 MiB allowed"):
+        ensure_image(pipeline, paths, http=FAST)
+    assert not list(paths.images_cache.glob("*.part"))
+
+
+@pytest.mark.parametrize(("fault", "fragment"), [
+    (Fault(content_length="-5"), "malformed Content-Length ('-5')"),
+    (Fault(content_length="12abc"), "malformed Content-Length"),
+    (Fault(content_encoding="gzip"), "Content-Encoding: gzip"),
+])
+def test_broken_headers_are_clear_errors(server, small_mirror, make, fault, fragment):
+    server.fail(IMAGE_PATH, fault)
+    pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
+    with pytest.raises(PipelineError) as caught:
+        ensure_image(pipeline, paths, http=FAST)
+    assert fragment in str(caught.value)
