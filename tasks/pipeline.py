@@ -107,6 +107,7 @@ class TestSettings:
     command: str
     timeout_s: float
     artifacts: tuple[str, ...]
+    artifacts_max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -523,6 +524,7 @@ def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
             command=test["command"],
             timeout_s=parse_duration(test["timeout"]),
             artifacts=tuple(test["artifacts"]),
+            artifacts_max_bytes=parse_size(test["artifacts_max"]),
         ),
         output_dir=output_dir,
         output_keep=doc["output"]["keep"],

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ from tasks.qemu import (
     resolve_accel,
     with_uefi,
 )
-from tasks.runner import require_tool, run
+from tasks.runner import require_tool, run, tail
 from tasks.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
+from tasks.units import human_bytes
 
 log = stage_logger("test-image")
 RUNS_FOLDER = ".runs"
@@ -264,30 +266,80 @@ def _ssh_ok(files: RunFiles, port: int, user: str, command: str, timeout: float)
     return result.returncode == 0
 
 
-def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, ...], dest: Path) -> list[str]:
-    """Copy guest paths/globs into ``dest`` through a tar stream (read with sudo, extracted safely).
+# Lists the matches of each pattern (NUL-separated, relative to /) and archives them all in
+# one tar stream, however many there are: tar reads the list itself, so nothing is split
+# into several archives the way xargs would. An empty IFS keeps spaces in patterns while
+# globs still expand.
+ARTIFACTS_SCRIPT = ("IFS=''; "
+                    'cd / && for p in "$@"; do for f in $p; do [ -e "$f" ] && printf "%s\\0" "${f#/}"; done; done '
+                    '| tar --null --files-from=- -cf -')
 
+
+class _CappedReader:
+    """A file-like view of the artifact stream that refuses to read past ``limit`` bytes."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self.stream, self.limit, self.count = stream, limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.stream.read(size)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise _ArtifactsTooLargeError()
+        return data
+
+
+class _ArtifactsTooLargeError(Exception):
+    pass
+
+
+def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, ...], dest: Path, *,
+                    max_bytes: int, timeout_s: float) -> list[str]:
+    """Copy guest paths/globs into ``dest`` through one tar stream (read with sudo, extracted safely).
+
+    The copy is bounded: at most ``max_bytes`` of tar stream and ``timeout_s`` seconds, and
+    a copy that fails (tar or SSH exiting non-zero) is an error, never a partial success.
     ``dest`` is outside the run folder, which is thrown away with the VM.
     """
     if not patterns:
         return []
-    script = ('cd / && for p in "$@"; do for f in $p; do [ -e "$f" ] && printf "%s\\0" "${f#/}"; done; done '
-              '| xargs -0 -r tar -cf - --')
-    remote = "sudo -n sh -c " + shlex.quote(script) + " sh " + " ".join(shlex.quote(p) for p in patterns)
+    remote = "sudo -n sh -c " + shlex.quote(ARTIFACTS_SCRIPT) + " sh " + " ".join(shlex.quote(p) for p in patterns)
     dest.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(ssh_argv(files, port, user, remote), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
     names: list[str] = []
+    stream = _CappedReader(proc.stdout, max_bytes)
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
             for member in archive:
                 _extract_safely(archive, member, dest)
                 names.append(member.name)
-    except tarfile.ReadError:
-        pass  # nothing matched: tar never ran
+        stderr = proc.stderr.read().decode(errors="replace")
+        proc.wait(30)
+    except _ArtifactsTooLargeError:
+        raise PipelineError(f"the artifacts are larger than test.artifacts_max ({human_bytes(max_bytes)}); "
+                            f"{len(names)} file(s) copied into {dest} before stopping",
+                            hint="raise test.artifacts_max or narrow test.artifacts") from None
+    except tarfile.TarError as err:
+        proc.kill()
+        proc.wait(30)
+        if not timer.is_alive():
+            raise PipelineError(f"copying the artifacts did not finish within test.timeout ({timeout_s:.0f} s left)",
+                                hint="raise test.timeout or narrow test.artifacts") from None
+        raise PipelineError(f"the artifact stream from the guest is broken ({err})",
+                            hint=tail(proc.stderr.read().decode(errors="replace")) or None) from None
     finally:
-        proc.wait(60)
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    if proc.returncode != 0:
+        raise PipelineError(f"copying the artifacts failed (exit status {proc.returncode}) after {len(names)} "
+                            f"file(s):\n{tail(stderr)}",
+                            hint="a file that cannot be read, or the guest's tar; see the message above")
     return names
 
 
@@ -412,7 +464,9 @@ def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[s
             raise vm.failure(f"the test command did not finish within test.timeout ({deadline.total:.0f} s)") \
                 from None
         artifacts_dir = paths.work_dir / "artifacts" / files.folder.name
-        artifacts = fetch_artifacts(files, port, user, pipeline.test.artifacts, artifacts_dir)
+        artifacts = fetch_artifacts(files, port, user, pipeline.test.artifacts, artifacts_dir,
+                                    max_bytes=pipeline.test.artifacts_max_bytes,
+                                    timeout_s=max(1.0, deadline.left()))
         if artifacts:
             log.info("copied %d artifact(s) into %s", len(artifacts), artifacts_dir)
         if keep:

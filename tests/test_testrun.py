@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from tasks.errors import PipelineError
 from tasks.pipeline import load_pipeline
 from tasks.testrun import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root, ssh_argv
 
@@ -101,3 +102,78 @@ def test_artifact_extraction_stays_in_its_folder(tmp_path, monkeypatch, with_fil
         for member in evil:
             _extract_safely(evil, member, dest)
     assert not (tmp_path / "escaped").exists()
+
+
+# --- artifacts: one tar stream, bounded, failures are failures ---------------------------------
+# A stand-in `ssh` runs the remote command on this machine (and `sudo -n` runs it as is), so the
+# real artifact script and the host's real GNU tar do the work.
+
+STANDIN_SSH = """#!/bin/sh
+while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do shift; done
+shift
+if [ -n "$STANDIN_SSH_SLEEP" ]; then exec sleep "$STANDIN_SSH_SLEEP"; fi
+sh -c "$*"
+status=$?
+if [ -n "$STANDIN_SSH_DROP" ]; then echo "Connection to 127.0.0.1 closed by remote host." >&2; exit 255; fi
+exit $status
+"""
+STANDIN_SUDO = '#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n'
+
+
+@pytest.fixture
+def guest_tools(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("ssh", STANDIN_SSH), ("sudo", STANDIN_SUDO)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return tmp_path
+
+
+def _fetch(tmp_path, patterns, **kw):
+    from tasks.testrun import fetch_artifacts
+
+    kw.setdefault("max_bytes", 1 << 30)
+    kw.setdefault("timeout_s", 60)
+    return fetch_artifacts(RunFiles(tmp_path / "run"), 2222, "ubuntu", patterns, tmp_path / "out", **kw)
+
+
+def test_thousands_of_artifacts_arrive_in_one_stream(guest_tools):
+    many = guest_tools / "guest" / "many"
+    many.mkdir(parents=True)
+    for index in range(2500):
+        (many / f"result-{index:05d}.xml").write_text(f"<r>{index}</r>")
+    (guest_tools / "guest" / "log with space.txt").write_text("spaces ok")
+    names = _fetch(guest_tools, (f"{many}/*.xml", f"{guest_tools}/guest/log with space.txt", "/nonexistent/*"))
+    out = guest_tools / "out" / str(many).lstrip("/")
+    assert len([n for n in names if n.endswith(".xml")]) == 2500
+    assert (out / "result-02499.xml").read_text() == "<r>2499</r>"
+    assert (guest_tools / "out" / str(guest_tools).lstrip("/") / "guest" / "log with space.txt").read_text() == "spaces ok"
+
+
+def test_no_match_is_no_artifacts(guest_tools):
+    assert _fetch(guest_tools, ("/nonexistent/*.xml",)) == []
+
+
+def test_artifacts_over_the_cap_fail(guest_tools):
+    big = guest_tools / "guest"
+    big.mkdir()
+    for index in range(4):
+        (big / f"blob{index}").write_bytes(os.urandom(1 << 20))
+    with pytest.raises(PipelineError, match=r"larger than test.artifacts_max \(2.0 MiB\)"):
+        _fetch(guest_tools, (f"{big}/*",), max_bytes=2 << 20)
+
+
+def test_a_dropped_copy_is_an_error_not_a_success(guest_tools, monkeypatch):
+    (guest_tools / "guest").mkdir()
+    (guest_tools / "guest" / "a.txt").write_text("a")
+    monkeypatch.setenv("STANDIN_SSH_DROP", "1")
+    with pytest.raises(PipelineError, match=r"copying the artifacts failed \(exit status 255\)"):
+        _fetch(guest_tools, (f"{guest_tools}/guest/*",))
+
+
+def test_a_copy_that_hangs_hits_the_deadline(guest_tools, monkeypatch):
+    monkeypatch.setenv("STANDIN_SSH_SLEEP", "60")
+    with pytest.raises(PipelineError, match="did not finish within test.timeout"):
+        _fetch(guest_tools, ("/etc/hostname",), timeout_s=1)
