@@ -20,7 +20,7 @@ _paths.doit_state.parent.mkdir(parents=True, exist_ok=True)  # doit does not cre
 
 DOIT_CONFIG = {
     "default_tasks": ["bake"],
-    "backend": "json",
+    "backend": "sqlite3",
     "dep_file": str(_paths.doit_state),
     "check_file_uptodate": SizeMtimeChecker,
     "verbosity": 2,

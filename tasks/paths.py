@@ -33,8 +33,12 @@ class Paths:
 
     @property
     def doit_state(self) -> Path:
-        """doit's state per pipeline, so two pipelines never share task state."""
-        return self.work_dir / ".doit.json"
+        """doit's state per pipeline, so two pipelines never share task state.
+
+        SQLite, not doit's JSON file: that one is rewritten whole and in place at the end of
+        every command, so commands running side by side read it half-written and crash.
+        """
+        return self.work_dir / ".doit.sqlite"
 
     @property
     def runs_dir(self) -> Path:
