@@ -377,7 +377,20 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
 
 
 def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:
-    key, _, _, _ = resolve_key(pipeline, paths)
+    """Print the key on stdout; on failure, the reason on stderr whatever doit's reporter.
+
+    CI reads stdout (``doit -r zero cache-key``); the zero reporter prints no failures, so an
+    error would otherwise leave CI with an empty key and no word why.
+    """
+    import sys
+
+    from tasks.log import redact
+
+    try:
+        key, _, _, _ = resolve_key(pipeline, paths)
+    except PipelineError as err:
+        print(f"cloudbake: cache-key: {redact(str(err))}", file=sys.stderr, flush=True)
+        raise
     print(key, flush=True)
 
 

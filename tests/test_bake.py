@@ -209,3 +209,17 @@ def test_plain_qcow2_upstream_passes(tmp_path):
 
     _qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "up.img"), "1M")
     assert inspect_upstream(tmp_path / "up.img")["format"] == "qcow2"
+
+
+def test_failing_cache_key_says_why_on_stderr_even_with_the_zero_reporter(make_pipeline, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT
+
+    pipeline = make_pipeline("name: nolock\n")
+    result = subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), "-r", "zero", "cache-key",
+                             f"pipeline={pipeline}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stdout.strip() == ""
+    assert "no pipeline.lock beside pipeline.yaml" in result.stderr and "doit fetch" in result.stderr
