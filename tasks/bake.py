@@ -25,7 +25,7 @@ from typing import Any
 from tasks import __version__
 from tasks.errors import PipelineError, doit_action
 from tasks.fetch import Lock, ensure_image, read_lock
-from tasks.files import file_lock
+from tasks.files import file_lock, sweep_temps
 from tasks.log import stage_logger
 from tasks.paths import Paths
 from tasks.pipeline import Compression, Pipeline
@@ -56,6 +56,9 @@ from tasks.units import format_size, human_bytes
 RECIPE_VERSION = 1
 KEY_HEX_DIGITS = 16
 QEMU_IMG_TIMEOUT_S = 3600
+# A temp file this old belongs to no live writer (the slowest, publishing, rewrites its temp
+# continuously; the others finish in milliseconds).
+STALE_TEMP_S = 3600
 
 log = stage_logger("bake")
 
@@ -298,6 +301,14 @@ def run_bake(pipeline: Pipeline, paths: Paths) -> Path:
         done = _already_baked(pipeline, paths)  # another process may have baked it while we waited
         if done is not None:
             return done
+        # Under the bake lock no other writer of this pipeline's work folder or published
+        # images is alive: their temps are a killed bake's. Elsewhere, only old ones.
+        sweep_temps(paths.work_dir, older_than_s=0)
+        sweep_temps(paths.output_dir, older_than_s=0, prefix=f".{pipeline.name}-")
+        sweep_temps(paths.output_dir, older_than_s=STALE_TEMP_S)
+        for folder in (paths.images_cache, paths.cache_dir / "keys", paths.cache_dir / "host",
+                       paths.cache_dir / "firmware"):
+            sweep_temps(folder, older_than_s=STALE_TEMP_S)
         timer = _Timer()
         with timer.step("fetch"):
             upstream, lock = ensure_image(pipeline, paths)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,3 +43,31 @@ def file_lock(path: Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sweep_temps(folder: Path, *, older_than_s: float, prefix: str = ".") -> list[Path]:
+    """Remove ``<prefix>*.tmp`` files in ``folder`` left by a killed writer; returns what went.
+
+    Every writer here writes ``.<name>.<random>.tmp`` (or ``.<name>.tmp``) and renames it;
+    one killed before the rename leaves the temp behind. Callers pick ``older_than_s`` so a
+    live writer's temp is never taken: 0 under a lock that excludes every writer of that
+    folder, otherwise longer than any write takes.
+    """
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.glob(f"{glob_escape(prefix)}*.tmp"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and now - path.lstat().st_mtime >= older_than_s:
+                path.unlink()
+                removed.append(path)
+    if removed:
+        stage_logger("files").info("removed %d temp file(s) a killed run left in %s", len(removed), folder)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)

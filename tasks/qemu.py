@@ -305,12 +305,21 @@ def pflash_code(firmware: FirmwareFiles, arch: Arch, cache_dir: Path) -> Path:
     padded = cache_dir / "firmware" / f"{firmware.code.stem}-pflash64m.fd"
     source_stat = firmware.code.stat()
     if not padded.exists() or padded.stat().st_mtime_ns < source_stat.st_mtime_ns:
+        import tempfile
+
         padded.parent.mkdir(parents=True, exist_ok=True)
-        tmp = padded.with_suffix(".tmp")
-        shutil.copyfile(firmware.code, tmp)
-        with open(tmp, "r+b") as f:
-            f.truncate(AARCH64_PFLASH_BYTES)
-        os.replace(tmp, padded)
+        fd, name = tempfile.mkstemp(prefix=f".{padded.name}.", suffix=".tmp", dir=padded.parent)
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out, open(firmware.code, "rb") as src:
+                shutil.copyfileobj(src, out)
+                out.truncate(AARCH64_PFLASH_BYTES)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, padded)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return padded
 
 

@@ -81,3 +81,25 @@ def test_signal_during_a_test_run_removes_its_keys(tmp_path, signum):
                                             for run in runs.iterdir()), "the test VM started")
     _stop_and_check(proc, signum, tmp_path)
     assert list(runs.iterdir()) == []
+
+
+def test_the_next_bake_removes_temps_a_killed_one_left(tmp_path):
+    """SIGKILL leaves temps behind (no handler runs); the next bake of the pipeline sweeps them."""
+    pipeline = offline_project(tmp_path)
+    work, dist = tmp_path / "build" / "offline", tmp_path / "dist"
+    work.mkdir(parents=True)
+    dist.mkdir()
+    left = [work / ".seed.iso.abc123.tmp", dist / ".offline-0123456789abcdef.qcow2.tmp"]
+    for path in left:
+        path.write_bytes(b"half")
+    other = dist / ".other-0123456789abcdef.qcow2.tmp"  # another pipeline's, maybe being written now
+    other.write_bytes(b"busy")
+    bin_dir = install_standin_qemu(tmp_path / "bin", "works")
+    result = subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), "bake",
+                             f"pipeline={pipeline}"], cwd=tmp_path, env={**os.environ, "PATH": path_with(bin_dir)},
+                            capture_output=True, text=True, timeout=120)
+    # The stand-in guest reports nothing, so this bake fails; it still cleaned up first.
+    assert "powered off without reporting cloud-init's result" in result.stdout + result.stderr
+    assert [path for path in left if path.exists()] == []
+    assert other.exists()
+    assert list(tmp_path.rglob("*.tmp")) == [other]
