@@ -30,7 +30,7 @@ def test_parallel_commands_never_break_doit_state(tmp_path):
     results = [(proc, *proc.communicate(timeout=300)) for proc in procs]
     failures = [out + err for proc, out, err in results if proc.returncode != 0]
     assert failures == []
-    keys = {out.strip().splitlines()[-1] for proc, out, _ in results if "cache-key" in " ".join(proc.args)}
+    keys = {out.strip().splitlines()[-1] for proc, out, _ in results if "cache-key" in str(proc.args)}
     assert len(keys) == 1
 
 
