@@ -252,13 +252,37 @@ _Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
 )
 
 
+def _closest_branch_error(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """The most telling failure inside a oneOf/anyOf: from a branch whose type matched, the deepest.
+
+    "is not valid under any of the given schemas" names no key; the branch that took the
+    value's type (an object for a user entry) failed for a reason worth showing, such as
+    an unknown key, and that is usually the deepest failure.
+    """
+    leaves: list[jsonschema.ValidationError] = []
+    pending = list(error.context or [])
+    while pending:
+        current = pending.pop()
+        if current.context:
+            pending.extend(current.context)
+        else:
+            leaves.append(current)
+    telling = [leaf for leaf in leaves if leaf.validator != "type"] or leaves
+    if not telling:
+        return error
+    return max(telling, key=lambda leaf: (len(leaf.absolute_path), leaf.validator == "additionalProperties"))
+
+
 def schema_problems(document: Any, root: yaml.Node | None, schema: dict[str, Any]) -> list[Problem]:
     """Every schema violation in ``document``, located in the YAML and sorted by position."""
-    validator = _Validator(schema, format_checker=_format_checker())
+    # cloudbake's own schemas are 2020-12; cloud-init's is draft-04 and is read as cloud-init reads it.
+    own = schema.get("$schema", "").endswith("2020-12/schema")
+    validator_class = _Validator if own else jsonschema.validators.validator_for(schema)
+    validator = validator_class(schema, format_checker=_format_checker())
     problems: list[Problem] = list(_duplicate_keys(root, []))
     for error in validator.iter_errors(document):
         if error.context:  # oneOf/anyOf: report the branch that came closest, not "valid under none"
-            error = jsonschema.exceptions.best_match([error])
+            error = _closest_branch_error(error)
         path = list(error.absolute_path)
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = list(error.schema.get("properties", {}))

@@ -14,6 +14,7 @@ The merge (documented in docs/seed.md):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -41,7 +42,10 @@ from tasks.paths import Paths
 from tasks.pipeline import PROJECT_ROOT, Pipeline, Problem, locate, parse_yaml, schema_problems, suggest
 from tasks.runner import run
 
-CLOUD_CONFIG_SCHEMA = PROJECT_ROOT / "schema" / "cloud-config.schema.json"
+# cloud-init's own schema, vendored at a pinned version (schema/cloud-init/README.md).
+CLOUD_CONFIG_SCHEMA = PROJECT_ROOT / "schema" / "cloud-init" / "schema-cloud-config-v1.json"
+# Top-level keys cloud-init reads that its 22.4 schema does not describe.
+UNDESCRIBED_KEYS = ("network", "merge_how", "merge_type", "_log", "datasource_list", "vendor_data")
 CLOUD_CONFIG_HEADER = "#cloud-config"
 SUDO_NOPASSWD = "ALL=(ALL) NOPASSWD:ALL"
 # Markers the bake reads back from the serial console.
@@ -79,10 +83,22 @@ class SeedFiles:
 # --- reading and checking user-data ------------------------------------------------
 
 
+@functools.cache
 def load_cloud_config_schema() -> dict[str, Any]:
     with open(CLOUD_CONFIG_SCHEMA, encoding="utf-8") as f:
         schema: dict[str, Any] = json.load(f)
     return schema
+
+
+@functools.cache
+def known_cloud_config_keys() -> tuple[str, ...]:
+    """Every top-level key cloud-init's schema describes (its modules' properties), for did-you-mean."""
+    schema = load_cloud_config_schema()
+    keys: list[str] = []
+    for part in schema.get("allOf", []):
+        definition = schema["$defs"].get(part.get("$ref", "").rsplit("/", 1)[-1], {})
+        keys += list(definition.get("properties", {}))
+    return tuple(dict.fromkeys([*keys, *UNDESCRIBED_KEYS]))
 
 
 def read_cloud_config(file: Path) -> tuple[dict[str, Any], yaml.Node | None]:
@@ -135,7 +151,7 @@ def cloud_config_problems(document: dict[str, Any], root: yaml.Node | None,
         if "is not one of" in problem.message and problem.message.startswith(("True ", "False ")):
             object.__setattr__(problem, "message", problem.message
                                + " (YAML reads unquoted on/off/yes/no as booleans: quote the value)")
-    known = list(schema["properties"]) + list(schema["x-other-known-keys"])
+    known = list(known_cloud_config_keys())
     unknown = []
     for key in document:
         if str(key) not in known:

@@ -101,7 +101,12 @@ BAD_USER_DATA = [
     ("#cloud-config\nruncmd: echo hi\n", "user-data.yaml:2:9: runcmd: 'echo hi' is not of type 'array'"),
     ("#cloud-config\nwrite_files:\n  - content: x\n", "user-data.yaml:3:5: write_files[0]: 'path' is a required property"),
     ("#cloud-config\nusers:\n  - name: bob\n    shel: /bin/sh\n", "users[0].shel: unknown key (did you mean 'shell'?)"),
-    ("#cloud-config\nssh_pwauth: maybe\n", "user-data.yaml:2:13: ssh_pwauth"),
+    ("#cloud-config\nssh_pwauth: [yes]\n", "user-data.yaml:2:13: ssh_pwauth"),
+    # Type errors cloudbake's earlier hand-written subset let through, caught by cloud-init's own schema:
+    ("#cloud-config\nsnap:\n  commands: 42\n", "user-data.yaml:3:13: snap.commands: 42 is not of type 'object', 'array'"),
+    ("#cloud-config\nchpasswd:\n  expire: sometimes\n", "user-data.yaml:3:11: chpasswd.expire: 'sometimes' is not of type 'boolean'"),
+    ("#cloud-config\nmounts: /dev/vdb\n", "user-data.yaml:2:9: mounts: '/dev/vdb' is not of type 'array'"),
+    ("#cloud-config\nssh_genkeytypes: [ed25519, rsa4096]\n", "ssh_genkeytypes[1]: 'rsa4096' is not one of: dsa, ecdsa, ed25519, rsa"),
     ("#cloud-config\npackage_update: 1\n", "package_update: 1 is not of type 'boolean'"),
 ]
 
@@ -134,7 +139,8 @@ def test_unknown_key_is_an_error_when_strict(make_pipeline):
 
 
 def test_passthrough_keys_are_not_unknown(make_pipeline, caplog):
-    pipeline = load_pipeline(make_pipeline("name: t\n", user_data="#cloud-config\nsnap: {commands: []}\nchpasswd: {}\n"))
+    pipeline = load_pipeline(make_pipeline("name: t\n", user_data="#cloud-config\nsnap: {commands: [snap install jq]}\n"
+                                                           "chpasswd: {expire: false}\nmerge_how: dict(replace)\n"))
     build_seed_files(pipeline)
     assert "unknown" not in caplog.text
 
