@@ -252,14 +252,14 @@ _Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
 )
 
 
-def _closest_branch_error(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+def _closest_branch_error(error: Any) -> Any:
     """The most telling failure inside a oneOf/anyOf: from a branch whose type matched, the deepest.
 
     "is not valid under any of the given schemas" names no key; the branch that took the
     value's type (an object for a user entry) failed for a reason worth showing, such as
     an unknown key, and that is usually the deepest failure.
     """
-    leaves: list[jsonschema.ValidationError] = []
+    leaves: list[Any] = []
     pending = list(error.context or [])
     while pending:
         current = pending.pop()
