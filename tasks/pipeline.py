@@ -277,8 +277,9 @@ def schema_problems(document: Any, root: yaml.Node | None, schema: dict[str, Any
     """Every schema violation in ``document``, located in the YAML and sorted by position."""
     # cloudbake's own schemas are 2020-12; cloud-init's is draft-04 and is read as cloud-init reads it.
     own = schema.get("$schema", "").endswith("2020-12/schema")
-    validator_class = _Validator if own else jsonschema.validators.validator_for(schema)
+    validator_class: Any = _Validator if own else jsonschema.validators.validator_for(schema)
     validator = validator_class(schema, format_checker=_format_checker())
+    error: Any
     problems: list[Problem] = list(_duplicate_keys(root, []))
     for error in validator.iter_errors(document):
         if error.context:  # oneOf/anyOf: report the branch that came closest, not "valid under none"
