@@ -160,14 +160,27 @@ def test_restored_cache_skips_the_bake(baked, real_server, tmp_path):
     assert not (fresh / "cache" / "images").exists()
 
 
-def test_test_image_exit_status_and_pristine_base(baked):
+def test_test_image_exit_status_and_pristine_base(baked, tmp_path):
     """The command scribbles over the disk, then exits 7: doit fails saying so, the base is untouched,
-    nothing is left behind."""
+    nothing is left behind.
+
+    This run also proves accel auto on a host whose KVM aborts QEMU, with a real guest and no
+    extra boot: a stand-in QEMU first on PATH aborts under -accel kvm with the MSR assertion and
+    hands every other start to the real QEMU; the remembered verdict is cleared so auto probes."""
+    from tests.fixture.standin import install_standin_qemu, path_with
+
+    verdict = baked["folder"] / "cache" / "host" / "kvm-verdict.json"
+    verdict.unlink(missing_ok=True)
+    bin_dir = install_standin_qemu(tmp_path / "bin", "abort", real_guest=True)
     base_digest = sha256(baked["image"])
     command = "sudo -n dd if=/dev/urandom of=/var/tmp/junk bs=1M count=64 status=none && sync && exit 7"
-    result = doit("test-image", f"pipeline={baked['pipeline']}", f"cmd={command}", cwd=baked["folder"])
+    result = doit("test-image", f"pipeline={baked['pipeline']}", f"cmd={command}", cwd=baked["folder"],
+                  env={"PATH": path_with(bin_dir)})
     assert result.returncode != 0
     assert "the test command failed with exit status 7" in result.stdout + result.stderr
+    if (Path("/dev/kvm").exists() and os.access("/dev/kvm", os.R_OK | os.W_OK)):
+        assert "failed to set MSR 0x10a" in result.stderr and "falling back to TCG" in result.stderr
+        assert "failed to set MSR 0x10a" in verdict.read_text()
     assert sha256(baked["image"]) == base_digest
     assert list((baked["image"].parent / ".runs").iterdir()) == []
     assert qemu_processes(str(baked["image"].parent)) == []
