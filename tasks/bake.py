@@ -25,7 +25,7 @@ from typing import Any
 from tasks import __version__
 from tasks.errors import PipelineError, doit_action
 from tasks.fetch import Lock, ensure_image, read_lock
-from tasks.files import file_lock, sweep_temps
+from tasks.files import file_lock, is_verified, record_verified, sha256_file, sweep_temps
 from tasks.log import stage_logger
 from tasks.paths import Paths
 from tasks.pipeline import Compression, Pipeline
@@ -67,15 +67,20 @@ log = stage_logger("bake")
 
 
 def image_settings(pipeline: Pipeline) -> dict[str, Any]:
-    """The pipeline settings that change the image's bytes. Test, output and VM sizing settings don't."""
-    raw = pipeline.raw
+    """The pipeline settings that change the image's bytes, and nothing else.
+
+    Not here, because they never change the image: who bakes and where (home, user, paths,
+    time zone, locale, umask), the host's accelerator, CPU and memory sizing, timeouts,
+    test and output settings, and ``vm.qemu_args`` (every boot's run-time arguments).
+    docs/how-it-works.md lists both sides.
+    """
     return {
-        "arch": raw["source"]["arch"],
+        "arch": str(pipeline.source.arch),
         "disk_size": str(pipeline.disk.size),
-        "compression": raw["disk"]["compression"],
-        "firmware": raw["vm"]["firmware"],
-        "qemu_args": raw["vm"]["qemu_args"],
-        "generalize": raw["cloud_init"]["generalize"],
+        "compression": str(pipeline.disk.compression),
+        "firmware": str(pipeline.vm.firmware),
+        "bake_qemu_args": list(pipeline.vm.bake_qemu_args),
+        "generalize": pipeline.cloud_init.generalize,
     }
 
 
@@ -266,11 +271,13 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
             raise PipelineError("the converted image still has a backing file")
         manifest["image"]["virtual_size"] = info["virtual-size"]
         manifest["image"]["file_size"] = tmp.stat().st_size
+        manifest["image"]["sha256"] = sha256_file(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, dest)
         os.replace(tmp_manifest, manifest_path(dest))
+        record_verified(dest, manifest["image"]["sha256"])
     finally:
         tmp.unlink(missing_ok=True)
         tmp_manifest.unlink(missing_ok=True)
@@ -281,6 +288,42 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
     os.replace(tmp_pointer, pointer)
 
 
+def read_manifest(image: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(manifest_path(image).read_text())
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{manifest_path(image)}: cannot read the manifest of {image.name} ({err})",
+                            hint="delete the image and its .json and bake again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("image"), dict):
+        raise PipelineError(f"{manifest_path(image)}: not a cloudbake manifest",
+                            hint="delete the image and its .json and bake again")
+    return manifest
+
+
+def verify_published(image: Path) -> dict[str, Any]:
+    """The manifest of a published image, once the image matches the SHA-256 the manifest records.
+
+    An image restored from a cache, copied, or touched on disk is hashed once before its
+    first use; the ``.verified`` sidecar remembers the verdict for that file (size and
+    mtime), so later uses cost nothing. A mismatch is an error, never a boot.
+    """
+    manifest = read_manifest(image)
+    expected = manifest["image"].get("sha256")
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise PipelineError(f"{manifest_path(image)} records no SHA-256 for {image.name} (baked by an older "
+                            "cloudbake), so it cannot be checked", hint="delete the image and its .json and bake again")
+    if is_verified(image, expected):
+        return manifest
+    log.info("checking %s against its manifest's SHA-256 (once)", image.name)
+    actual = sha256_file(image)
+    if actual != expected:
+        raise PipelineError(f"{image.name} does not match its manifest: its SHA-256 is {actual}, the manifest "
+                            f"records {expected}; it changed after it was baked (a corrupted or tampered copy)",
+                            hint="delete it and its .json and bake again, or restore it from a cache you trust")
+    record_verified(image, expected)
+    return manifest
+
+
 def _already_baked(pipeline: Pipeline, paths: Paths) -> Path | None:
     """The published image for the current key, when there is a lock to compute the key from."""
     if not paths.lock_file.exists():
@@ -288,6 +331,7 @@ def _already_baked(pipeline: Pipeline, paths: Paths) -> Path | None:
     dest = published_image(paths, pipeline.name, resolve_key(pipeline, paths)[0])
     if not is_published(dest):
         return None
+    verify_published(dest)
     log.info("up to date: %s", dest)
     return dest
 
@@ -334,7 +378,7 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
         name=pipeline.name, arch=pipeline.source.arch, accel=choice.accel, cpus=pipeline.vm.cpus,
         memory_mib=pipeline.vm.memory_bytes >> 20, disk=paths.work_disk, serial_log=paths.serial_log,
         qmp_socket=paths.work_dir / "qmp.sock", seed=paths.seed_iso, firmware=firmware,
-        extra_args=pipeline.vm.qemu_args,
+        extra_args=(*pipeline.vm.qemu_args, *pipeline.vm.bake_qemu_args),
     )
     if firmware == "uefi":
         spec = with_uefi(spec, host, paths.cache_dir, paths.work_dir / "efivars.fd")

@@ -27,7 +27,7 @@ import requests
 
 from tasks import __version__
 from tasks.errors import PipelineError, doit_action
-from tasks.files import file_lock, write_atomically
+from tasks.files import file_lock, is_verified, record_verified, write_atomically
 from tasks.log import stage_logger, strip_credentials
 from tasks.paths import Paths
 from tasks.pipeline import RELEASES, Pipeline, SignaturePolicy, Source
@@ -417,27 +417,6 @@ def parse_sums(text: str, url: str) -> dict[str, str]:
 
 
 # --- download ----------------------------------------------------------------------------
-
-
-def verified_record(image: Path) -> Path:
-    return image.with_name(image.name + ".verified")
-
-
-def is_verified(image: Path, sha256: str) -> bool:
-    """True when ``image`` was verified as ``sha256`` and has not changed since (size, mtime_ns)."""
-    try:
-        record = json.loads(verified_record(image).read_text())
-        stat = image.stat()
-    except (OSError, ValueError):
-        return False
-    return bool(record.get("sha256") == sha256 and record.get("size") == stat.st_size
-                and record.get("mtime_ns") == stat.st_mtime_ns)
-
-
-def record_verified(image: Path, sha256: str) -> None:
-    stat = image.stat()
-    write_atomically(verified_record(image),
-                      json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode())
 
 
 class _Progress:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -71,3 +73,36 @@ def glob_escape(text: str) -> str:
     import glob
 
     return glob.escape(text)
+
+
+HASH_CHUNK_BYTES = 16 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified_record(path: Path) -> Path:
+    """The sidecar that remembers ``path`` was verified: ``<name>.verified``."""
+    return path.with_name(path.name + ".verified")
+
+
+def is_verified(path: Path, sha256: str) -> bool:
+    """True when ``path`` was verified as ``sha256`` and has not changed since (size, mtime_ns)."""
+    try:
+        record = json.loads(verified_record(path).read_text())
+        stat = path.stat()
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(record, dict) and record.get("sha256") == sha256 and record.get("size") == stat.st_size
+                and record.get("mtime_ns") == stat.st_mtime_ns)
+
+
+def record_verified(path: Path, sha256: str) -> None:
+    stat = path.stat()
+    write_atomically(verified_record(path),
+                     json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode())

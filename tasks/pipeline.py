@@ -87,7 +87,8 @@ class VM:
     accel: Accel
     firmware: Firmware
     timeout_s: float
-    qemu_args: tuple[str, ...]
+    qemu_args: tuple[str, ...]        # every boot; not in the key
+    bake_qemu_args: tuple[str, ...]   # the bake's boot only; in the key
 
 
 @dataclass(frozen=True)
@@ -534,6 +535,7 @@ def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
             firmware=Firmware(vm["firmware"]),
             timeout_s=parse_duration(vm["timeout"]),
             qemu_args=tuple(vm["qemu_args"]),
+            bake_qemu_args=tuple(vm["bake_qemu_args"]),
         ),
         cloud_init=CloudInit(
             user_data=user_data,

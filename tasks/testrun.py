@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.bake import manifest_path, published_image, resolve_key
+from tasks.bake import published_image, resolve_key, verify_published
 from tasks.errors import PipelineError, doit_action
 from tasks.log import stage_logger
 from tasks.paths import Paths
@@ -371,11 +371,12 @@ class RunResult:
 
 
 def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, dict[str, Any]]:
+    """The published image for the current key and its manifest, checked against its digest."""
     key, _, _, _ = resolve_key(pipeline, paths)
     base = published_image(paths, pipeline.name, key)
     if not base.is_file():
         raise PipelineError(f"no baked image for the current key ({base.name})", hint="run doit bake first")
-    return base, json.loads(manifest_path(base).read_text())
+    return base, verify_published(base)
 
 
 def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None, keep: bool = False,

@@ -59,7 +59,10 @@ def test_key_is_stable(locked):
     (PIPELINE, "#cloud-config\npackages: [git]\n", "a" * 64),
     (PIPELINE, None, "b" * 64),
     (PIPELINE.replace("cloud_init:", "cloud_init:\n  hostname: other"), None, "a" * 64),
-    (PIPELINE + "vm: {qemu_args: ['-device', 'x']}\n", None, "a" * 64),
+    (PIPELINE + "vm: {bake_qemu_args: ['-device', 'x']}\n", None, "a" * 64),
+    (PIPELINE + "vm: {firmware: bios}\n", None, "a" * 64),
+    (PIPELINE + "  generalize: false\n", None, "a" * 64),
+    (PIPELINE.replace("[]", "['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOnlykey me@laptop']"), None, "a" * 64),
 ])
 def test_key_changes_with_every_image_input(locked, text, user_data, sha):
     base = _key(*locked())
@@ -71,6 +74,8 @@ def test_key_changes_with_every_image_input(locked, text, user_data, sha):
     PIPELINE + "test: {command: make check, timeout: 1h}\n",
     PIPELINE + "vm: {cpus: 8, memory: 8G, timeout: 2h, accel: tcg}\n",
     PIPELINE + "output: {keep: 9}\n",
+    PIPELINE + "vm: {qemu_args: ['-D', '/tmp/qemu.log', '-no-shutdown']}\n",
+    PIPELINE + "build: {dir: elsewhere}\noutput: {dir: out}\n",
 ])
 def test_key_ignores_what_does_not_change_the_image(locked, text):
     assert _key(*locked(text)) == _key(*locked())
@@ -223,3 +228,40 @@ def test_failing_cache_key_says_why_on_stderr_even_with_the_zero_reporter(make_p
     assert result.returncode != 0
     assert result.stdout.strip() == ""
     assert "no pipeline.lock beside pipeline.yaml" in result.stderr and "doit fetch" in result.stderr
+
+
+def test_published_image_is_checked_once_against_its_manifest(tmp_path):
+    """A restored or copied image is hashed before first use; a changed byte is an error naming both digests."""
+    from tasks.bake import verify_published
+    from tasks.files import verified_record
+    from tests.fixture.offline import offline_project
+
+    offline_project(tmp_path, published=True)
+    image = next(p for p in (tmp_path / "dist").glob("offline-*.qcow2"))
+    manifest = verify_published(image)
+    assert verified_record(image).is_file()
+    record = verified_record(image).read_text()
+    assert verify_published(image) == manifest and verified_record(image).read_text() == record
+    with open(image, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x01")
+    with pytest.raises(PipelineError) as caught:
+        verify_published(image)
+    message = str(caught.value)
+    assert manifest["image"]["sha256"] in message and "does not match its manifest" in message
+    actual = __import__("tasks.files", fromlist=["sha256_file"]).sha256_file(image)
+    assert actual in message
+
+
+def test_manifest_without_a_digest_is_refused(tmp_path):
+    from tasks.bake import manifest_path, verify_published
+    from tests.fixture.offline import offline_project
+
+    offline_project(tmp_path, published=True)
+    image = next(p for p in (tmp_path / "dist").glob("offline-*.qcow2"))
+    manifest_path(image).write_text('{"image": {"file": "x"}}')
+    with pytest.raises(PipelineError, match="records no SHA-256"):
+        verify_published(image)
+    manifest_path(image).write_text("{not json")
+    with pytest.raises(PipelineError, match="cannot read the manifest"):
+        verify_published(image)

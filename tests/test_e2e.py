@@ -106,6 +106,7 @@ def test_bake_publishes_a_self_contained_image_with_manifest(baked):
                                          capture_output=True, text=True, check=True).stdout)
     assert info["virtual-size"] == manifest["image"]["virtual_size"] == upstream["virtual-size"] + (1 << 30)
     assert manifest["cloud_init"]["errors"] == [] and manifest["cloud_init"]["generalized"] is True
+    assert manifest["image"]["sha256"] == sha256(image)
     assert manifest["qemu"]["firmware"] == "uefi" and manifest["qemu"]["accel"] in ("tcg", "kvm")
     assert manifest["inputs"]["upstream"]["sha256"] == sha256(baked["folder"] / "cache" / "images" / next(
         p.name for p in (baked["folder"] / "cache" / "images").glob("*.img")))

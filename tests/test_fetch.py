@@ -22,6 +22,7 @@ from tasks.fetch import (
     read_lock,
     resolve_upstream,
 )
+from tasks.files import is_verified
 from tasks.paths import resolve_paths
 from tasks.pipeline import load_pipeline
 from tests.fixture.mirror import make_gpg_key, write_sums
@@ -127,7 +128,7 @@ def test_changed_cached_file_is_not_trusted(server, small_mirror, make):
     image, lock = ensure_image(pipeline, paths, http=FAST)
     with open(image, "r+b") as f:
         f.write(b"X")
-    assert not fetch.is_verified(image, lock.sha256)
+    assert not is_verified(image, lock.sha256)
     server.reset()
     image, _ = ensure_image(pipeline, paths, http=FAST)
     assert _digest(image) == lock.sha256

@@ -1,0 +1,69 @@
+"""The key names the image, not the person who baked it: one key for this repository's default pipeline
+under any home, checkout path, time zone, umask and locale."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.fetch import Lock, lock_source, write_lock
+from tasks.pipeline import load_pipeline
+from tests.conftest import PROJECT
+
+PERSONAL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHomeKeyHomeKeyHomeKeyHomeKeyHomeKeyHomeKey me@laptop\n"
+
+
+def _checkout(dest: Path) -> Path:
+    """The default pipeline as a user's checkout holds it, with a committed lock."""
+    dest.mkdir(parents=True)
+    shutil.copy(PROJECT / "pipeline.yaml", dest / "pipeline.yaml")
+    shutil.copytree(PROJECT / "cloud-init", dest / "cloud-init")
+    pipeline = load_pipeline(dest / "pipeline.yaml")
+    write_lock(dest / "pipeline.lock", Lock(
+        source=lock_source(pipeline.source),
+        url="https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-amd64.img", serial="20261120",
+        sha256="5" * 64, size=600 << 20, signed_by="D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81",
+        signature_time="2026-11-20T10:00:00Z"))
+    return dest / "pipeline.yaml"
+
+
+def _cache_key(pipeline: Path, home: Path, tz: str, umask: str, lang: str) -> str:
+    env = {**os.environ, "HOME": str(home), "TZ": tz, "LANG": lang, "LC_ALL": lang, "XDG_CACHE_HOME": ""}
+    env.pop("XDG_CACHE_HOME")
+    doit = f"{sys.executable} -m doit -f {PROJECT / 'dodo.py'} -r zero cache-key pipeline={pipeline}"
+    result = subprocess.run(["sh", "-c", f"umask {umask} && exec {doit}"], cwd=pipeline.parent, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_one_key_for_every_baker(tmp_path):
+    with_key, without_key = tmp_path / "home-alice", tmp_path / "home-ci"
+    (with_key / ".ssh").mkdir(parents=True)
+    (with_key / ".ssh" / "id_ed25519.pub").write_text(PERSONAL_KEY)
+    without_key.mkdir()
+    first = _checkout(tmp_path / "src" / "cloudbake")
+    second = _checkout(tmp_path / "work" / "other" / "checkout-2")
+    keys = {
+        _cache_key(first, with_key, "UTC", "022", "C.UTF-8"),
+        _cache_key(second, without_key, "Asia/Kathmandu", "077", "C"),
+        _cache_key(first, without_key, "America/St_Johns", "002", "C.UTF-8"),
+        _cache_key(second, with_key, "UTC", "027", "C"),
+    }
+    assert len(keys) == 1
+    assert len(keys.pop()) == 16
+
+
+def test_default_pipeline_bakes_no_personal_key(tmp_path, monkeypatch):
+    from tasks.seed import build_seed_files
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519.pub").write_text(PERSONAL_KEY)
+    monkeypatch.setenv("HOME", str(home))
+    pipeline = load_pipeline(_checkout(tmp_path / "checkout"))
+    assert pipeline.cloud_init.ssh_authorized_keys == ()
+    assert b"HomeKey" not in build_seed_files(pipeline).user_data
