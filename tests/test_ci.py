@@ -1,27 +1,69 @@
-"""The shipped CI pieces: the GitHub workflow is valid and wired to the cache key; .ci/run runs the README's command."""
+"""The shipped CI: the workflow's steps run as GitHub runs them (tests/fixture/actions.py), and .ci/run runs
+the README's test command. The replays that bake and boot are in test_e2e.py; these need no guest."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
-import yaml
+import pytest
 
 from tests.conftest import PROJECT
+from tests.fixture.actions import ExpressionError, LocalRunner, _evaluate
+from tests.fixture.offline import offline_project
+
+WORKFLOW = PROJECT / ".github" / "workflows" / "base-image.yml"
 
 
-def test_workflow_caches_on_the_key_and_bakes_then_tests():
-    workflow = yaml.safe_load((PROJECT / ".github" / "workflows" / "base-image.yml").read_text())
-    steps = workflow["jobs"]["image"]["steps"]
-    runs = [step.get("run", "") for step in steps]
-    key_step = next(step for step in steps if step.get("id") == "key")
-    assert "doit -r zero cache-key" in key_step["run"] and "GITHUB_OUTPUT" in key_step["run"]
-    cache = next(step for step in steps if str(step.get("uses", "")).startswith("actions/cache@"))
-    assert "steps.key.outputs.key" in cache["with"]["key"]
-    assert "dist" in cache["with"]["path"].split()
-    order = [i for i, run in enumerate(runs) if "doit bake" in run or "doit test-image" in run]
-    assert len(order) == 2 and runs[order[0]].endswith("doit bake") and "test-image" in runs[order[1]]
-    assert steps.index(cache) < order[0]
-    assert True in workflow or "on" in workflow  # YAML 1.1 reads the key `on` as True
+def clone_for_ci(dest: Path) -> Path:
+    """A fresh clone of this repository, with this checkout's .venv (so no reinstall)."""
+    subprocess.run(["git", "clone", "-q", str(PROJECT), str(dest)], check=True)
+    (dest / ".venv").symlink_to(PROJECT / ".venv")
+    return dest
+
+
+def replay(workspace: Path, cache_root: Path, home: Path, pipeline: str = "pipeline.yaml"):
+    home.mkdir(parents=True, exist_ok=True)
+    return LocalRunner(WORKFLOW, "image", workspace, cache_root, home,
+                       env={"CLOUDBAKE_PIPELINE": pipeline, "XDG_CACHE_HOME": str(home / ".cache")}).run()
+
+
+@pytest.mark.parametrize(("expression", "expected"), [
+    ("always()", True),
+    ("steps.image.outputs.cache-hit != 'true'", True),
+    ("steps.key.outputs.key == 'abc'", True),
+    ("always() && steps.key.outputs.upstream != '' && steps.x.outputs.y != 'true'", True),
+    ("success() && (runner.environment == 'github-hosted')", False),
+    ("failure() || steps.key.outputs.key == 'zzz'", False),
+    ("!failure()", True),
+])
+def test_expressions_evaluate_like_github(expression, expected):
+    context = {"steps": {"key": {"outputs": {"key": "abc", "upstream": "d1"}}, "image": {"outputs": {}}},
+               "runner": {"environment": "self-hosted"}}
+    assert bool(_evaluate(expression, context, {"success": True, "failure": False, "cancelled": False})) is expected
+
+
+def test_unknown_expressions_are_refused_not_guessed():
+    with pytest.raises(ExpressionError):
+        _evaluate("hashFiles('x')", {}, {"success": True, "failure": False, "cancelled": False})
+
+
+def test_unresolvable_key_fails_at_the_key_step(tmp_path):
+    """A broken lock: the key step fails loudly, nothing is restored, baked or tested, the summary says why."""
+    workspace = clone_for_ci(tmp_path / "clone")
+    offline_project(workspace)  # a project whose pipeline.yaml needs no network
+    (workspace / "pipeline.lock").write_text("{ this is not a lock")
+    run = replay(workspace, tmp_path / "cache", tmp_path / "home")
+    key_step = run.step("Compute the image key")
+    assert key_step.outcome == "failure"
+    assert "not a valid cloudbake lock file" in key_step.stderr
+    assert [s.outcome for s in run.steps if "Restore" in s.name or "Bake" in s.name or "Test" in s.name] == \
+        ["skipped"] * 4
+    assert run.step("Job summary").outcome == "success"
+    assert "could not be computed" in run.summary and "not a valid cloudbake lock file" in run.summary
+    assert run.step("Upload serial logs").outcome == "success"
+    assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
 
 
 def test_quick_start_has_two_commands_and_ci_runs_the_test_one():

@@ -1,0 +1,94 @@
+"""What the CI workflow asks of cloudbake besides doit's tasks: the folders to cache, and a job summary.
+
+    python -m tasks.ci outputs PIPELINE          lines for $GITHUB_OUTPUT: dist, downloads, upstream
+    python -m tasks.ci summary PIPELINE [--image-cache-hit true|false|""] [--lock-fetched true|false]
+
+Both read the pipeline and its lock offline; neither boots nor downloads anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tasks.bake import manifest_path, published_image, resolve_key
+from tasks.errors import PipelineError
+from tasks.fetch import read_lock
+from tasks.paths import resolve_paths
+from tasks.pipeline import load_pipeline
+from tasks.units import human_bytes
+
+
+def ci_outputs(pipeline_file: Path) -> dict[str, str]:
+    """Folders the workflow caches (absolute), and the upstream digest that keys the download cache."""
+    pipeline = load_pipeline(pipeline_file)
+    paths = resolve_paths(pipeline)
+    lock = read_lock(paths.lock_file)
+    return {
+        "dist": str(paths.output_dir),
+        "downloads": str(paths.images_cache),
+        "upstream": lock.sha256 if lock else "unpinned",
+    }
+
+
+def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool) -> str:
+    """Markdown for $GITHUB_STEP_SUMMARY: key, cache hit or miss, stage durations, image size, accelerator."""
+    lines = ["## cloudbake", ""]
+    try:
+        pipeline = load_pipeline(pipeline_file)
+        paths = resolve_paths(pipeline)
+        key = resolve_key(pipeline, paths)[0]
+    except PipelineError as err:
+        return "\n".join([*lines, "The image key could not be computed:", "", "```", str(err), "```", ""])
+    image = published_image(paths, pipeline.name, key)
+    lines += ["| | |", "|---|---|", f"| key | `{key}` |", f"| image cache | {image_cache or 'not reached'} |"]
+    manifest = _manifest(image)
+    if manifest is None:
+        lines.append("| image | not baked in this run |")
+    else:
+        lines.append(f"| image | `{image.name}`, {human_bytes(image.stat().st_size)} |")
+        qemu = manifest.get("qemu", {})
+        lines.append(f"| baked with | {qemu.get('accel', '?')} ({qemu.get('accel_reason', '')}) |")
+        durations = manifest.get("durations_s", {})
+        if durations:
+            lines.append("| bake stages | " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in
+                                                       durations.items()) + " |")
+    if lock_fetched:
+        lines += ["", f"**`{paths.lock_file.name}` was missing**: this run resolved and pinned the upstream image "
+                      f"itself. Commit `{paths.lock_file.name}` (see the uploaded logs, or run `doit fetch` locally) "
+                      "so every run computes the same key and reuses the image."]
+    return "\n".join(lines) + "\n"
+
+
+def _manifest(image: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(manifest_path(image).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and image.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.ci")
+    parser.add_argument("command", choices=["outputs", "summary"])
+    parser.add_argument("pipeline", type=Path)
+    parser.add_argument("--image-cache-hit", default="", help="actions/cache's cache-hit output")
+    parser.add_argument("--lock-fetched", default="false")
+    args = parser.parse_args(argv)
+    if args.command == "outputs":
+        try:
+            outputs = ci_outputs(args.pipeline)
+        except PipelineError as err:
+            print(f"cloudbake: {err}", file=sys.stderr)
+            return 1
+        print("\n".join(f"{name}={value}" for name, value in outputs.items()))
+        return 0
+    image_cache = "hit" if args.image_cache_hit == "true" else "miss"
+    print(job_summary(args.pipeline, image_cache, args.lock_fetched == "true"), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
