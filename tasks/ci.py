@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tasks.bake import manifest_path, published_image, resolve_key
 from tasks.errors import PipelineError
@@ -62,7 +63,7 @@ def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool) -> st
     return "\n".join(lines) + "\n"
 
 
-def _manifest(image: Path) -> dict[str, object] | None:
+def _manifest(image: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(manifest_path(image).read_text())
     except (OSError, ValueError):
