@@ -308,56 +308,47 @@ def test_restored_cache_with_changed_user_data_misses(baked, tmp_path):
 # --- CI, played on this machine ------------------------------------------------------------
 
 
-def _clone(dest: Path) -> Path:
-    subprocess.run(["git", "clone", "-q", str(PROJECT), str(dest)], check=True)
-    return dest
+def _ci_project(clone: Path, mirror_url: str, key) -> None:
+    """The e2e project as `ci.yaml` in a clone, with the download cache in the runner's home (the default)."""
+    write_project(clone, mirror_url, key, accel="tcg")
+    text = (clone / "pipeline.yaml").read_text()
+    (clone / "ci.yaml").write_text("\n".join(line for line in text.splitlines() if not line.startswith("cache:")) + "\n")
+    (clone / "pipeline.yaml").unlink()
+    subprocess.run(["git", "checkout", "-q", "pipeline.yaml"], cwd=clone, check=True)  # the repo's own stays
 
 
-def _cache_key(folder: Path) -> str:
-    result = doit("-r", "zero", "cache-key", f"pipeline={folder / 'ci.yaml'}", cwd=folder, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real_server):
+    """The shipped workflow, step by step as GitHub runs it, in two fresh clones sharing only the cache:
+    the first has no lock, pins one, misses, bakes, saves the image before testing, tests, and says to
+    commit the lock; the second (lock committed, fresh home) hits both caches: no HTTP request, no bake."""
+    from tests.test_ci import clone_for_ci, replay
 
+    cache = tmp_path / "actions-cache"
+    first = clone_for_ci(tmp_path / "run-1" / "repo")
+    _ci_project(first, real_server.url, real_mirror.key)
+    run_1 = replay(first, cache, tmp_path / "run-1" / "home", pipeline="ci.yaml")
+    assert not run_1.failed, [(s.name, s.outcome, s.stderr[-2000:]) for s in run_1.steps]
+    key = run_1.outputs["key"]["key"]
+    assert run_1.outputs["lock"]["fetched"] == "true" and (first / "ci.lock").is_file()
+    assert run_1.outputs["image"]["cache-hit"] == "" and run_1.step("Save the baked image").outcome == "success"
+    assert "starting qemu" in run_1.step("Bake").stderr
+    names = [s.name for s in run_1.steps]
+    assert names.index("Save the baked image") < names.index("Test inside a throwaway VM")
+    assert f"`{key}`" in run_1.summary and "| image cache | miss |" in run_1.summary
+    assert "ci.lock` was missing" in run_1.summary and "bake stages" in run_1.summary
+    assert (cache / f"cloudbake-image-Linux-{key}").is_dir()
 
-def test_ci_replay_restored_cache_skips_bake(tmp_path, real_mirror, real_server):
-    """Clone, bake, save dist/ and the download cache under `doit cache-key`; a second clone restores
-    them under the key it computes and neither downloads nor boots to bake; test-image runs on the
-    restored image; a user-data change in the second clone misses the cache and bakes."""
-    def setup(clone: Path) -> Path:
-        pipeline = write_project(clone, real_server.url, real_mirror.key, accel="tcg", cache=clone / ".cache-dl")
-        pipeline.rename(clone / "ci.yaml")
-        return clone / "ci.yaml"
-
-    first = _clone(tmp_path / "clone-a")
-    pipeline_a = setup(first)
-    assert doit("fetch", f"pipeline={pipeline_a}", cwd=first).returncode == 0
-    key_a = _cache_key(first)
-    baked = doit("bake", f"pipeline={pipeline_a}", cwd=first)
-    assert baked.returncode == 0, baked.stderr
-    cache = tmp_path / "ci-cache" / key_a
-    shutil.copytree(first / "dist", cache / "dist", symlinks=True)
-    shutil.copytree(first / ".cache-dl", cache / "downloads")
-
-    second = _clone(tmp_path / "clone-b")
-    pipeline_b = setup(second)
-    shutil.copy(first / "ci.lock", second / "ci.lock")  # CI commits the lock
-    key_b = _cache_key(second)
-    assert key_b == key_a
-    shutil.copytree(tmp_path / "ci-cache" / key_b / "dist", second / "dist", symlinks=True)
-    shutil.copytree(tmp_path / "ci-cache" / key_b / "downloads", second / ".cache-dl")
+    second = clone_for_ci(tmp_path / "run-2" / "repo")
+    _ci_project(second, real_server.url, real_mirror.key)
+    shutil.copy(first / "ci.lock", second / "ci.lock")  # committed, as the first summary asked
     requests_before = len(real_server.state.requests)
-    rebake = doit("bake", f"pipeline={pipeline_b}", cwd=second)
-    assert rebake.returncode == 0, rebake.stderr
-    assert rebake.stderr.count("starting qemu") == 0
+    run_2 = replay(second, cache, tmp_path / "run-2" / "home", pipeline="ci.yaml")
+    assert not run_2.failed, [(s.name, s.outcome, s.stderr[-2000:]) for s in run_2.steps]
+    assert run_2.outputs["key"]["key"] == key
+    assert run_2.outputs["lock"]["fetched"] == "false"
+    assert run_2.outputs["image"]["cache-hit"] == "true" and run_2.outputs["downloads"]["cache-hit"] == "true"
+    assert run_2.step("Save the baked image").outcome == "skipped"
+    assert "starting qemu" not in run_2.step("Bake").stderr
     assert len(real_server.state.requests) == requests_before
-    tested = doit("test-image", f"pipeline={pipeline_b}", cwd=second)
-    assert tested.returncode == 0, tested.stdout + tested.stderr
-    assert tested.stderr.count("starting qemu") == 1  # the test VM, not a bake
-
-    (second / "cloud-init" / "user-data.yaml").write_text(USER_DATA + "final_message: changed\n")
-    key_c = _cache_key(second)
-    assert key_c != key_a and not (tmp_path / "ci-cache" / key_c).exists()
-    changed = doit("bake", f"pipeline={pipeline_b}", cwd=second)
-    assert changed.returncode == 0, changed.stderr
-    assert changed.stderr.count("starting qemu") == 1
-    assert (second / "dist" / f"e2e-{key_c}.qcow2").is_file()
+    assert run_2.step("Test inside a throwaway VM").stderr.count("starting qemu") == 1  # the test VM only
+    assert "| image cache | hit |" in run_2.summary and "was missing" not in run_2.summary
