@@ -116,11 +116,23 @@ def test_second_fetch_uses_lock_and_cache_offline(small_mirror, make):
     assert image.is_file() and lock.sha256 == _digest(small_mirror.image)
 
 
-def test_cached_image_is_not_rehashed(server, small_mirror, make, monkeypatch):
+def test_cached_image_is_not_reread(server, small_mirror, make, monkeypatch):
+    """A verified image in the cache is trusted by its record (size, mtime): not opened, not requested."""
+    import builtins
+
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
-    ensure_image(pipeline, paths, http=FAST)
-    monkeypatch.setattr(fetch, "_hash_existing", lambda path: pytest.fail("re-hashed a verified image"))
-    ensure_image(pipeline, paths, http=FAST)
+    image, _ = ensure_image(pipeline, paths, http=FAST)
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if str(file) == str(image):
+            pytest.fail("opened the verified image again")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    requests_before = len(server.state.requests)
+    assert ensure_image(pipeline, paths, http=FAST)[0] == image
+    assert len(server.state.requests) == requests_before
 
 
 def test_changed_cached_file_is_not_trusted(server, small_mirror, make):

@@ -52,12 +52,6 @@ def test_relative_paths_resolve_against_the_pipeline_folder(make_pipeline, monke
     assert pipeline.cache_dir == tmp_path.parent / "c"
 
 
-def test_frozen():
-    pipeline = load_pipeline(PROJECT / "pipeline.yaml")
-    with pytest.raises(AttributeError):
-        pipeline.name = "x"  # type: ignore[misc]
-
-
 BAD = [
     ("vm:\n  memroy: 2G\n", "pipeline.yaml:2:3: vm.memroy: unknown key (did you mean 'memory'?)"),
     ("vm:\n  cpus: two\n", "pipeline.yaml:2:9: vm.cpus: 'two' is not of type 'integer'"),

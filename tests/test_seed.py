@@ -215,9 +215,28 @@ def test_changed_content_changes_bytes():
     assert seed_iso_bytes(changed) != seed_iso_bytes(FILES)
 
 
-def test_source_date_epoch_sets_dates(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    assert seed_iso_bytes(FILES) != (monkeypatch.delenv("SOURCE_DATE_EPOCH") or seed_iso_bytes(FILES))
+@pytest.mark.parametrize(("epoch", "expected"), [
+    ("1700000000", (2023, 11, 14, 22, 13, 20)),  # SOURCE_DATE_EPOCH as given, in UTC
+    (None, (2000, 1, 1, 0, 0, 0)),               # unset: cloudbake's fixed default
+])
+def test_source_date_epoch_sets_the_iso_dates(monkeypatch, epoch, expected):
+    import io
+
+    import pycdlib
+
+    if epoch is None:
+        monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    else:
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", epoch)
+    monkeypatch.setenv("TZ", "Asia/Kathmandu")  # +05:45: a leak of local time would show
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(seed_iso_bytes(FILES)))
+    try:
+        date = iso.pvd.volume_creation_date
+        assert (date.year, date.month, date.dayofmonth, date.hour, date.minute, date.second) == expected
+        assert date.gmtoffset == 0
+    finally:
+        iso.close()
 
 
 def test_write_is_atomic_and_leaves_no_temp(tmp_path):
