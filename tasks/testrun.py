@@ -260,10 +260,14 @@ def _ssh_ok(files: RunFiles, port: int, user: str, command: str, timeout: float)
     except subprocess.TimeoutExpired:
         return False
     if result.returncode == 255 and b"Host key verification failed" in result.stderr:
-        raise PipelineError("the test VM presented an SSH host key other than the one injected for this run; "
-                            "refusing to connect", hint="something else answers on the forwarded port, or the "
-                                                        "guest ignored the seed's ssh_keys")
+        raise _host_key_changed()
     return result.returncode == 0
+
+
+def _host_key_changed() -> PipelineError:
+    return PipelineError("the test VM presented an SSH host key other than the one injected for this run; "
+                         "refusing to connect", hint="something else answers on the forwarded port, or the "
+                                                     "guest's host key was replaced (by the test command?)")
 
 
 # Lists the matches of each pattern (NUL-separated, relative to /) and archives them all in
@@ -326,16 +330,21 @@ def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, 
     except tarfile.TarError as err:
         proc.kill()
         proc.wait(30)
+        stderr = proc.stderr.read().decode(errors="replace")
+        if "Host key verification failed" in stderr:
+            raise _host_key_changed() from None
         if not timer.is_alive():
             raise PipelineError(f"copying the artifacts did not finish within test.timeout ({timeout_s:.0f} s left)",
                                 hint="raise test.timeout or narrow test.artifacts") from None
-        raise PipelineError(f"the artifact stream from the guest is broken ({err})",
-                            hint=tail(proc.stderr.read().decode(errors="replace")) or None) from None
+        raise PipelineError(f"the artifact stream from the guest is broken ({err})", hint=tail(stderr) or None) \
+            from None
     finally:
         timer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+    if proc.returncode == 255 and "Host key verification failed" in stderr:
+        raise _host_key_changed()
     if proc.returncode != 0:
         raise PipelineError(f"copying the artifacts failed (exit status {proc.returncode}) after {len(names)} "
                             f"file(s):\n{tail(stderr)}",

@@ -177,3 +177,11 @@ def test_a_copy_that_hangs_hits_the_deadline(guest_tools, monkeypatch):
     monkeypatch.setenv("STANDIN_SSH_SLEEP", "60")
     with pytest.raises(PipelineError, match="did not finish within test.timeout"):
         _fetch(guest_tools, ("/etc/hostname",), timeout_s=1)
+
+
+def test_a_changed_host_key_during_the_copy_is_named(guest_tools, monkeypatch):
+    fake_ssh = guest_tools / "bin" / "ssh"
+    fake_ssh.write_text("#!/bin/sh\necho '@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@' >&2\n"
+                        "echo 'Host key verification failed.' >&2\nexit 255\n")
+    with pytest.raises(PipelineError, match="host key other than the one injected"):
+        _fetch(guest_tools, ("/etc/hostname",))
