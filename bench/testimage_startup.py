@@ -15,9 +15,9 @@ from pathlib import Path
 
 from bench.common import report
 from bench.project import make_bench_project
-from tasks.paths import resolve_paths
-from tasks.pipeline import load_pipeline
-from tasks.testrun import free_port, make_overlay, run_test_image, ssh_banner
+from cloudbake.paths import resolve_paths
+from cloudbake.pipeline import load_pipeline
+from cloudbake.testrun import free_port, make_overlay, run_test_image, ssh_banner
 
 
 class _MarkCommandStart(logging.Handler):

@@ -1,3 +1,5 @@
-"""cloudbake: a declarative pipeline that bakes and tests VM base images (driven by doit)."""
+"""cloudbake's doit task definitions: what each task declares, over the engine in the cloudbake package.
 
-__version__ = "0.1.0"
+The same modules serve the repository's dodo.py (as ``tasks``) and the installed ``cloudbake``
+command (the wheel maps this folder to ``cloudbake.tasks``); they import each other relatively.
+"""

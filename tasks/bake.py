@@ -1,494 +1,86 @@
-"""bake: boot the upstream image once with the seed, check cloud-init's verdict, publish a content-hashed image.
-
-The key names the image: a SHA-256 over everything that can change its content (the
-pinned upstream digest, the image-affecting settings, the seed's files, the recipe
-version). The published file ``<output.dir>/<name>-<key>.qcow2`` is the proof that
-a bake happened, so a restored CI cache skips the bake without doit's state.
-"""
+"""bake, cache-key, prune: the published image named by its key."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import datetime as dt
-import hashlib
-import json
-import os
-import re
-import secrets
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import sys
 from typing import Any
 
-from tasks import __version__
-from tasks.errors import PipelineError, doit_action
-from tasks.fetch import Lock, ensure_image, read_lock
-from tasks.files import file_lock, is_verified, record_verified, sha256_file, sweep_temps
-from tasks.log import stage_logger
-from tasks.paths import Paths
-from tasks.pipeline import Compression, Pipeline
-from tasks.qemu import (
-    VmSpec,
-    boot_with_fallback,
-    detect_host,
-    qemu_binary,
-    qemu_version,
-    resolve_accel,
-    resolve_firmware,
-    serial_tail,
-    with_uefi,
+from cloudbake.bake import (
+    clean_bake,
+    is_published,
+    published_image,
+    resolve_key,
+    run_bake,
+    run_cache_key,
+    run_prune,
+    verify_published,
 )
-from tasks.runner import require_tool, run
-from tasks.seed import (
-    GENERALIZED_MARKER,
-    RESULT_MARKER,
-    STATUS_MARKER,
-    SeedFiles,
-    build_seed_files,
-    build_seed_iso,
-    with_boot_nonce,
-)
-from tasks.units import format_size, human_bytes
-
-# Bump when the way an image is made changes (boot steps, finish script, publish options).
-RECIPE_VERSION = 1
-KEY_HEX_DIGITS = 16
-QEMU_IMG_TIMEOUT_S = 3600
-# A temp file this old belongs to no live writer (the slowest, publishing, rewrites its temp
-# continuously; the others finish in milliseconds).
-STALE_TEMP_S = 3600
-
-log = stage_logger("bake")
-
-
-# --- the key ------------------------------------------------------------------------------
-
-
-def image_settings(pipeline: Pipeline) -> dict[str, Any]:
-    """The pipeline settings that change the image's bytes, and nothing else.
-
-    Not here, because they never change the image: who bakes and where (home, user, paths,
-    time zone, locale, umask), the host's accelerator, CPU and memory sizing, timeouts,
-    test and output settings, and ``vm.qemu_args`` (every boot's run-time arguments).
-    docs/how-it-works.md lists both sides.
-    """
-    return {
-        "arch": str(pipeline.source.arch),
-        "disk_size": str(pipeline.disk.size),
-        "compression": str(pipeline.disk.compression),
-        "firmware": str(pipeline.vm.firmware),
-        "bake_qemu_args": list(pipeline.vm.bake_qemu_args),
-        "generalize": pipeline.cloud_init.generalize,
-    }
-
-
-def key_inputs(pipeline: Pipeline, lock: Lock, seed: SeedFiles) -> dict[str, Any]:
-    return {
-        "recipe": RECIPE_VERSION,
-        "upstream_sha256": lock.sha256,
-        "settings": image_settings(pipeline),
-        "seed": {name: hashlib.sha256(data).hexdigest() for name, data in seed.items()},
-    }
-
-
-def compute_key(inputs: dict[str, Any]) -> str:
-    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()[:KEY_HEX_DIGITS]
-
-
-def require_lock(paths: Paths, pipeline: Pipeline) -> Lock:
-    lock = read_lock(paths.lock_file)
-    if lock is None:
-        raise PipelineError(f"no {paths.lock_file.name} beside {pipeline.file.name}: the upstream image is not "
-                            "pinned yet, so the key cannot be computed offline",
-                            hint="run doit fetch once and commit the lock file")
-    if not lock.matches(pipeline.source):
-        raise PipelineError(f"{paths.lock_file} was resolved for another source ({lock.source})",
-                            hint="run doit update")
-    return lock
-
-
-def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], SeedFiles, Lock]:
-    """The key for the pipeline as it is now: offline, no boot, a few milliseconds."""
-    lock = require_lock(paths, pipeline)
-    seed = build_seed_files(pipeline, for_bake=True)
-    inputs = key_inputs(pipeline, lock, seed)
-    return compute_key(inputs), inputs, seed, lock
-
-
-def published_image(paths: Paths, name: str, key: str) -> Path:
-    return paths.output_dir / f"{name}-{key}.qcow2"
-
-
-def manifest_path(image: Path) -> Path:
-    return image.with_suffix(".json")
-
-
-def is_published(image: Path) -> bool:
-    return image.is_file() and manifest_path(image).is_file()
-
-
-# --- cloud-init's verdict -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CloudInitResult:
-    errors: list[str]
-    recoverable: dict[str, list[str]]
-    datasource: str | None
-    generalized: bool
-
-    def failing_modules(self) -> list[str]:
-        found = (re.match(r"\('([a-z0-9_-]+)',", error) for error in self.errors)
-        return sorted({match.group(1).replace("-", "_") for match in found if match})
-
-
-def _marker_json(text: str, marker: str, nonce: str) -> dict[str, Any] | None:
-    found = re.findall(rf"{marker} {re.escape(nonce)} ([A-Za-z0-9+/=]+)", text)
-    if not found:
-        return None
-    try:
-        data: dict[str, Any] = json.loads(base64.b64decode(found[-1]))
-        return data
-    except ValueError:
-        return None
-
-
-def parse_cloud_init_result(serial: str, nonce: str) -> CloudInitResult | None:
-    """cloud-init's status and result, as this boot's finish script printed them on the console.
-
-    Only lines carrying this boot's ``nonce`` count; None when there are none.
-    """
-    result = _marker_json(serial, RESULT_MARKER, nonce)
-    status = _marker_json(serial, STATUS_MARKER, nonce)
-    if result is None and status is None:
-        return None
-    errors: list[str] = list((result or {}).get("v1", {}).get("errors", []))
-    recoverable: dict[str, list[str]] = {}
-    for stage, info in ((status or {}).get("v1", {}) or {}).items():
-        if isinstance(info, dict):
-            errors += [e for e in info.get("errors", []) if e not in errors]
-            for level, messages in (info.get("recoverable_errors") or {}).items():
-                recoverable.setdefault(level, []).extend(f"{stage}: {m}" for m in messages)
-    datasource = (result or {}).get("v1", {}).get("datasource")
-    return CloudInitResult(errors, recoverable, datasource, f"{GENERALIZED_MARKER} {nonce}" in serial)
-
-
-# --- the steps ----------------------------------------------------------------------------
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.steps: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.steps[name] = round(time.monotonic() - start, 3)
-
-
-def qemu_img_info(image: Path) -> dict[str, Any]:
-    qemu_img = require_tool("qemu-img", "qemu-utils")
-    info: dict[str, Any] = json.loads(run([qemu_img, "info", "--output=json", image], stage="bake", timeout=60).stdout)
-    return info
-
-
-UPSTREAM_FORMATS = ("qcow2", "raw")
-
-
-def inspect_upstream(upstream: Path) -> dict[str, Any]:
-    """qemu-img's view of the upstream image, refused unless it stands alone.
-
-    A qcow2 can name other files: a backing file or an external data file would be
-    read from the baker's disk and copied into the published image (a host file
-    leaking into an image shared with others). The checksum only proves the bytes
-    are upstream's, not that they are harmless.
-    """
-    try:
-        info = qemu_img_info(upstream)
-    except PipelineError as err:
-        raise PipelineError(f"{upstream.name}: qemu-img cannot read the upstream image ({err.message})",
-                            hint="the file is not a disk image; check source.mirror") from None
-    image_format = info.get("format")
-    if image_format not in UPSTREAM_FORMATS:
-        raise PipelineError(f"{upstream.name}: the upstream image is {image_format!r}, not qcow2 or raw; refused",
-                            hint="Ubuntu's cloud images are qcow2; check source.mirror")
-    if info.get("backing-filename"):
-        raise PipelineError(f"{upstream.name}: the upstream image names a backing file "
-                            f"({info['backing-filename']!r}); refused, it would copy a file from this machine into "
-                            "the image", hint="upstream cloud images stand alone; check source.mirror")
-    data_file = (info.get("format-specific") or {}).get("data", {}).get("data-file")
-    if data_file:
-        raise PipelineError(f"{upstream.name}: the upstream image keeps its data in an external file "
-                            f"({data_file!r}); refused", hint="upstream cloud images stand alone; check source.mirror")
-    return info
-
-
-def make_work_disk(upstream: Path, dest: Path, pipeline: Pipeline) -> int:
-    """A qcow2 overlay of the cached upstream image (never written), grown per disk.size; returns its size."""
-    qemu_img = require_tool("qemu-img", "qemu-utils")
-    info = inspect_upstream(upstream)
-    current = int(info["virtual-size"])
-    target = pipeline.disk.size.resolve(current)
-    if target < current:
-        raise PipelineError(f"disk.size {pipeline.disk.size} would shrink the image from {format_size(current)} "
-                            f"to {format_size(target)}", hint=f"use +N growth or at least {format_size(current)}")
-    dest.unlink(missing_ok=True)
-    run([qemu_img, "create", "-q", "-f", "qcow2", "-F", info.get("format", "qcow2"), "-b", upstream.resolve(), dest,
-         str(target)], stage="bake", timeout=60)
-    log.info("work disk %s: overlay of %s, %s (was %s)", dest.name, upstream.name, human_bytes(target),
-             human_bytes(current))
-    return target
-
-
-def convert_argv(qemu_img: str, source: Path, dest: Path, compression: Compression) -> list[str]:
-    argv = [qemu_img, "convert", "-O", "qcow2"]
-    if compression is not Compression.none:
-        argv += ["-c", "-o", f"compression_type={compression}"]
-    argv += [os.fspath(source), os.fspath(dest)]
-    return argv
-
-
-def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: Compression) -> None:
-    """Flatten into a self-contained qcow2 under a temp name, check it, then rename image and manifest into place."""
-    qemu_img = require_tool("qemu-img", "qemu-utils")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp_manifest = dest.with_name(f".{dest.stem}.json.tmp")
-    try:
-        run(convert_argv(qemu_img, work_disk, tmp, compression), stage="bake", timeout=QEMU_IMG_TIMEOUT_S)
-        check = run([qemu_img, "check", "-q", tmp], stage="bake", timeout=QEMU_IMG_TIMEOUT_S, check=False)
-        if check.returncode not in (0,):
-            raise PipelineError(f"qemu-img check found problems in the converted image (exit {check.returncode}): "
-                                f"{check.stdout}{check.stderr}")
-        info = qemu_img_info(tmp)
-        if info.get("backing-filename"):
-            raise PipelineError("the converted image still has a backing file")
-        manifest["image"]["virtual_size"] = info["virtual-size"]
-        manifest["image"]["file_size"] = tmp.stat().st_size
-        manifest["image"]["sha256"] = sha256_file(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, dest)
-        os.replace(tmp_manifest, manifest_path(dest))
-        record_verified(dest, manifest["image"]["sha256"])
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
-    pointer = dest.parent / f"{manifest['name']}.qcow2"
-    tmp_pointer = dest.parent / f".{manifest['name']}.qcow2.tmp"
-    tmp_pointer.unlink(missing_ok=True)
-    tmp_pointer.symlink_to(dest.name)
-    os.replace(tmp_pointer, pointer)
-
-
-def read_manifest(image: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(manifest_path(image).read_text())
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"{manifest_path(image)}: cannot read the manifest of {image.name} ({err})",
-                            hint="delete the image and its .json and bake again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("image"), dict):
-        raise PipelineError(f"{manifest_path(image)}: not a cloudbake manifest",
-                            hint="delete the image and its .json and bake again")
-    return manifest
-
-
-def verify_published(image: Path) -> dict[str, Any]:
-    """The manifest of a published image, once the image matches the SHA-256 the manifest records.
-
-    An image restored from a cache, copied, or touched on disk is hashed once before its
-    first use; the ``.verified`` sidecar remembers the verdict for that file (size and
-    mtime), so later uses cost nothing. A mismatch is an error, never a boot.
-    """
-    manifest = read_manifest(image)
-    expected = manifest["image"].get("sha256")
-    if not isinstance(expected, str) or len(expected) != 64:
-        raise PipelineError(f"{manifest_path(image)} records no SHA-256 for {image.name} (baked by an older "
-                            "cloudbake), so it cannot be checked", hint="delete the image and its .json and bake again")
-    if is_verified(image, expected):
-        return manifest
-    log.info("checking %s against its manifest's SHA-256 (once)", image.name)
-    actual = sha256_file(image)
-    if actual != expected:
-        raise PipelineError(f"{image.name} does not match its manifest: its SHA-256 is {actual}, the manifest "
-                            f"records {expected}; it changed after it was baked (a corrupted or tampered copy)",
-                            hint="delete it and its .json and bake again, or restore it from a cache you trust")
-    record_verified(image, expected)
-    return manifest
-
-
-def _already_baked(pipeline: Pipeline, paths: Paths) -> Path | None:
-    """The published image for the current key, when there is a lock to compute the key from."""
-    if not paths.lock_file.exists():
-        return None
-    dest = published_image(paths, pipeline.name, resolve_key(pipeline, paths)[0])
-    if not is_published(dest):
-        return None
-    verify_published(dest)
-    log.info("up to date: %s", dest)
-    return dest
-
-
-def run_bake(pipeline: Pipeline, paths: Paths) -> Path:
-    """Bake unless the image for the current key is already published; returns the published image."""
-    done = _already_baked(pipeline, paths)
-    if done is not None:
-        return done
-    with file_lock(paths.work_dir / "bake.lock", f"the bake of {pipeline.name}"):
-        done = _already_baked(pipeline, paths)  # another process may have baked it while we waited
-        if done is not None:
-            return done
-        # Under the bake lock no other writer of this pipeline's work folder or published
-        # images is alive: their temps are a killed bake's. Elsewhere, only old ones.
-        sweep_temps(paths.work_dir, older_than_s=0)
-        sweep_temps(paths.output_dir, older_than_s=0, prefix=f".{pipeline.name}-")
-        sweep_temps(paths.output_dir, older_than_s=STALE_TEMP_S)
-        for folder in (paths.images_cache, paths.cache_dir / "keys", paths.cache_dir / "host",
-                       paths.cache_dir / "firmware"):
-            sweep_temps(folder, older_than_s=STALE_TEMP_S)
-        timer = _Timer()
-        with timer.step("fetch"):
-            upstream, lock = ensure_image(pipeline, paths)
-        key, inputs, seed, lock = resolve_key(pipeline, paths)
-        dest = published_image(paths, pipeline.name, key)
-        log.info("baking %s (key %s)", dest.name, key)
-        return _bake(pipeline, paths, upstream, lock, seed, inputs, key, dest, timer)
-
-
-def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: SeedFiles, inputs: dict[str, Any],
-          key: str, dest: Path, timer: _Timer) -> Path:
-    started = time.time()
-    binary = qemu_binary(pipeline.source.arch)
-    nonce = secrets.token_hex(16)
-    with timer.step("seed"):
-        seed_digest = build_seed_iso(with_boot_nonce(seed, nonce), paths.seed_iso)
-    with timer.step("work_disk"):
-        make_work_disk(upstream, paths.work_disk, pipeline)
-    firmware = resolve_firmware(pipeline.vm.firmware, pipeline.source.arch, upstream)
-    host = detect_host()
-    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, host, paths.cache_dir)
-    spec = VmSpec(
-        name=pipeline.name, arch=pipeline.source.arch, accel=choice.accel, cpus=pipeline.vm.cpus,
-        memory_mib=pipeline.vm.memory_bytes >> 20, disk=paths.work_disk, serial_log=paths.serial_log,
-        qmp_socket=paths.work_dir / "qmp.sock", seed=paths.seed_iso, firmware=firmware,
-        extra_args=(*pipeline.vm.qemu_args, *pipeline.vm.bake_qemu_args),
-    )
-    if firmware == "uefi":
-        spec = with_uefi(spec, host, paths.cache_dir, paths.work_dir / "efivars.fd")
-    log.info("firmware: %s; serial console: %s", firmware, paths.serial_log)
-    if pipeline.cloud_init.generalize:
-        log.info("the guest generalizes itself before power-off (cloud-init clean --logs --machine-id, SSH host "
-                 "keys removed), so every clone boots as a new machine")
-    with timer.step("boot"), boot_with_fallback(spec, choice, paths.cache_dir, "bake") as (vm, choice):
-        exit_ = vm.wait(pipeline.vm.timeout_s)
-        serial = paths.serial_log.read_bytes().decode("utf-8", errors="replace")
-        result = parse_cloud_init_result(serial, nonce)
-        if result is None:
-            raise vm.failure("the guest powered off without reporting cloud-init's result (was the seed "
-                             "found? did cloud-init run?)")
-    log.info("guest powered off after %.0f s", exit_.seconds)
-    for level, messages in result.recoverable.items():
-        for message in messages:
-            log.warning("cloud-init %s: %s", level.lower(), message)
-    if result.errors:
-        modules = result.failing_modules()
-        raise PipelineError(
-            f"cloud-init reported errors{' in module ' + ', '.join(modules) if modules else ''}:\n  "
-            + "\n  ".join(result.errors)
-            + f"\n--- last lines of {paths.serial_log} ---\n{serial_tail(paths.serial_log)}",
-            hint="fix the user-data (see the module named above); nothing was published")
-    if pipeline.cloud_init.generalize and not result.generalized:
-        raise PipelineError("the guest did not confirm the generalization step", hint=f"see {paths.serial_log}")
-    manifest = {
-        "name": pipeline.name,
-        "key": key,
-        "created": dt.datetime.fromtimestamp(started, dt.UTC).isoformat().replace("+00:00", "Z"),
-        "cloudbake_version": __version__,
-        "inputs": {
-            **inputs,
-            "upstream": {"url": lock.url, "serial": lock.serial, "sha256": lock.sha256, "signed_by": lock.signed_by,
-                         "signature_time": lock.signature_time},
-            "seed_iso_sha256": seed_digest,
-        },
-        "qemu": {"version": qemu_version(binary), "accel": choice.accel, "accel_reason": choice.reason,
-                 "firmware": firmware, "machine": spec.arch.value},
-        "cloud_init": {"errors": result.errors, "recoverable_errors": result.recoverable,
-                       "datasource": result.datasource, "generalized": result.generalized},
-        "durations_s": timer.steps,
-        "image": {"file": dest.name, "compression": str(pipeline.disk.compression)},
-    }
-    with timer.step("publish"):
-        publish(paths.work_disk, dest, manifest, pipeline.disk.compression)
-    paths.work_disk.unlink(missing_ok=True)
-    log.info("published %s (%s) in %.0f s", dest, human_bytes(dest.stat().st_size), time.time() - started)
-    return dest
-
-
-def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:
-    """Print the key on stdout; on failure, the reason on stderr whatever doit's reporter.
-
-    CI reads stdout (``doit -r zero cache-key``); the zero reporter prints no failures, so an
-    error would otherwise leave CI with an empty key and no word why.
-    """
-    import sys
-
-    from tasks.log import redact
-
-    try:
-        key, _, _, _ = resolve_key(pipeline, paths)
-    except PipelineError as err:
-        print(f"cloudbake: cache-key: {redact(str(err))}", file=sys.stderr, flush=True)
-        raise
-    print(key, flush=True)
-
-
-def run_prune(pipeline: Pipeline, paths: Paths) -> None:
-    """Keep the newest ``output.keep`` images of this pipeline (and whatever the pointer names)."""
-    images = sorted((p for p in paths.output_dir.glob(f"{pipeline.name}-*.qcow2")
-                     if p.is_file() and not p.is_symlink()
-                     and re.fullmatch(rf"{re.escape(pipeline.name)}-[0-9a-f]{{{KEY_HEX_DIGITS}}}\.qcow2", p.name)),
-                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    pointer = paths.output_dir / f"{pipeline.name}.qcow2"
-    current = pointer.resolve() if pointer.is_symlink() else None
-    for old in images[pipeline.output_keep:]:
-        if current is not None and old.resolve() == current:
-            continue
-        log.info("pruning %s", old.name)
-        old.unlink()
-        manifest_path(old).unlink(missing_ok=True)
+from cloudbake.errors import PipelineError
+from cloudbake.log import stage_logger
+from cloudbake.paths import Paths
+from cloudbake.pipeline import Pipeline
+
+from .context import current
+from .doitutil import described, doit_action
 
 
 def bake_is_current(pipeline: Pipeline, paths: Paths) -> bool:
-    """doit up-to-date check: the image named by the current key exists. No doit state needed."""
+    """The image named by the current key is published and matches its manifest. No doit state needed,
+    so a restored cache (``dist/`` alone) counts."""
     try:
-        key, _, _, _ = resolve_key(pipeline, paths)
+        key = resolve_key(pipeline, paths)[0]
     except PipelineError:
         return False  # let the action run and report the problem
-    return is_published(published_image(paths, pipeline.name, key))
+    image = published_image(paths, pipeline.name, key)
+    if not is_published(image):
+        return False
+    try:
+        verify_published(image)
+    except PipelineError as err:
+        stage_logger("bake").warning("%s; baking it again", err.message)
+        return False
+    return True
+
+
+def always_execute_requested(argv: list[str]) -> bool:
+    """Whether doit was told ``-a``/``--always-execute``.
+
+    doit runs an action under -a but does not tell the action so; its command line is
+    the only witness (the same for ``doit`` and the ``cloudbake`` command).
+    """
+    for arg in argv:
+        if arg == "--always-execute" or (arg.startswith("-") and not arg.startswith("--") and "a" in arg[1:]
+                                          and arg[1:].isalpha()):
+            return True
+    return False
+
+
+def bake_action(pipeline: Pipeline, paths: Paths, force: bool = False) -> None:
+    """Bake, or bake again when asked to (``-a`` or ``--force``).
+
+    doit also runs this when a file it depends on looks changed (a restored CI cache has no
+    doit state): then a published image for the current key is kept.
+    """
+    run_bake(pipeline, paths, force=force or always_execute_requested(sys.argv[1:]))
 
 
 def task_bake() -> dict[str, Any]:
-    from tasks.context import current
-
     pipeline, paths = current()
     return {
-        "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2",
-        "actions": [(doit_action(run_bake), [pipeline, paths])],
-        "uptodate": [lambda: bake_is_current(pipeline, paths)],
+        "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2 (-a bakes again)",
+        # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first.
+        "file_dep": [str(paths.lock_file), str(paths.seed_iso)],
+        "params": [{"name": "force", "long": "force", "type": bool, "default": False,
+                    "help": "bake again even when the image for the current key is published (like -a)"}],
+        "actions": [(doit_action(bake_action), [pipeline, paths])],
+        "uptodate": [described("the image named by the current key is published in the output folder and "
+                               "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
+        "clean": [(clean_bake, [pipeline, paths])],
         "verbosity": 2,
     }
 
 
 def task_cache_key() -> dict[str, Any]:
-    from tasks.context import current
-
     pipeline, paths = current()
     return {
         "basename": "cache-key",
@@ -500,13 +92,9 @@ def task_cache_key() -> dict[str, Any]:
 
 
 def task_prune() -> dict[str, Any]:
-    from tasks.context import current
-
     pipeline, paths = current()
     return {
         "doc": "Delete all but the newest output.keep baked images of this pipeline",
         "actions": [(doit_action(run_prune), [pipeline, paths])],
         "uptodate": [False],
     }
-
-

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.pipeline import PROJECT_ROOT, load_schema
+from cloudbake.pipeline import load_schema
+from cloudbake.schemas import pipeline_schema_path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 REFERENCE = PROJECT_ROOT / "docs" / "configuration.md"
 
@@ -66,7 +69,7 @@ def write_configuration_reference(dest: Path = REFERENCE) -> None:
 def task_docs() -> dict[str, Any]:
     return {
         "doc": "Regenerate docs/configuration.md from the schema",
-        "file_dep": [str(PROJECT_ROOT / "schema" / "pipeline.schema.json")],
+        "file_dep": [str(pipeline_schema_path())],
         "targets": [str(REFERENCE)],
         "actions": [write_configuration_reference],
     }

@@ -1,12 +1,16 @@
-"""Small pieces of doit glue: a cheap file checker and a lazily computed up-to-date value."""
+"""doit glue: the edge where engine errors become doit failures, a cheap file checker, lazy up-to-date values."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
 
 from doit.dependency import FileChangedChecker
+from doit.exceptions import TaskFailed
+
+from cloudbake.errors import Interrupted, PipelineError, stop_signals_unwind
 
 
 class SizeMtimeChecker(FileChangedChecker):  # type: ignore[misc]
@@ -24,6 +28,20 @@ class SizeMtimeChecker(FileChangedChecker):  # type: ignore[misc]
     def get_state(self, dep: str, current_state: Any) -> Any:
         stat = os.stat(dep)
         return [stat.st_size, stat.st_mtime_ns]
+
+
+class described:  # noqa: N801 (doit's own uptodate helpers are lower-case classes)
+    """An up-to-date check that says in words what it checks: ``doit info`` prints it."""
+
+    def __init__(self, sentence: str, check: Callable[[], bool]) -> None:
+        self.sentence = sentence
+        self.check = check
+
+    def __call__(self) -> bool:
+        return self.check()
+
+    def __repr__(self) -> str:
+        return f"up to date when {self.sentence}"
 
 
 class value_changed:  # noqa: N801 (doit's own uptodate helpers are lower-case classes)
@@ -44,3 +62,24 @@ class value_changed:  # noqa: N801 (doit's own uptodate helpers are lower-case c
     def __call__(self, task: Any, values: dict[str, Any]) -> bool:
         self.value = self.compute()
         return values.get(self.key) == self.value
+
+
+def doit_action(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a task action so a PipelineError reaches the user as a clean doit failure."""
+
+    @functools.wraps(func)
+    def action(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with stop_signals_unwind():
+                result = func(*args, **kwargs)
+        except PipelineError as err:
+            from cloudbake.log import redact
+
+            return TaskFailed(redact(str(err)))
+        except KeyboardInterrupt as err:
+            what = err.signal_name if isinstance(err, Interrupted) else "Ctrl-C"
+            return TaskFailed(f"interrupted ({what}); the guest and its work files were cleaned up")
+        # doit treats only None, True, dict and str as success; stage functions may return paths.
+        return result if isinstance(result, dict) else None
+
+    return action

@@ -17,7 +17,18 @@ WORKFLOW = PROJECT / ".github" / "workflows" / "base-image.yml"
 
 
 def clone_for_ci(dest: Path) -> Path:
-    """A fresh clone of this repository, with this checkout's .venv (so no reinstall)."""
+    """A fresh clone of this repository (its committed state), with this checkout's .venv.
+
+    The workflow's install step then finds the .venv current and installs nothing; if the
+    .venv were stale it would reinstall into this checkout's .venv from the clone, so that
+    is refused up front.
+    """
+    import hashlib
+
+    want = hashlib.sha256((PROJECT / "pyproject.toml").read_bytes()).hexdigest()[:16] + "-[test]"
+    stamp = PROJECT / ".venv" / ".cloudbake-installed"
+    if not stamp.is_file() or stamp.read_text().strip() != want:
+        pytest.fail("this checkout's .venv is not the one tasks/run.sh test installs; run `bash tasks/run.sh test`")
     subprocess.run(["git", "clone", "-q", str(PROJECT), str(dest)], check=True)
     (dest / ".venv").symlink_to(PROJECT / ".venv")
     return dest

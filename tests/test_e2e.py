@@ -219,10 +219,10 @@ def test_two_runs_at_once_both_pass_and_bring_artifacts(baked):
 
 def test_host_key_is_pinned(baked):
     """keep=1 leaves the VM up; after the guest's host key is swapped, cloudbake's SSH refuses to talk to it."""
-    from tasks.errors import PipelineError
-    from tasks.paths import resolve_paths
-    from tasks.pipeline import load_pipeline
-    from tasks.testrun import RunFiles, _ssh_ok, run_test_image
+    from cloudbake.errors import PipelineError
+    from cloudbake.paths import resolve_paths
+    from cloudbake.pipeline import load_pipeline
+    from cloudbake.testrun import RunFiles, _ssh_ok, run_test_image
 
     # No artifacts in this run: after the swap even the artifact copy would (rightly) refuse the guest.
     loaded = load_pipeline(baked["pipeline"])
@@ -242,10 +242,10 @@ def test_host_key_is_pinned(baked):
 
 
 def test_ssh_that_never_comes_up_fails_at_that_stage(baked):
-    from tasks.errors import PipelineError
-    from tasks.paths import resolve_paths
-    from tasks.pipeline import load_pipeline
-    from tasks.testrun import run_test_image
+    from cloudbake.errors import PipelineError
+    from cloudbake.paths import resolve_paths
+    from cloudbake.pipeline import load_pipeline
+    from cloudbake.testrun import run_test_image
 
     pipeline = load_pipeline(baked["pipeline"])
     started = time.monotonic()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import fetch
-from tasks.errors import PipelineError
-from tasks.fetch import (
+from cloudbake import fetch
+from cloudbake.errors import PipelineError
+from cloudbake.fetch import (
     HttpSettings,
     dearmor,
     ensure_image,
@@ -22,9 +22,9 @@ from tasks.fetch import (
     read_lock,
     resolve_upstream,
 )
-from tasks.files import is_verified
-from tasks.paths import resolve_paths
-from tasks.pipeline import load_pipeline
+from cloudbake.files import is_verified
+from cloudbake.paths import resolve_paths
+from cloudbake.pipeline import load_pipeline
 from tests.fixture.mirror import make_gpg_key, write_sums
 from tests.fixture.server import Fault, MirrorServer
 
@@ -327,7 +327,7 @@ def test_signature_off_warns_loudly(server, small_mirror, make, caplog, other_gp
                            "")
     from dataclasses import replace
 
-    from tasks.pipeline import SignaturePolicy
+    from cloudbake.pipeline import SignaturePolicy
     off = replace(pipeline, source=replace(pipeline.source, verify=replace(pipeline.source.verify,
                                                                            signature=SignaturePolicy.off)))
     image, lock = ensure_image(off, paths, http=FAST)
@@ -363,9 +363,9 @@ def test_key_from_keyserver_is_trusted_only_by_fingerprint(server, small_mirror,
 # --- concurrency ------------------------------------------------------------------------------
 
 def _fetch_in_process(pipeline_file: str, queue) -> None:
-    from tasks.fetch import HttpSettings, ensure_image
-    from tasks.paths import resolve_paths
-    from tasks.pipeline import load_pipeline
+    from cloudbake.fetch import HttpSettings, ensure_image
+    from cloudbake.paths import resolve_paths
+    from cloudbake.pipeline import load_pipeline
     pipeline = load_pipeline(pipeline_file)
     try:
         image, _ = ensure_image(pipeline, resolve_paths(pipeline), http=HttpSettings(attempts=2, backoff_s=0.01))
@@ -410,7 +410,7 @@ def test_doit_fetch_then_offline(small_mirror, make):
 def test_signature_by_a_revoked_key_is_refused(tmp_path):
     """A real key, a real signature, then the key's real revocation imported: gpgv still says VALIDSIG
     (the maths holds) but also REVKEYSIG, and that refuses it."""
-    from tasks.fetch import check_signature
+    from cloudbake.fetch import check_signature
     from tests.fixture.mirror import make_gpg_key
 
     key = make_gpg_key(tmp_path / "gnupg", "revoked")
@@ -433,7 +433,7 @@ def test_signature_by_a_revoked_key_is_refused(tmp_path):
 @pytest.mark.parametrize("code", ["REVKEYSIG", "EXPKEYSIG", "EXPSIG", "BADSIG", "ERRSIG"])
 def test_refusing_status_wins_over_validsig(tmp_path, monkeypatch, code):
     """A stand-in gpgv that prints VALIDSIG for the pinned key and one refusing code, exit 0."""
-    from tasks.fetch import check_signature
+    from cloudbake.fetch import check_signature
 
     fpr = "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81"
     gpgv = tmp_path / "bin" / "gpgv"
@@ -456,7 +456,7 @@ def test_refusing_status_wins_over_validsig(tmp_path, monkeypatch, code):
     ({"source": ["noble"]}, "source must be a mapping"),
 ])
 def test_hostile_lock_values_are_refused(tmp_path, change, fragment):
-    from tasks.fetch import Lock, read_lock, write_lock
+    from cloudbake.fetch import Lock, read_lock, write_lock
 
     lock_file = tmp_path / "pipeline.lock"
     write_lock(lock_file, Lock({"release": "noble"}, "http://m/x.img", "1", "a" * 64, 10, None, None))
@@ -469,7 +469,7 @@ def test_hostile_lock_values_are_refused(tmp_path, change, fragment):
 
 @pytest.mark.parametrize("text", ["[]", "\xff", "null"])
 def test_lock_that_is_not_a_lock(tmp_path, text):
-    from tasks.fetch import read_lock
+    from cloudbake.fetch import read_lock
 
     (tmp_path / "pipeline.lock").write_bytes(text.encode("latin-1"))
     with pytest.raises(PipelineError, match="not a valid cloudbake lock file"):
@@ -481,7 +481,7 @@ def test_lock_that_is_not_a_lock(tmp_path, text):
     (b"-----BEGIN PGP SIGNATURE-----", "SHA256SUMS.gpg"),
 ])
 def test_malformed_armor_is_a_clear_error(tmp_path, data, what):
-    from tasks.fetch import check_signature
+    from cloudbake.fetch import check_signature
 
     with pytest.raises(PipelineError, match=f"{what}: malformed ASCII armor"):
         check_signature(b"sums", data, tmp_path / "keyring.gpg", ("A" * 40,))
@@ -522,8 +522,8 @@ def test_mirror_credentials_are_used_but_never_stored_or_logged(server, small_mi
     """user:secret@ in source.mirror authenticates every request, and appears in no log line, lock or error."""
     import base64
 
-    from tasks.bake import run_cache_key  # noqa: F401  (the key path reads the same lock)
-    from tasks.log import redact
+    from cloudbake.bake import run_cache_key  # noqa: F401  (the key path reads the same lock)
+    from cloudbake.log import redact
 
     secret_url = server.url.replace("http://", "http://builder:s3cr3t@")
     pipeline, paths = make(secret_url, small_mirror.key.keyring, small_mirror.key.fingerprint)
@@ -546,7 +546,7 @@ def test_mirror_credentials_are_used_but_never_stored_or_logged(server, small_mi
 def test_update_refuses_an_older_signed_set_unless_asked(server, small_mirror, make):
     from dataclasses import replace
 
-    from tasks.fetch import read_lock, write_lock
+    from cloudbake.fetch import read_lock, write_lock
 
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     _, current = ensure_image(pipeline, paths, http=FAST)
@@ -569,7 +569,7 @@ def test_update_refuses_an_older_signed_set_unless_asked(server, small_mirror, m
     ((None, None), ("20240101", None), False),
 ])
 def test_older_serial_or_signature_time(pinned, resolved, refused):
-    from tasks.fetch import Lock, check_not_older
+    from cloudbake.fetch import Lock, check_not_older
 
     old = Lock({"release": "noble"}, "http://m/x.img", pinned[0], "a" * 64, 1, None, pinned[1])
     new = Lock({"release": "noble"}, "http://m/x.img", resolved[0], "b" * 64, 1, None, resolved[1])
@@ -610,7 +610,7 @@ def test_download_never_grows_past_the_pinned_size(server, small_mirror, make):
     """The lock pins the size: a server that sends more is cut off at that size, and nothing is kept."""
     from dataclasses import replace
 
-    from tasks.fetch import write_lock
+    from cloudbake.fetch import write_lock
 
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     image, lock = ensure_image(pipeline, paths, http=FAST)

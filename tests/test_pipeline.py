@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.errors import PipelineError
-from tasks.pipeline import Accel, Arch, Compression, SignaturePolicy, fill_defaults, load_pipeline, load_schema
+from cloudbake.errors import PipelineError
+from cloudbake.pipeline import Accel, Arch, Compression, SignaturePolicy, fill_defaults, load_pipeline, load_schema
 from tests.conftest import PROJECT
 
 

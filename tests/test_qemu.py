@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import PipelineError
-from tasks.pipeline import Accel, Arch, Firmware
-from tasks.qemu import (
+from cloudbake.errors import PipelineError
+from cloudbake.pipeline import Accel, Arch, Firmware
+from cloudbake.qemu import (
     AARCH64_PFLASH_BYTES,
     Host,
     KvmNoProgressError,
@@ -144,7 +144,7 @@ def _descriptor(folder: Path, name: str, arch: str, code: Path, vars_: Path, fea
 
 def test_fake_homebrew_tree_is_found_for_arm64(tmp_path, monkeypatch):
     """A Homebrew layout (as on an Apple-silicon Mac) built from files: descriptor first, then known names."""
-    import tasks.qemu as qemu
+    import cloudbake.qemu as qemu
     monkeypatch.setattr(qemu, "SYSTEM_DESCRIPTOR_DIRS", ())
     prefix = tmp_path / "homebrew"
     share = prefix / "share" / "qemu"
@@ -160,7 +160,7 @@ def test_fake_homebrew_tree_is_found_for_arm64(tmp_path, monkeypatch):
 
 
 def test_descriptor_precedence_and_secure_boot_skipped(tmp_path, monkeypatch):
-    import tasks.qemu as qemu
+    import cloudbake.qemu as qemu
     monkeypatch.setattr(qemu, "SYSTEM_DESCRIPTOR_DIRS", (tmp_path / "usr-share", tmp_path / "etc"))
     fw = tmp_path / "fw"
     fw.mkdir()
@@ -178,7 +178,7 @@ def test_descriptor_precedence_and_secure_boot_skipped(tmp_path, monkeypatch):
 
 
 def test_missing_firmware_names_the_package(tmp_path, monkeypatch):
-    import tasks.qemu as qemu
+    import cloudbake.qemu as qemu
 
     monkeypatch.setattr(qemu, "descriptor_dirs", lambda host, home=None: [])
     monkeypatch.setattr(qemu, "known_uefi_paths", lambda arch, host: [(tmp_path / "no", tmp_path / "no2")])
@@ -189,7 +189,7 @@ def test_missing_firmware_names_the_package(tmp_path, monkeypatch):
 
 
 def test_arm64_pflash_is_padded_to_64_mib(tmp_path):
-    from tasks.qemu import FirmwareFiles
+    from cloudbake.qemu import FirmwareFiles
     code, vars_ = tmp_path / "code.fd", tmp_path / "vars.fd"
     code.write_bytes(b"C" * 2048)
     vars_.write_bytes(b"V" * 2048)
@@ -234,7 +234,7 @@ def test_silent_guest_counts_as_no_progress(tmp_path):
     fake = [sys.executable, "-c", "import time; time.sleep(60)"]
     vm = VmRun(spec, "unused", "bake")
     vm_argv = fake
-    import tasks.qemu as qemu
+    import cloudbake.qemu as qemu
     original = qemu.build_qemu_argv
     qemu.build_qemu_argv = lambda spec, binary: vm_argv
     try:
@@ -248,7 +248,7 @@ def test_silent_guest_counts_as_no_progress(tmp_path):
 
 
 def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch):
-    import tasks.qemu as qemu
+    import cloudbake.qemu as qemu
     log_file = tmp_path / "serial.log"
     spec = _spec(serial_log=log_file, qmp_socket=tmp_path / "qmp.sock")
     script = f"import time\nopen({str(log_file)!r}, 'a').write('booting...\\nstuck here\\n')\ntime.sleep(60)\n"
@@ -263,7 +263,7 @@ def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch
 
 def test_long_socket_paths_move_to_a_private_short_folder(tmp_path, monkeypatch):
     """Unix socket paths are limited to 107 bytes; deep work folders must still boot."""
-    import tasks.qemu as qemu
+    import cloudbake.qemu as qemu
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     seen = []
@@ -291,7 +291,7 @@ BROKEN_KVM = [
 
 
 def _standin_boot(tmp_path, monkeypatch, mode: str):
-    from tasks.qemu import AccelChoice, boot_with_fallback
+    from cloudbake.qemu import AccelChoice, boot_with_fallback
     from tests.fixture.standin import install_standin_qemu, path_with
 
     monkeypatch.setenv("PATH", path_with(install_standin_qemu(tmp_path / "bin", mode)))
@@ -307,7 +307,7 @@ def _standin_boot(tmp_path, monkeypatch, mode: str):
 
 @pytest.mark.parametrize(("mode", "words"), BROKEN_KVM)
 def test_broken_kvm_falls_back_to_tcg_and_remembers_why(tmp_path, monkeypatch, capsys, mode, words):
-    from tasks.qemu import kvm_verdict_file, read_kvm_verdict
+    from cloudbake.qemu import kvm_verdict_file, read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, mode)
     assert calls == ["kvm", "tcg"]
@@ -324,7 +324,7 @@ def test_broken_kvm_falls_back_to_tcg_and_remembers_why(tmp_path, monkeypatch, c
 
 
 def test_working_kvm_is_kept(tmp_path, monkeypatch):
-    from tasks.qemu import read_kvm_verdict
+    from cloudbake.qemu import read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "works")
     assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 0
@@ -334,7 +334,7 @@ def test_working_kvm_is_kept(tmp_path, monkeypatch):
 
 def test_a_qemu_failure_unrelated_to_kvm_is_not_a_kvm_verdict(tmp_path, monkeypatch):
     """A missing disk fails under TCG too: no fallback, no remembered verdict, QEMU's words reach the user."""
-    from tasks.qemu import read_kvm_verdict
+    from cloudbake.qemu import read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "bad-disk")
     assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 1
@@ -349,13 +349,13 @@ def test_a_qemu_failure_unrelated_to_kvm_is_not_a_kvm_verdict(tmp_path, monkeypa
     (1, "qemu-system-x86_64: -nic user,hostfwd=tcp:127.0.0.1:2222-:22: could not set up host forwarding rule", False),
 ])
 def test_kvm_failure_verdict_reads_qemu_words(returncode, stderr, broken):
-    from tasks.qemu import kvm_failure_verdict
+    from cloudbake.qemu import kvm_failure_verdict
 
     assert (kvm_failure_verdict(returncode, stderr) is not None) is broken
 
 
 def test_corrupt_verdict_file_means_probe_again(tmp_path):
-    from tasks.qemu import kvm_verdict_file, read_kvm_verdict
+    from cloudbake.qemu import kvm_verdict_file, read_kvm_verdict
 
     for text in ("{", "[]", '{"host": 3}', "\xff"):
         kvm_verdict_file(tmp_path).parent.mkdir(parents=True, exist_ok=True)

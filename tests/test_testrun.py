@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
-from tasks.errors import PipelineError
-from tasks.pipeline import load_pipeline
-from tasks.testrun import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root, ssh_argv
+from cloudbake.errors import PipelineError
+from cloudbake.pipeline import load_pipeline
+from cloudbake.testrun import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root, ssh_argv
 
 
 def test_ssh_pins_the_host_key_and_uses_only_the_run_key(tmp_path):
@@ -87,8 +87,8 @@ def test_artifact_extraction_stays_in_its_folder(tmp_path, monkeypatch, with_fil
     import io
     import tarfile
 
-    from tasks.errors import PipelineError
-    from tasks.testrun import _extract_safely
+    from cloudbake.errors import PipelineError
+    from cloudbake.testrun import _extract_safely
     if not with_filter:
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
     dest = tmp_path / "artifacts"
@@ -132,7 +132,7 @@ def guest_tools(tmp_path, monkeypatch):
 
 
 def _fetch(tmp_path, patterns, **kw):
-    from tasks.testrun import fetch_artifacts
+    from cloudbake.testrun import fetch_artifacts
 
     kw.setdefault("max_bytes", 1 << 30)
     kw.setdefault("timeout_s", 60)

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.units import DiskSize, format_size, parse_disk_size, parse_duration, parse_size
+from cloudbake.units import DiskSize, format_size, parse_disk_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -1,15 +1,11 @@
-"""The one error type users see, and the edge where it becomes a doit failure."""
+"""The one error type users see, and stop signals turned into an unwinding exception."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
-
-from doit.exceptions import TaskFailed
+from collections.abc import Iterator
 
 
 class PipelineError(Exception):
@@ -63,24 +59,3 @@ def stop_signals_unwind() -> Iterator[None]:
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
-
-
-def doit_action(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a task action so a PipelineError reaches the user as a clean doit failure."""
-
-    @functools.wraps(func)
-    def action(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with stop_signals_unwind():
-                result = func(*args, **kwargs)
-        except PipelineError as err:
-            from tasks.log import redact
-
-            return TaskFailed(redact(str(err)))
-        except KeyboardInterrupt as err:
-            what = err.signal_name if isinstance(err, Interrupted) else "Ctrl-C"
-            return TaskFailed(f"interrupted ({what}); the guest and its work files were cleaned up")
-        # doit treats only None, True, dict and str as success; stage functions may return paths.
-        return result if isinstance(result, dict) else None
-
-    return action

@@ -21,11 +21,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from tasks.errors import PipelineError
-from tasks.units import DiskSize, parse_disk_size, parse_duration, parse_size
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_PATH = PROJECT_ROOT / "schema" / "pipeline.schema.json"
+from cloudbake.errors import PipelineError
+from cloudbake.schemas import pipeline_schema_path
+from cloudbake.units import DiskSize, parse_disk_size, parse_duration, parse_size
 
 
 class Arch(enum.StrEnum):
@@ -138,7 +136,7 @@ RELEASES = {
 
 @functools.cache
 def load_schema() -> dict[str, Any]:
-    with open(SCHEMA_PATH, encoding="utf-8") as f:
+    with open(pipeline_schema_path(), encoding="utf-8") as f:
         schema: dict[str, Any] = json.load(f)
     return schema
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Union
 
-from tasks.errors import PipelineError
-from tasks.log import stage_logger
+from cloudbake.errors import PipelineError
+from cloudbake.log import stage_logger
 
 Arg = Union[str, "os.PathLike[str]"]
 STDERR_TAIL_LINES = 20

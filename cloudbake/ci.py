@@ -1,7 +1,7 @@
 """What the CI workflow asks of cloudbake besides doit's tasks: the folders to cache, and a job summary.
 
-    python -m tasks.ci outputs PIPELINE          lines for $GITHUB_OUTPUT: dist, downloads, upstream
-    python -m tasks.ci summary PIPELINE [--image-cache-hit true|false|""] [--lock-fetched true|false]
+    python -m cloudbake.ci outputs PIPELINE          lines for $GITHUB_OUTPUT: dist, downloads, upstream
+    python -m cloudbake.ci summary PIPELINE [--image-cache-hit true|false|""] [--lock-fetched true|false]
 
 Both read the pipeline and its lock offline; neither boots nor downloads anything.
 """
@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.bake import manifest_path, published_image, resolve_key
-from tasks.errors import PipelineError
-from tasks.fetch import read_lock
-from tasks.paths import resolve_paths
-from tasks.pipeline import load_pipeline
-from tasks.units import human_bytes
+from cloudbake.bake import manifest_path, published_image, resolve_key
+from cloudbake.errors import PipelineError
+from cloudbake.fetch import read_lock
+from cloudbake.paths import resolve_paths
+from cloudbake.pipeline import load_pipeline
+from cloudbake.units import human_bytes
 
 
 def ci_outputs(pipeline_file: Path) -> dict[str, str]:
@@ -72,7 +72,7 @@ def _manifest(image: Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.ci")
+    parser = argparse.ArgumentParser(prog="python -m cloudbake.ci")
     parser.add_argument("command", choices=["outputs", "summary"])
     parser.add_argument("pipeline", type=Path)
     parser.add_argument("--image-cache-hit", default="", help="actions/cache's cache-hit output")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.log import stage_logger
+from cloudbake.log import stage_logger
 
 
 def write_atomically(dest: Path, data: bytes, mode: int = 0o644) -> None:
@@ -32,17 +32,22 @@ def write_atomically(dest: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, what: str) -> Iterator[None]:
-    """An exclusive lock shared by every cloudbake process on this machine (flock)."""
+def file_lock(path: Path, what: str) -> Iterator[bool]:
+    """An exclusive lock shared by every cloudbake process on this machine (flock).
+
+    Yields whether another process held it first (what it did may make the caller's work moot).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
+        waited = False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             stage_logger("lock").info("waiting for another cloudbake process working on %s", what)
             fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = True
         try:
-            yield
+            yield waited
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PipelineError
-from tasks.log import stage_logger
-from tasks.pipeline import Accel, Arch, Firmware
-from tasks.runner import Spawned, require_tool, run, spawn, stop_process, tail
+from cloudbake.errors import PipelineError
+from cloudbake.log import stage_logger
+from cloudbake.pipeline import Accel, Arch, Firmware
+from cloudbake.runner import Spawned, require_tool, run, spawn, stop_process, tail
 
 QEMU_BINARY = {Arch.amd64: "qemu-system-x86_64", Arch.arm64: "qemu-system-aarch64"}
 QEMU_PACKAGE = {Arch.amd64: "qemu-system-x86", Arch.arm64: "qemu-system-arm"}
@@ -149,7 +149,7 @@ def read_kvm_verdict(cache_dir: Path) -> str | None:
 
 def remember_kvm_broken(cache_dir: Path, verdict: str) -> None:
     """Remember for this host that KVM does not run guests, in QEMU's own words."""
-    from tasks.files import write_atomically
+    from cloudbake.files import write_atomically
 
     record = {"host": host_fingerprint(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "verdict": verdict}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.pipeline import Pipeline
+from cloudbake.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,7 @@ class Paths:
     output_dir: Path     # dist/: published images and manifests
     cache_dir: Path      # downloads, shared between pipelines
     lock_file: Path      # pipeline.lock beside the pipeline file
+    state_dir: Path      # the pipeline file's folder: doit's state lives there, as doit's own .doit.db does
 
     @property
     def seed_iso(self) -> Path:
@@ -38,7 +39,7 @@ class Paths:
         SQLite, not doit's JSON file: that one is rewritten whole and in place at the end of
         every command, so commands running side by side read it half-written and crash.
         """
-        return self.work_dir / ".doit.sqlite"
+        return self.state_dir / f".doit-{self.work_dir.name}.sqlite"
 
     @property
     def runs_dir(self) -> Path:
@@ -51,4 +52,5 @@ def resolve_paths(pipeline: Pipeline) -> Paths:
         output_dir=pipeline.output_dir,
         cache_dir=pipeline.cache_dir,
         lock_file=pipeline.file.with_suffix(".lock"),
+        state_dir=pipeline.file.parent,
     )

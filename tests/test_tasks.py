@@ -1,0 +1,135 @@
+"""doit's graph for real, through the real doit and the cloudbake command, on an offline project (no boot)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloudbake.cli import split_pipeline_option
+from tests.conftest import PROJECT
+from tests.fixture.offline import offline_project
+from tests.fixture.standin import install_standin_qemu, path_with
+
+
+def doit(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def cloudbake(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cloudbake.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_the_chain_is_doits_graph(tmp_path):
+    pipeline = offline_project(tmp_path)
+    listing = doit(tmp_path, "list", "--deps", f"pipeline={pipeline}").stdout
+    blocks = {block.split()[0]: block for block in listing.split("\n\n") if block.strip()}
+    assert "pipeline.lock" in blocks["bake"] and "seed.iso" in blocks["bake"]  # fetch's and seed's targets
+    info = doit(tmp_path, "info", "test-image", f"pipeline={pipeline}").stdout
+    assert "bake" in info.split("task_dep", 1)[1]
+
+
+def test_info_bake_reads_as_a_sentence(tmp_path):
+    pipeline = offline_project(tmp_path)
+    info = doit(tmp_path, "info", "bake", f"pipeline={pipeline}").stdout
+    assert "up to date when the image named by the current key is published" in info
+    assert "<lambda>" not in info and "<function" not in info
+
+
+def test_unknown_variable_is_refused_with_a_suggestion(tmp_path):
+    pipeline = offline_project(tmp_path)
+    result = doit(tmp_path, "list", f"pipline={pipeline}")
+    assert result.returncode == 3
+    assert "unknown variable 'pipline=" in result.stderr + result.stdout
+    assert "did you mean 'pipeline'?" in result.stderr + result.stdout
+
+
+def test_listing_tasks_writes_nothing_but_doits_state(tmp_path):
+    pipeline = offline_project(tmp_path)
+    before = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+    assert doit(tmp_path, "list", f"pipeline={pipeline}").returncode == 0
+    after = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+    assert after - before <= {Path(".doit-offline.sqlite")}
+
+
+def test_test_image_options_are_in_its_help(tmp_path):
+    pipeline = offline_project(tmp_path)
+    text = doit(tmp_path, "help", "test-image", f"pipeline={pipeline}").stdout
+    assert "--cmd" in text and "--keep" in text
+
+
+def test_bake_is_skipped_when_published_and_forced_with_a(tmp_path):
+    """Published for the current key: `doit bake` boots nothing; `doit -a bake` bakes again (here the
+    stand-in guest reports nothing, so that bake fails, which proves it ran)."""
+    pipeline = offline_project(tmp_path, published=True)
+    env = {"PATH": path_with(install_standin_qemu(tmp_path / "bin", "works"))}
+    skipped = doit(tmp_path, "bake", f"pipeline={pipeline}", env=env)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "starting qemu" not in skipped.stderr
+    forced = doit(tmp_path, "-a", "bake", f"pipeline={pipeline}", env=env)
+    assert "starting qemu" in forced.stderr
+    assert "powered off without reporting" in forced.stdout + forced.stderr
+
+
+def test_clean_bake_removes_what_bake_made(tmp_path):
+    pipeline = offline_project(tmp_path, published=True)
+    image = next((tmp_path / "dist").glob("offline-*.qcow2"))
+    result = doit(tmp_path, "clean", "bake", f"pipeline={pipeline}")
+    assert result.returncode == 0, result.stderr
+    assert not image.exists() and not image.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize(("argv", "pipeline", "rest"), [
+    (["bake"], None, ["bake"]),
+    (["-p", "ci.yaml", "test-image", "--cmd", "make"], "ci.yaml", ["test-image", "--cmd", "make"]),
+    (["list", "--pipeline=x.yaml", "--deps"], "x.yaml", ["list", "--deps"]),
+])
+def test_cli_pipeline_option(argv, pipeline, rest):
+    assert split_pipeline_option(argv) == (pipeline, rest)
+
+
+def test_cli_runs_the_same_tasks_in_any_folder(tmp_path):
+    """No dodo.py: the cloudbake command reads ./pipeline.yaml, or -p PATH."""
+    offline_project(tmp_path)
+    listing = cloudbake(tmp_path, "list")
+    assert listing.returncode == 0, listing.stderr
+    for task in ("bake", "test-image", "validate", "status", "cache-key", "fetch", "seed"):
+        assert task in listing.stdout
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    key = cloudbake(other, "-p", str(tmp_path / "pipeline.yaml"), "-r", "zero", "cache-key")
+    assert key.returncode == 0, key.stderr
+    assert len(key.stdout.strip()) == 16
+    missing = cloudbake(other, "list")
+    assert missing.returncode == 3 and "pipeline.yaml: pipeline file not found" in missing.stdout + missing.stderr
+
+
+def test_status_json_and_validate(tmp_path):
+    import json
+
+    pipeline = offline_project(tmp_path, published=True)
+    status = cloudbake(tmp_path, "status", "--json", "-p", str(pipeline))
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout[status.stdout.index("{"):status.stdout.rindex("}") + 1])
+    assert data["baked"] is True and len(data["key"]) == 16 and data["lock"]["serial"] == "20261128"
+    validate = cloudbake(tmp_path, "validate")
+    assert "user-data" in validate.stdout and "qemu" in validate.stdout and "firmware" in validate.stdout
+    broken = {"PATH": "/nonexistent"}
+    failed = subprocess.run([sys.executable, "-m", "cloudbake.cli", "validate"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, **broken})
+    assert failed.returncode != 0 and "not ready to bake" in failed.stdout + failed.stderr
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["-a", "bake"], True), (["--always-execute", "bake"], True), (["-va", "bake"], True),
+    (["bake"], False), (["bake", "--cmd", "a"], False), (["-f", "dodo.py", "bake"], False),
+])
+def test_always_execute_is_read_from_the_command_line(argv, expected):
+    from tasks.bake import always_execute_requested
+
+    assert always_execute_requested(argv) is expected
