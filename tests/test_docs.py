@@ -35,6 +35,9 @@ def test_mermaid_edges_are_the_task_dependencies(task_dicts):
     block = text.split("```mermaid", 1)[1].split("```", 1)[0]
     solid = set(re.findall(r"^\s*([\w-]+) --> ([\w-]+)\s*$", block, re.M))
     expected = {(dep, name) for name, task in task_dicts.items() for dep in task.get("task_dep", [])}
+    producers = {target: name for name, task in task_dicts.items() for target in task.get("targets", [])}
+    expected |= {(producers[dep], name) for name, task in task_dicts.items() for dep in task.get("file_dep", [])
+                 if dep in producers}  # doit orders a task after the task whose target it reads
     assert solid == expected
 
 
