@@ -80,18 +80,30 @@ def qemu_processes(marker: str) -> list[str]:
     return found
 
 
+def cloudbake(binary: Path, *args: str, cwd: Path, timeout: float = 1200,
+              env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed `cloudbake` command, run with a PATH that holds no checkout."""
+    return subprocess.run([str(binary), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
 @pytest.fixture(scope="session")
-def baked(tmp_path_factory, real_mirror, real_server):
-    """The one shared bake, through `doit bake` exactly as a user runs it (accel auto: here that means the
-    KVM no-progress fallback to TCG)."""
+def baked(tmp_path_factory, real_mirror, real_server, installed_cloudbake):
+    """The one shared bake, by the `cloudbake` command installed from a wheel, in a folder holding only
+    pipeline.yaml and cloud-init/ (accel auto on the real host, whatever its KVM does). The doit route
+    bakes in the CI workflow replay."""
     folder = tmp_path_factory.mktemp("e2e-project")
     pipeline = write_project(folder, real_server.url, real_mirror.key)
+    validated = cloudbake(installed_cloudbake, "validate", cwd=folder, timeout=120)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert "ok  user-data" in validated.stdout and "ok  firmware" in validated.stdout
     started = time.monotonic()
-    result = doit("bake", f"pipeline={pipeline}", cwd=folder)
+    result = cloudbake(installed_cloudbake, "bake", cwd=folder)
     assert result.returncode == 0, result.stdout + result.stderr
     images = [p for p in (folder / "dist").glob("e2e-*.qcow2") if not p.is_symlink()]
     assert len(images) == 1
     return {"folder": folder, "pipeline": pipeline, "image": images[0], "log": result.stderr,
+            "cloudbake": installed_cloudbake,
             "upstream": real_mirror.image,
             "seconds": time.monotonic() - started}
 
@@ -185,8 +197,8 @@ def test_test_image_exit_status_and_pristine_base(baked, tmp_path):
     bin_dir = install_standin_qemu(tmp_path / "bin", "abort", real_guest=True)
     base_digest = sha256(baked["image"])
     command = "sudo -n dd if=/dev/urandom of=/var/tmp/junk bs=1M count=64 status=none && sync && exit 7"
-    result = doit("test-image", f"pipeline={baked['pipeline']}", f"cmd={command}", cwd=baked["folder"],
-                  env={"PATH": path_with(bin_dir)})
+    result = cloudbake(baked["cloudbake"], "test-image", "--cmd", command, cwd=baked["folder"],
+                       env={"PATH": path_with(bin_dir)})
     assert result.returncode != 0
     assert "the test command failed with exit status 7" in result.stdout + result.stderr
     if (Path("/dev/kvm").exists() and os.access("/dev/kvm", os.R_OK | os.W_OK)):
