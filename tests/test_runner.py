@@ -1,0 +1,75 @@
+"""The one subprocess runner: the real interpreter plays every program."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from cloudbake.errors import PipelineError
+from cloudbake.runner import require_tool, run, spawn
+
+
+def test_output_is_captured_and_decoded_leniently():
+    result = run([sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'ok \\xff'); print('e', file=sys.stderr)"],
+                 stage="test", timeout=30)
+    assert result.returncode == 0 and result.stdout == "ok \ufffd" and result.stderr.strip() == "e"
+
+
+def test_non_zero_exit_names_the_program_and_shows_stderr():
+    with pytest.raises(PipelineError) as caught:
+        run([sys.executable, "-c", "import sys; print('first'); print('disk full', file=sys.stderr); sys.exit(3)"],
+            stage="test", timeout=30)
+    assert "failed with exit status 3" in str(caught.value) and "disk full" in str(caught.value)
+
+
+def test_non_zero_is_returned_when_not_checked():
+    assert run([sys.executable, "-c", "import sys; sys.exit(2)"], stage="test", timeout=30, check=False).returncode == 2
+
+
+def test_timeout_kills_the_child_and_says_so(tmp_path):
+    marker = tmp_path / "pid"
+    with pytest.raises(PipelineError, match="did not finish within 1 s"):
+        run([sys.executable, "-c", f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(60)"], stage="test", timeout=1)
+    pid = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_missing_program_is_a_clear_error():
+    with pytest.raises(PipelineError, match="not found"):
+        run(["/nonexistent/qemu-img", "info"], stage="test", timeout=5)
+    with pytest.raises(PipelineError, match="install the qemu-utils package"):
+        require_tool("qemu-img-that-does-not-exist", "qemu-utils")
+
+
+def test_ctrl_c_stops_a_spawned_program(tmp_path):
+    """KeyboardInterrupt inside the block: the program is terminated and reaped, the interrupt goes on."""
+    started = []
+    with pytest.raises(KeyboardInterrupt), spawn([sys.executable, "-c", "import time; time.sleep(60)"],
+                                                 stage="test") as spawned:
+        started.append(spawned.proc)
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        time.sleep(10)
+    assert started[0].poll() is not None
+
+
+def test_a_kept_program_survives_its_block():
+    with spawn([sys.executable, "-c", "import time; time.sleep(30)"], stage="test") as spawned:
+        spawned.keep_running()
+    try:
+        assert spawned.proc.poll() is None
+    finally:
+        spawned.proc.kill()
+        spawned.proc.wait()
+
+
+def test_arguments_are_never_a_shell_string(tmp_path):
+    odd = tmp_path / "a b; echo pwned"
+    result = run([sys.executable, "-c", "import sys; print(sys.argv[1])", odd], stage="test", timeout=30)
+    assert result.stdout.strip() == str(odd)  # one argument, as given: no shell ever split or ran it
