@@ -110,12 +110,32 @@ def require_lock(paths: Paths, pipeline: Pipeline) -> Lock:
     return lock
 
 
-def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], SeedFiles, Lock]:
-    """The key for the pipeline as it is now: offline, no boot, a few milliseconds."""
+@dataclass(frozen=True)
+class Build:
+    """The image being built, resolved once per command and handed down: what the key covers, and the key."""
+
+    pipeline: Pipeline
+    lock: Lock
+    seed: SeedFiles          # as the key sees them (the boot nonce is a placeholder)
+    inputs: dict[str, Any]   # what the key is a hash of (digests, settings), also recorded in the manifest
+    key: str
+
+    def published(self, paths: Paths) -> Path:
+        return published_image(paths, self.pipeline.name, self.key)
+
+
+def resolve_build(pipeline: Pipeline, paths: Paths) -> Build:
+    """The build for the pipeline as it is now: offline, no boot, a few milliseconds. Validates the seed."""
     lock = require_lock(paths, pipeline)
     seed = build_seed_files(pipeline, for_bake=True)
     inputs = key_inputs(pipeline, lock, seed)
-    return compute_key(inputs), inputs, seed, lock
+    return Build(pipeline, lock, seed, inputs, compute_key(inputs))
+
+
+def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], SeedFiles, Lock]:
+    """(key, inputs, seed, lock) of :func:`resolve_build`, for callers that want the parts."""
+    build = resolve_build(pipeline, paths)
+    return build.key, build.inputs, build.seed, build.lock
 
 
 def published_image(paths: Paths, name: str, key: str) -> Path:
@@ -324,11 +344,9 @@ def verify_published(image: Path) -> dict[str, Any]:
     return manifest
 
 
-def _already_baked(pipeline: Pipeline, paths: Paths) -> Path | None:
-    """The published image for the current key, when there is a lock to compute the key from."""
-    if not paths.lock_file.exists():
-        return None
-    dest = published_image(paths, pipeline.name, resolve_key(pipeline, paths)[0])
+def _already_baked(build: Build, paths: Paths) -> Path | None:
+    """The published image for the build's key, checked against its manifest; None when not published."""
+    dest = build.published(paths)
     if not is_published(dest):
         return None
     verify_published(dest)
@@ -340,16 +358,19 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
     """Bake unless the image for the current key is already published; returns the published image.
 
     ``force`` bakes again even then (``doit -a bake``, ``doit bake --force``), except when
-    another process finished the same bake while this one waited for the lock.
+    another process finished the same bake while this one waited for the lock. The build is
+    resolved once (once more only when this bake had to pin the upstream image first).
     """
-    if not force:
-        done = _already_baked(pipeline, paths)
+    build = resolve_build(pipeline, paths) if paths.lock_file.exists() else None
+    if build is not None and not force:
+        done = _already_baked(build, paths)
         if done is not None:
             return done
     with file_lock(paths.work_dir / "bake.lock", f"the bake of {pipeline.name}") as waited:
-        done = _already_baked(pipeline, paths) if waited or not force else None
-        if done is not None:
-            return done
+        if build is not None and (waited or not force):
+            done = _already_baked(build, paths)  # another process may have baked it while we waited
+            if done is not None:
+                return done
         # Under the bake lock no other writer of this pipeline's work folder or published
         # images is alive: their temps are a killed bake's. Elsewhere, only old ones.
         sweep_temps(paths.work_dir, older_than_s=0)
@@ -361,10 +382,11 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
         timer = _Timer()
         with timer.step("fetch"):
             upstream, lock = ensure_image(pipeline, paths)
-        key, inputs, seed, lock = resolve_key(pipeline, paths)
-        dest = published_image(paths, pipeline.name, key)
-        log.info("baking %s (key %s)", dest.name, key)
-        return _bake(pipeline, paths, upstream, lock, seed, inputs, key, dest, timer)
+        if build is None or build.lock != lock:
+            build = resolve_build(pipeline, paths)
+        dest = build.published(paths)
+        log.info("baking %s (key %s)", dest.name, build.key)
+        return _bake(pipeline, paths, upstream, build.lock, build.seed, build.inputs, build.key, dest, timer)
 
 
 def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: SeedFiles, inputs: dict[str, Any],

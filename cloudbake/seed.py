@@ -58,6 +58,14 @@ BOOT_NONCE_PLACEHOLDER = "CLOUDBAKE_BOOT_NONCE"
 DEFAULT_SOURCE_DATE_EPOCH = 946684800
 
 log = stage_logger("seed")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about the user's files, once per process however many stages look at them."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 @dataclass(frozen=True)
@@ -211,8 +219,8 @@ def resolve_authorized_keys(entries: tuple[str, ...], base: Path, *, warn: bool 
         pattern = str(base / os.path.expanduser(entry))
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches and warn:
-            log.warning("no public key matches %s (cloud_init.ssh_authorized_keys); you can still log in "
-                        "through doit test-image, which adds a key of its own per run", entry)
+            _warn_once(f"no public key matches {entry} (cloud_init.ssh_authorized_keys); you can still log in "
+                       "through test-image and console, which add a key of their own per run")
         for match in matches:
             try:
                 text = Path(match).read_text(encoding="utf-8")
@@ -344,7 +352,7 @@ def build_seed_files(pipeline: Pipeline, *, for_bake: bool = True, extra: dict[s
     if for_bake:
         errors = sorted(errors + check_power_state(document, root), key=lambda p: (p.line, p.col))
     for warning in warnings:
-        log.warning("%s", warning.render(ci.user_data))
+        _warn_once(warning.render(ci.user_data))
     if errors:
         lines = "\n".join(p.render(ci.user_data) for p in errors)
         hint = "fix the keys named above"
