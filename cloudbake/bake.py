@@ -25,7 +25,7 @@ from typing import Any
 from cloudbake import __version__
 from cloudbake.errors import PipelineError
 from cloudbake.fetch import Lock, ensure_image, read_lock
-from cloudbake.files import file_lock, is_verified, record_verified, sha256_file, sweep_temps
+from cloudbake.files import file_lock, is_verified, record_verified, sha256_file, sweep_temps, write_atomically
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Compression, Pipeline
@@ -279,7 +279,6 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
     qemu_img = require_tool("qemu-img", "qemu-utils")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp_manifest = dest.with_name(f".{dest.stem}.json.tmp")
     try:
         run(convert_argv(qemu_img, work_disk, tmp, compression), stage="bake", timeout=QEMU_IMG_TIMEOUT_S)
         check = run([qemu_img, "check", "-q", tmp], stage="bake", timeout=QEMU_IMG_TIMEOUT_S, check=False)
@@ -294,13 +293,12 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
         manifest["image"]["sha256"] = sha256_file(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, dest)
-        os.replace(tmp_manifest, manifest_path(dest))
+        # The manifest last: until it is there, readers do not count the image as published.
+        write_atomically(manifest_path(dest), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         record_verified(dest, manifest["image"]["sha256"])
     finally:
         tmp.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
     pointer = dest.parent / f"{manifest['name']}.qcow2"
     tmp_pointer = dest.parent / f".{manifest['name']}.qcow2.tmp"
     tmp_pointer.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from cloudbake.bake import published_image, resolve_key, verify_published
 from cloudbake.errors import PipelineError
+from cloudbake.files import write_atomically
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
@@ -409,7 +410,7 @@ def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None,
 
 def prepare_run(pipeline: Pipeline, base: Path, files: RunFiles, label: str) -> str:
     """Owner record, overlay, this run's key pair and host key, and its seed; returns the host's public key."""
-    files.owner.write_text(json.dumps({"pid": os.getpid(), "base": base.name}))
+    write_atomically(files.owner, json.dumps({"pid": os.getpid(), "base": base.name}).encode(), mode=0o600)
     make_overlay(base, files.overlay)
     client_public = make_keypair(files.client_key, f"cloudbake-{label}-{files.folder.name}")
     host_public = make_keypair(files.host_key, f"cloudbake-{label}-host")
@@ -448,7 +449,7 @@ def _started_vm(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], file
                 continue
             info = json.loads(files.owner.read_text())
             info["qemu_pid"] = vm.proc.pid if vm.proc else 0
-            files.owner.write_text(json.dumps(info))
+            write_atomically(files.owner, json.dumps(info).encode(), mode=0o600)
             yield vm, port
             return
     raise PipelineError("could not bind a forwarded SSH port on 127.0.0.1")
@@ -482,7 +483,7 @@ def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[s
         if keep:
             vm.keep_running()
             info = json.loads(files.owner.read_text())
-            files.owner.write_text(json.dumps({**info, "kept": True}))
+            write_atomically(files.owner, json.dumps({**info, "kept": True}).encode(), mode=0o600)
             log.info("keep=1: the VM keeps running.\n  ssh: %s\n  monitor: nc -U %s   (QMP; 'socat - UNIX-CONNECT:"
                      "%s' works too)\n  serial log: %s\n  stop it: kill %d, then rm -r %s",
                      shlex.join(ssh_argv(files, port, user)), vm.spec.qmp_socket, vm.spec.qmp_socket, files.serial_log,
