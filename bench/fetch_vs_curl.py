@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import alternate, report
-from cloudbake.fetch import HttpSettings, _session, download
+from cloudbake.http import HttpSettings, _session, download
 from tests.fixture.server import MirrorServer
 
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from cloudbake import __version__
 from cloudbake.errors import PipelineError
-from cloudbake.fetch import Lock, ensure_image, read_lock
+from cloudbake.fetch import ensure_image
 from cloudbake.files import file_lock, is_verified, record_verified, sha256_file, sweep_temps, write_atomically
+from cloudbake.lock import Lock, read_lock
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Compression, Pipeline

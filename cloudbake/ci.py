@@ -16,7 +16,7 @@ from typing import Any
 
 from cloudbake.bake import manifest_path, published_image, resolve_key
 from cloudbake.errors import PipelineError
-from cloudbake.fetch import read_lock
+from cloudbake.lock import read_lock
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import load_pipeline
 from cloudbake.units import human_bytes

@@ -14,7 +14,8 @@ from typing import Any
 
 from cloudbake.bake import is_published, published_image, resolve_key
 from cloudbake.errors import PipelineError
-from cloudbake.fetch import cached_upstream, read_lock
+from cloudbake.fetch import cached_upstream
+from cloudbake.lock import read_lock
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Firmware, Pipeline

@@ -18,7 +18,7 @@ from cloudbake.bake import (
     run_prune,
 )
 from cloudbake.errors import PipelineError
-from cloudbake.fetch import Lock, write_lock
+from cloudbake.lock import Lock, write_lock
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import Compression, load_pipeline
 from cloudbake.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, build_seed_files
@@ -36,7 +36,7 @@ def locked(make_pipeline):
         kwargs = {} if user_data is None else {"user_data": user_data}
         pipeline = load_pipeline(make_pipeline(text, **kwargs))
         paths = resolve_paths(pipeline)
-        from cloudbake.fetch import lock_source
+        from cloudbake.lock import lock_source
         write_lock(paths.lock_file, Lock(source=lock_source(pipeline.source), url="http://m/x.img", serial="1",
                                          sha256=sha, size=1, signed_by=None, signature_time=None))
         return pipeline, paths

@@ -11,20 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake import fetch
+from cloudbake import http, ubuntu
 from cloudbake.errors import PipelineError
-from cloudbake.fetch import (
-    HttpSettings,
-    dearmor,
-    ensure_image,
-    key_fingerprints,
-    parse_sums,
-    read_lock,
-    resolve_upstream,
-)
+from cloudbake.fetch import ensure_image
 from cloudbake.files import is_verified
+from cloudbake.http import HttpSettings
+from cloudbake.lock import read_lock
+from cloudbake.openpgp import dearmor, key_fingerprints
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import load_pipeline
+from cloudbake.ubuntu import parse_sums, resolve_upstream
 from tests.fixture.mirror import make_gpg_key, write_sums
 from tests.fixture.server import Fault, MirrorServer
 
@@ -341,9 +337,9 @@ def test_key_from_keyserver_is_trusted_only_by_fingerprint(server, small_mirror,
     keyserver = tmp_path / "ks"
     (keyserver / "pks").mkdir(parents=True)
     (keyserver / "pks" / "lookup").write_bytes(small_mirror.key.armored.read_bytes())
-    monkeypatch.setattr(fetch, "SYSTEM_KEYRING", tmp_path / "absent.gpg")
+    monkeypatch.setattr(ubuntu, "SYSTEM_KEYRING", tmp_path / "absent.gpg")
     with MirrorServer(keyserver) as ks:
-        monkeypatch.setattr(fetch, "KEYSERVER_URL", ks.url + "pks/lookup?search=0x{fingerprint}")
+        monkeypatch.setattr(ubuntu, "KEYSERVER_URL", ks.url + "pks/lookup?search=0x{fingerprint}")
         pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
         from dataclasses import replace
         no_keyring = replace(pipeline, source=replace(pipeline.source, verify=replace(pipeline.source.verify,
@@ -363,7 +359,8 @@ def test_key_from_keyserver_is_trusted_only_by_fingerprint(server, small_mirror,
 # --- concurrency ------------------------------------------------------------------------------
 
 def _fetch_in_process(pipeline_file: str, queue) -> None:
-    from cloudbake.fetch import HttpSettings, ensure_image
+    from cloudbake.fetch import ensure_image
+    from cloudbake.http import HttpSettings
     from cloudbake.paths import resolve_paths
     from cloudbake.pipeline import load_pipeline
     pipeline = load_pipeline(pipeline_file)
@@ -410,7 +407,7 @@ def test_doit_fetch_then_offline(small_mirror, make):
 def test_signature_by_a_revoked_key_is_refused(tmp_path):
     """A real key, a real signature, then the key's real revocation imported: gpgv still says VALIDSIG
     (the maths holds) but also REVKEYSIG, and that refuses it."""
-    from cloudbake.fetch import check_signature
+    from cloudbake.openpgp import check_signature
     from tests.fixture.mirror import make_gpg_key
 
     key = make_gpg_key(tmp_path / "gnupg", "revoked")
@@ -433,7 +430,7 @@ def test_signature_by_a_revoked_key_is_refused(tmp_path):
 @pytest.mark.parametrize("code", ["REVKEYSIG", "EXPKEYSIG", "EXPSIG", "BADSIG", "ERRSIG"])
 def test_refusing_status_wins_over_validsig(tmp_path, monkeypatch, code):
     """A stand-in gpgv that prints VALIDSIG for the pinned key and one refusing code, exit 0."""
-    from cloudbake.fetch import check_signature
+    from cloudbake.openpgp import check_signature
 
     fpr = "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81"
     gpgv = tmp_path / "bin" / "gpgv"
@@ -456,7 +453,7 @@ def test_refusing_status_wins_over_validsig(tmp_path, monkeypatch, code):
     ({"source": ["noble"]}, "source must be a mapping"),
 ])
 def test_hostile_lock_values_are_refused(tmp_path, change, fragment):
-    from cloudbake.fetch import Lock, read_lock, write_lock
+    from cloudbake.lock import Lock, read_lock, write_lock
 
     lock_file = tmp_path / "pipeline.lock"
     write_lock(lock_file, Lock({"release": "noble"}, "http://m/x.img", "1", "a" * 64, 10, None, None))
@@ -469,7 +466,7 @@ def test_hostile_lock_values_are_refused(tmp_path, change, fragment):
 
 @pytest.mark.parametrize("text", ["[]", "\xff", "null"])
 def test_lock_that_is_not_a_lock(tmp_path, text):
-    from cloudbake.fetch import read_lock
+    from cloudbake.lock import read_lock
 
     (tmp_path / "pipeline.lock").write_bytes(text.encode("latin-1"))
     with pytest.raises(PipelineError, match="not a valid cloudbake lock file"):
@@ -481,7 +478,7 @@ def test_lock_that_is_not_a_lock(tmp_path, text):
     (b"-----BEGIN PGP SIGNATURE-----", "SHA256SUMS.gpg"),
 ])
 def test_malformed_armor_is_a_clear_error(tmp_path, data, what):
-    from cloudbake.fetch import check_signature
+    from cloudbake.openpgp import check_signature
 
     with pytest.raises(PipelineError, match=f"{what}: malformed ASCII armor"):
         check_signature(b"sums", data, tmp_path / "keyring.gpg", ("A" * 40,))
@@ -500,21 +497,21 @@ def test_keyserver_key_is_refreshed_after_a_week(make_pipeline, tmp_path, gpg_ke
     pipeline = load_pipeline(make_pipeline(f"source: {{verify: {{fingerprints: [{gpg_key.fingerprint}]}}}}\n"
                                            f"cache: {{dir: {tmp_path / 'cache'}}}\n"))
     paths = resolve_paths(pipeline)
-    monkeypatch.setattr(fetch, "SYSTEM_KEYRING", tmp_path / "absent.gpg")
+    monkeypatch.setattr(ubuntu, "SYSTEM_KEYRING", tmp_path / "absent.gpg")
     cached = paths.cache_dir / "keys" / f"{gpg_key.fingerprint}.gpg"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(gpg_key.keyring.read_bytes())
     with MirrorServer(keys) as srv, requests.Session() as session:
-        monkeypatch.setattr(fetch, "KEYSERVER_URL", srv.url + "key.asc?{fingerprint}")
-        assert fetch.resolve_keyring(pipeline, paths, session, FAST) == cached
+        monkeypatch.setattr(ubuntu, "KEYSERVER_URL", srv.url + "key.asc?{fingerprint}")
+        assert ubuntu.resolve_keyring(pipeline, paths, session, FAST) == cached
         assert srv.state.requests == []
-        week_old = time.time() - fetch.KEY_REFRESH_S - 60
+        week_old = time.time() - ubuntu.KEY_REFRESH_S - 60
         os.utime(cached, (week_old, week_old))
-        assert fetch.resolve_keyring(pipeline, paths, session, FAST) == cached
+        assert ubuntu.resolve_keyring(pipeline, paths, session, FAST) == cached
         assert len(srv.state.requests) == 1 and cached.stat().st_mtime > week_old + 3600
         os.utime(cached, (week_old, week_old))
-        monkeypatch.setattr(fetch, "KEYSERVER_URL", "http://127.0.0.1:9/key?{fingerprint}")
-        assert fetch.resolve_keyring(pipeline, paths, session, FAST) == cached
+        monkeypatch.setattr(ubuntu, "KEYSERVER_URL", "http://127.0.0.1:9/key?{fingerprint}")
+        assert ubuntu.resolve_keyring(pipeline, paths, session, FAST) == cached
     assert "could not refresh signing key" in caplog.text
 
 
@@ -546,7 +543,7 @@ def test_mirror_credentials_are_used_but_never_stored_or_logged(server, small_mi
 def test_update_refuses_an_older_signed_set_unless_asked(server, small_mirror, make):
     from dataclasses import replace
 
-    from cloudbake.fetch import read_lock, write_lock
+    from cloudbake.lock import read_lock, write_lock
 
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     _, current = ensure_image(pipeline, paths, http=FAST)
@@ -569,7 +566,7 @@ def test_update_refuses_an_older_signed_set_unless_asked(server, small_mirror, m
     ((None, None), ("20240101", None), False),
 ])
 def test_older_serial_or_signature_time(pinned, resolved, refused):
-    from cloudbake.fetch import Lock, check_not_older
+    from cloudbake.lock import Lock, check_not_older
 
     old = Lock({"release": "noble"}, "http://m/x.img", pinned[0], "a" * 64, 1, None, pinned[1])
     new = Lock({"release": "noble"}, "http://m/x.img", resolved[0], "b" * 64, 1, None, resolved[1])
@@ -610,7 +607,7 @@ def test_download_never_grows_past_the_pinned_size(server, small_mirror, make):
     """The lock pins the size: a server that sends more is cut off at that size, and nothing is kept."""
     from dataclasses import replace
 
-    from cloudbake.fetch import write_lock
+    from cloudbake.lock import write_lock
 
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     image, lock = ensure_image(pipeline, paths, http=FAST)
@@ -626,7 +623,7 @@ def test_download_never_grows_past_the_pinned_size(server, small_mirror, make):
 
 
 def test_unpinned_download_is_capped(server, small_mirror, make, monkeypatch):
-    monkeypatch.setattr(fetch, "UNPINNED_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(http, "UNPINNED_MAX_BYTES", 1 << 20)
     server.fail(IMAGE_PATH, Fault(content_length=None))
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     with pytest.raises(PipelineError, match="more than the 1.0 MiB allowed"):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloudbake.fetch import Lock, lock_source, write_lock
+from cloudbake.lock import Lock, lock_source, write_lock
 from cloudbake.pipeline import load_pipeline
 from tests.conftest import PROJECT
 
