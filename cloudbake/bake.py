@@ -26,21 +26,13 @@ from cloudbake import __version__
 from cloudbake.errors import PipelineError
 from cloudbake.fetch import ensure_image
 from cloudbake.files import file_lock, is_verified, record_verified, sha256_file, sweep_temps, write_atomically
+from cloudbake.firmware import resolve_firmware, with_uefi
+from cloudbake.host import detect_host, qemu_binary, qemu_version, resolve_accel
 from cloudbake.lock import Lock, read_lock
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Compression, Pipeline
-from cloudbake.qemu import (
-    VmSpec,
-    boot_with_fallback,
-    detect_host,
-    qemu_binary,
-    qemu_version,
-    resolve_accel,
-    resolve_firmware,
-    serial_tail,
-    with_uefi,
-)
+from cloudbake.qemu import VmSpec
 from cloudbake.runner import require_tool, run
 from cloudbake.seed import (
     GENERALIZED_MARKER,
@@ -52,6 +44,7 @@ from cloudbake.seed import (
     with_boot_nonce,
 )
 from cloudbake.units import format_size, human_bytes
+from cloudbake.vm import boot_with_fallback, serial_tail
 
 # Bump when the way an image is made changes (boot steps, finish script, publish options).
 RECIPE_VERSION = 1

@@ -15,19 +15,12 @@ from typing import Any
 from cloudbake.bake import is_published, published_image, resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.fetch import cached_upstream
+from cloudbake.firmware import find_uefi
+from cloudbake.host import QEMU_BINARY, QEMU_PACKAGE, detect_host, qemu_version, read_kvm_verdict, resolve_accel
 from cloudbake.lock import read_lock
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Firmware, Pipeline
-from cloudbake.qemu import (
-    QEMU_BINARY,
-    QEMU_PACKAGE,
-    detect_host,
-    find_uefi,
-    qemu_version,
-    read_kvm_verdict,
-    resolve_accel,
-)
 from cloudbake.seed import build_seed_files
 from cloudbake.units import human_bytes
 

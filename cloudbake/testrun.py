@@ -27,22 +27,16 @@ from typing import Any
 from cloudbake.bake import published_image, resolve_key, verify_published
 from cloudbake.errors import PipelineError
 from cloudbake.files import write_atomically
+from cloudbake.firmware import with_uefi
+from cloudbake.host import Host, detect_host, qemu_binary, resolve_accel
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
-from cloudbake.qemu import (
-    Host,
-    VmRun,
-    VmSpec,
-    boot_with_fallback,
-    detect_host,
-    qemu_binary,
-    resolve_accel,
-    with_uefi,
-)
+from cloudbake.qemu import VmSpec
 from cloudbake.runner import require_tool, run, tail
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
 from cloudbake.units import human_bytes
+from cloudbake.vm import VmRun, boot_with_fallback
 
 log = stage_logger("test-image")
 RUNS_FOLDER = ".runs"

@@ -8,27 +8,23 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cloudbake.errors import PipelineError
-from cloudbake.pipeline import Accel, Arch, Firmware
-from cloudbake.qemu import (
+from cloudbake.firmware import (
     AARCH64_PFLASH_BYTES,
-    Host,
-    KvmNoProgressError,
-    VmRun,
-    VmSpec,
-    build_qemu_argv,
-    choose_accel,
     find_uefi,
     image_has_esp,
     pflash_code,
     prepare_vars,
     resolve_firmware,
 )
+from cloudbake.host import Host, choose_accel
+from cloudbake.pipeline import Accel, Arch, Firmware
+from cloudbake.qemu import VmSpec, build_qemu_argv
+from cloudbake.vm import KvmNoProgressError, VmRun
 
 LINUX = Host("Linux", "x86_64", kvm_usable=True)
 LINUX_NO_KVM = Host("Linux", "x86_64", kvm_usable=False)
@@ -144,7 +140,7 @@ def _descriptor(folder: Path, name: str, arch: str, code: Path, vars_: Path, fea
 
 def test_fake_homebrew_tree_is_found_for_arm64(tmp_path, monkeypatch):
     """A Homebrew layout (as on an Apple-silicon Mac) built from files: descriptor first, then known names."""
-    import cloudbake.qemu as qemu
+    import cloudbake.firmware as qemu
     monkeypatch.setattr(qemu, "SYSTEM_DESCRIPTOR_DIRS", ())
     prefix = tmp_path / "homebrew"
     share = prefix / "share" / "qemu"
@@ -160,7 +156,7 @@ def test_fake_homebrew_tree_is_found_for_arm64(tmp_path, monkeypatch):
 
 
 def test_descriptor_precedence_and_secure_boot_skipped(tmp_path, monkeypatch):
-    import cloudbake.qemu as qemu
+    import cloudbake.firmware as qemu
     monkeypatch.setattr(qemu, "SYSTEM_DESCRIPTOR_DIRS", (tmp_path / "usr-share", tmp_path / "etc"))
     fw = tmp_path / "fw"
     fw.mkdir()
@@ -178,7 +174,7 @@ def test_descriptor_precedence_and_secure_boot_skipped(tmp_path, monkeypatch):
 
 
 def test_missing_firmware_names_the_package(tmp_path, monkeypatch):
-    import cloudbake.qemu as qemu
+    import cloudbake.firmware as qemu
 
     monkeypatch.setattr(qemu, "descriptor_dirs", lambda host, home=None: [])
     monkeypatch.setattr(qemu, "known_uefi_paths", lambda arch, host: [(tmp_path / "no", tmp_path / "no2")])
@@ -189,7 +185,7 @@ def test_missing_firmware_names_the_package(tmp_path, monkeypatch):
 
 
 def test_arm64_pflash_is_padded_to_64_mib(tmp_path):
-    from cloudbake.qemu import FirmwareFiles
+    from cloudbake.firmware import FirmwareFiles
     code, vars_ = tmp_path / "code.fd", tmp_path / "vars.fd"
     code.write_bytes(b"C" * 2048)
     vars_.write_bytes(b"V" * 2048)
@@ -228,27 +224,20 @@ def test_esp_detection_reads_the_gpt(tmp_path):
 
 # --- the watchdog, with the real interpreter as a fake QEMU --------------------------------
 
-def test_silent_guest_counts_as_no_progress(tmp_path):
+def test_silent_guest_counts_as_no_progress(tmp_path, monkeypatch):
     """A 'QEMU' that never writes to its serial log: the progress watchdog fires and the process is gone."""
     spec = _spec(serial_log=tmp_path / "serial.log", qmp_socket=tmp_path / "qmp.sock")
     fake = [sys.executable, "-c", "import time; time.sleep(60)"]
     vm = VmRun(spec, "unused", "bake")
-    vm_argv = fake
-    import cloudbake.qemu as qemu
-    original = qemu.build_qemu_argv
-    qemu.build_qemu_argv = lambda spec, binary: vm_argv
-    try:
-        start = time.monotonic()
-        with pytest.raises(KvmNoProgressError), vm:
-            vm.wait(30, progress_timeout_s=1.0, poll_s=0.1)
-        assert time.monotonic() - start < 20
-        assert vm.proc is not None and vm.proc.poll() is not None
-    finally:
-        qemu.build_qemu_argv = original
+    import cloudbake.vm as qemu
+    monkeypatch.setattr(qemu, "build_qemu_argv", lambda spec, binary: fake)
+    with pytest.raises(KvmNoProgressError), vm:
+        vm.wait(30, progress_timeout_s=1.0, poll_s=0.1)
+    assert vm.proc is not None and vm.proc.poll() is not None
 
 
 def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch):
-    import cloudbake.qemu as qemu
+    import cloudbake.vm as qemu
     log_file = tmp_path / "serial.log"
     spec = _spec(serial_log=log_file, qmp_socket=tmp_path / "qmp.sock")
     script = f"import time\nopen({str(log_file)!r}, 'a').write('booting...\\nstuck here\\n')\ntime.sleep(60)\n"
@@ -263,7 +252,7 @@ def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch
 
 def test_long_socket_paths_move_to_a_private_short_folder(tmp_path, monkeypatch):
     """Unix socket paths are limited to 107 bytes; deep work folders must still boot."""
-    import cloudbake.qemu as qemu
+    import cloudbake.vm as qemu
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     seen = []
@@ -291,7 +280,8 @@ BROKEN_KVM = [
 
 
 def _standin_boot(tmp_path, monkeypatch, mode: str):
-    from cloudbake.qemu import AccelChoice, boot_with_fallback
+    from cloudbake.host import AccelChoice
+    from cloudbake.vm import boot_with_fallback
     from tests.fixture.standin import install_standin_qemu, path_with
 
     monkeypatch.setenv("PATH", path_with(install_standin_qemu(tmp_path / "bin", mode)))
@@ -307,7 +297,7 @@ def _standin_boot(tmp_path, monkeypatch, mode: str):
 
 @pytest.mark.parametrize(("mode", "words"), BROKEN_KVM)
 def test_broken_kvm_falls_back_to_tcg_and_remembers_why(tmp_path, monkeypatch, capsys, mode, words):
-    from cloudbake.qemu import kvm_verdict_file, read_kvm_verdict
+    from cloudbake.host import kvm_verdict_file, read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, mode)
     assert calls == ["kvm", "tcg"]
@@ -324,7 +314,7 @@ def test_broken_kvm_falls_back_to_tcg_and_remembers_why(tmp_path, monkeypatch, c
 
 
 def test_working_kvm_is_kept(tmp_path, monkeypatch):
-    from cloudbake.qemu import read_kvm_verdict
+    from cloudbake.host import read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "works")
     assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 0
@@ -334,7 +324,7 @@ def test_working_kvm_is_kept(tmp_path, monkeypatch):
 
 def test_a_qemu_failure_unrelated_to_kvm_is_not_a_kvm_verdict(tmp_path, monkeypatch):
     """A missing disk fails under TCG too: no fallback, no remembered verdict, QEMU's words reach the user."""
-    from cloudbake.qemu import read_kvm_verdict
+    from cloudbake.host import read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "bad-disk")
     assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 1
@@ -349,13 +339,13 @@ def test_a_qemu_failure_unrelated_to_kvm_is_not_a_kvm_verdict(tmp_path, monkeypa
     (1, "qemu-system-x86_64: -nic user,hostfwd=tcp:127.0.0.1:2222-:22: could not set up host forwarding rule", False),
 ])
 def test_kvm_failure_verdict_reads_qemu_words(returncode, stderr, broken):
-    from cloudbake.qemu import kvm_failure_verdict
+    from cloudbake.host import kvm_failure_verdict
 
     assert (kvm_failure_verdict(returncode, stderr) is not None) is broken
 
 
 def test_corrupt_verdict_file_means_probe_again(tmp_path):
-    from cloudbake.qemu import kvm_verdict_file, read_kvm_verdict
+    from cloudbake.host import kvm_verdict_file, read_kvm_verdict
 
     for text in ("{", "[]", '{"host": 3}', "\xff"):
         kvm_verdict_file(tmp_path).parent.mkdir(parents=True, exist_ok=True)
