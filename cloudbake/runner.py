@@ -61,6 +61,10 @@ def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: f
         proc.wait()
 
 
+class CommandTimeoutError(PipelineError):
+    """The program did not finish in time; it was stopped."""
+
+
 def run(
     argv: Sequence[Arg],
     *,
@@ -70,21 +74,24 @@ def run(
     input: bytes | None = None,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    capture: bool = True,
 ) -> Result:
     """Run argv to completion and capture its output (decoded leniently).
 
-    A non-zero exit (with ``check``) or a timeout raises PipelineError naming the
-    program and showing the tail of its stderr.
+    ``capture=False`` lets the output through to this process's own (a test command the
+    user watches). A non-zero exit (with ``check``) raises PipelineError naming the program
+    and showing the tail of its stderr; a timeout raises CommandTimeoutError.
     """
     args = _argv(argv)
     log = stage_logger(stage)
     log.debug("$ %s", shlex.join(args))
+    pipe = subprocess.PIPE if capture else None
     try:
         proc = subprocess.Popen(
             args,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=pipe,
+            stderr=pipe,
             env=env,
             cwd=cwd,
         )
@@ -94,10 +101,10 @@ def run(
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         stop_process(proc)
-        raise PipelineError(f"{shlex.join(args)} did not finish within {timeout:g} s") from None
+        raise CommandTimeoutError(f"{shlex.join(args)} did not finish within {timeout:g} s") from None
     finally:
         stop_process(proc)
-    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    stdout, stderr = (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")
     if check and proc.returncode != 0:
         detail = tail(stderr) or tail(stdout)
         raise PipelineError(

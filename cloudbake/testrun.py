@@ -33,7 +33,7 @@ from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
 from cloudbake.qemu import VmSpec
-from cloudbake.runner import require_tool, run, tail
+from cloudbake.runner import CommandTimeoutError, require_tool, run, spawn, tail
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
 from cloudbake.units import human_bytes
 from cloudbake.vm import VmRun, boot_with_fallback
@@ -250,11 +250,11 @@ def wait_stage(vm: VmRun, deadline: Deadline, stage: str, check: Any, poll_s: fl
 
 def _ssh_ok(files: RunFiles, port: int, user: str, command: str, timeout: float) -> bool:
     try:
-        result = subprocess.run(ssh_argv(files, port, user, command, connect_timeout=5), capture_output=True,
-                                timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
+        result = run(ssh_argv(files, port, user, command, connect_timeout=5), stage="test-image", timeout=timeout,
+                     check=False)
+    except CommandTimeoutError:
         return False
-    if result.returncode == 255 and b"Host key verification failed" in result.stderr:
+    if result.returncode == 255 and "Host key verification failed" in result.stderr:
         raise _host_key_changed()
     return result.returncode == 0
 
@@ -304,8 +304,12 @@ def fetch_artifacts(files: RunFiles, port: int, user: str, patterns: tuple[str, 
         return []
     remote = "sudo -n sh -c " + shlex.quote(ARTIFACTS_SCRIPT) + " sh " + " ".join(shlex.quote(p) for p in patterns)
     dest.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(ssh_argv(files, port, user, remote), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    with spawn(ssh_argv(files, port, user, remote), stage="test-image", stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE) as spawned:
+        return _receive_artifacts(spawned.proc, dest, max_bytes=max_bytes, timeout_s=timeout_s)
+
+
+def _receive_artifacts(proc: subprocess.Popen[bytes], dest: Path, *, max_bytes: int, timeout_s: float) -> list[str]:
     assert proc.stdout is not None and proc.stderr is not None
     timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
@@ -463,9 +467,9 @@ def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[s
                                    timeout=max(5.0, deadline.left())))
         log.info("running: %s", command)
         try:
-            status = subprocess.run(ssh_argv(files, port, user, command), stdin=subprocess.DEVNULL,
-                                    timeout=max(1.0, deadline.left())).returncode
-        except subprocess.TimeoutExpired:
+            status = run(ssh_argv(files, port, user, command), stage="test-image",
+                         timeout=max(1.0, deadline.left()), check=False, capture=False).returncode
+        except CommandTimeoutError:
             raise vm.failure(f"the test command did not finish within test.timeout ({deadline.total:.0f} s)") \
                 from None
         artifacts_dir = paths.work_dir / "artifacts" / files.folder.name
@@ -483,8 +487,8 @@ def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[s
                      shlex.join(ssh_argv(files, port, user)), vm.spec.qmp_socket, vm.spec.qmp_socket, files.serial_log,
                      vm.proc.pid if vm.proc else 0, files.folder)
         else:
-            subprocess.run(ssh_argv(files, port, user, "sudo -n poweroff"), capture_output=True, timeout=30,
-                           stdin=subprocess.DEVNULL, check=False)
+            with contextlib.suppress(PipelineError):
+                run(ssh_argv(files, port, user, "sudo -n poweroff"), stage="test-image", timeout=30, check=False)
             with contextlib.suppress(PipelineError):
                 vm.wait(60, poll_s=0.5)
     return RunResult(status, files.folder, artifacts, artifacts_dir, port, keep)

@@ -73,3 +73,16 @@ def test_arguments_are_never_a_shell_string(tmp_path):
     odd = tmp_path / "a b; echo pwned"
     result = run([sys.executable, "-c", "import sys; print(sys.argv[1])", odd], stage="test", timeout=30)
     assert result.stdout.strip() == str(odd)  # one argument, as given: no shell ever split or ran it
+
+
+def test_uncaptured_output_reaches_our_own_streams(capfd):
+    result = run([sys.executable, "-c", "print('from the guest')"], stage="test", timeout=30, capture=False)
+    assert result.returncode == 0 and result.stdout == ""
+    assert "from the guest" in capfd.readouterr().out
+
+
+def test_timeout_is_its_own_error_type():
+    from cloudbake.runner import CommandTimeoutError
+
+    with pytest.raises(CommandTimeoutError):
+        run([sys.executable, "-c", "import time; time.sleep(30)"], stage="test", timeout=0.5, check=False)
