@@ -1,9 +1,8 @@
-"""bake: boot the upstream image once with the seed, check cloud-init's verdict, publish a content-hashed image.
+"""bake: boot the upstream image once with the seed, check cloud-init's verdict, publish into the image store.
 
-The key names the image: a SHA-256 over everything that can change its content (the
-pinned upstream digest, the image-affecting settings, the seed's files, the recipe
-version). The published file ``<output.dir>/<name>-<key>.qcow2`` is the proof that
-a bake happened, so a restored CI cache skips the bake without doit's state.
+The build (cloudbake.build) says what the image is and its key; the store (cloudbake.store)
+names, publishes and checks it. The published ``<output.dir>/<name>-<key>.qcow2`` is the proof
+that a bake happened, so a restored CI cache skips the bake without doit's state.
 """
 
 from __future__ import annotations
@@ -11,9 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import json
-import os
 import re
 import secrets
 import time
@@ -23,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from cloudbake import __version__
+from cloudbake.build import Build, resolve_build, resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.fetch import ensure_image
-from cloudbake.files import file_lock, is_verified, record_verified, sha256_file, sweep_temps, write_atomically
+from cloudbake.files import file_lock, sweep_temps
 from cloudbake.firmware import resolve_firmware, with_uefi
 from cloudbake.host import detect_host, qemu_binary, qemu_version, resolve_accel
-from cloudbake.lock import Lock, read_lock
+from cloudbake.lock import Lock
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
-from cloudbake.pipeline import Compression, Pipeline
+from cloudbake.pipeline import Pipeline
 from cloudbake.qemu import VmSpec
 from cloudbake.runner import require_tool, run
 from cloudbake.seed import (
@@ -39,17 +37,20 @@ from cloudbake.seed import (
     RESULT_MARKER,
     STATUS_MARKER,
     SeedFiles,
-    build_seed_files,
     build_seed_iso,
     with_boot_nonce,
+)
+from cloudbake.store import (
+    is_published,
+    manifest_path,
+    publish,
+    published_image,
+    qemu_img_info,
+    verify_published,
 )
 from cloudbake.units import format_size, human_bytes
 from cloudbake.vm import boot_with_fallback, serial_tail
 
-# Bump when the way an image is made changes (boot steps, finish script, publish options).
-RECIPE_VERSION = 1
-KEY_HEX_DIGITS = 16
-QEMU_IMG_TIMEOUT_S = 3600
 # A temp file this old belongs to no live writer (the slowest, publishing, rewrites its temp
 # continuously; the others finish in milliseconds).
 STALE_TEMP_S = 3600
@@ -58,90 +59,6 @@ log = stage_logger("bake")
 
 
 # --- the key ------------------------------------------------------------------------------
-
-
-def image_settings(pipeline: Pipeline) -> dict[str, Any]:
-    """The pipeline settings that change the image's bytes, and nothing else.
-
-    Not here, because they never change the image: who bakes and where (home, user, paths,
-    time zone, locale, umask), the host's accelerator, CPU and memory sizing, timeouts,
-    test and output settings, and ``vm.qemu_args`` (every boot's run-time arguments).
-    docs/how-it-works.md lists both sides.
-    """
-    return {
-        "arch": str(pipeline.source.arch),
-        "disk_size": str(pipeline.disk.size),
-        "compression": str(pipeline.disk.compression),
-        "firmware": str(pipeline.vm.firmware),
-        "bake_qemu_args": list(pipeline.vm.bake_qemu_args),
-        "generalize": pipeline.cloud_init.generalize,
-    }
-
-
-def key_inputs(pipeline: Pipeline, lock: Lock, seed: SeedFiles) -> dict[str, Any]:
-    return {
-        "recipe": RECIPE_VERSION,
-        "upstream_sha256": lock.sha256,
-        "settings": image_settings(pipeline),
-        "seed": {name: hashlib.sha256(data).hexdigest() for name, data in seed.items()},
-    }
-
-
-def compute_key(inputs: dict[str, Any]) -> str:
-    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()[:KEY_HEX_DIGITS]
-
-
-def require_lock(paths: Paths, pipeline: Pipeline) -> Lock:
-    lock = read_lock(paths.lock_file)
-    if lock is None:
-        raise PipelineError(f"no {paths.lock_file.name} beside {pipeline.file.name}: the upstream image is not "
-                            "pinned yet, so the key cannot be computed offline",
-                            hint="run doit fetch once and commit the lock file")
-    if not lock.matches(pipeline.source):
-        raise PipelineError(f"{paths.lock_file} was resolved for another source ({lock.source})",
-                            hint="run doit update")
-    return lock
-
-
-@dataclass(frozen=True)
-class Build:
-    """The image being built, resolved once per command and handed down: what the key covers, and the key."""
-
-    pipeline: Pipeline
-    lock: Lock
-    seed: SeedFiles          # as the key sees them (the boot nonce is a placeholder)
-    inputs: dict[str, Any]   # what the key is a hash of (digests, settings), also recorded in the manifest
-    key: str
-
-    def published(self, paths: Paths) -> Path:
-        return published_image(paths, self.pipeline.name, self.key)
-
-
-def resolve_build(pipeline: Pipeline, paths: Paths) -> Build:
-    """The build for the pipeline as it is now: offline, no boot, a few milliseconds. Validates the seed."""
-    lock = require_lock(paths, pipeline)
-    seed = build_seed_files(pipeline, for_bake=True)
-    inputs = key_inputs(pipeline, lock, seed)
-    return Build(pipeline, lock, seed, inputs, compute_key(inputs))
-
-
-def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], SeedFiles, Lock]:
-    """(key, inputs, seed, lock) of :func:`resolve_build`, for callers that want the parts."""
-    build = resolve_build(pipeline, paths)
-    return build.key, build.inputs, build.seed, build.lock
-
-
-def published_image(paths: Paths, name: str, key: str) -> Path:
-    return paths.output_dir / f"{name}-{key}.qcow2"
-
-
-def manifest_path(image: Path) -> Path:
-    return image.with_suffix(".json")
-
-
-def is_published(image: Path) -> bool:
-    return image.is_file() and manifest_path(image).is_file()
 
 
 # --- cloud-init's verdict -----------------------------------------------------------------
@@ -206,12 +123,6 @@ class _Timer:
             self.steps[name] = round(time.monotonic() - start, 3)
 
 
-def qemu_img_info(image: Path) -> dict[str, Any]:
-    qemu_img = require_tool("qemu-img", "qemu-utils")
-    info: dict[str, Any] = json.loads(run([qemu_img, "info", "--output=json", image], stage="bake", timeout=60).stdout)
-    return info
-
-
 UPSTREAM_FORMATS = ("qcow2", "raw")
 
 
@@ -258,82 +169,6 @@ def make_work_disk(upstream: Path, dest: Path, pipeline: Pipeline) -> int:
     log.info("work disk %s: overlay of %s, %s (was %s)", dest.name, upstream.name, human_bytes(target),
              human_bytes(current))
     return target
-
-
-def convert_argv(qemu_img: str, source: Path, dest: Path, compression: Compression) -> list[str]:
-    argv = [qemu_img, "convert", "-O", "qcow2"]
-    if compression is not Compression.none:
-        argv += ["-c", "-o", f"compression_type={compression}"]
-    argv += [os.fspath(source), os.fspath(dest)]
-    return argv
-
-
-def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: Compression) -> None:
-    """Flatten into a self-contained qcow2 under a temp name, check it, then rename image and manifest into place."""
-    qemu_img = require_tool("qemu-img", "qemu-utils")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        run(convert_argv(qemu_img, work_disk, tmp, compression), stage="bake", timeout=QEMU_IMG_TIMEOUT_S)
-        check = run([qemu_img, "check", "-q", tmp], stage="bake", timeout=QEMU_IMG_TIMEOUT_S, check=False)
-        if check.returncode not in (0,):
-            raise PipelineError(f"qemu-img check found problems in the converted image (exit {check.returncode}): "
-                                f"{check.stdout}{check.stderr}")
-        info = qemu_img_info(tmp)
-        if info.get("backing-filename"):
-            raise PipelineError("the converted image still has a backing file")
-        manifest["image"]["virtual_size"] = info["virtual-size"]
-        manifest["image"]["file_size"] = tmp.stat().st_size
-        manifest["image"]["sha256"] = sha256_file(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        # The manifest last: until it is there, readers do not count the image as published.
-        write_atomically(manifest_path(dest), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        record_verified(dest, manifest["image"]["sha256"])
-    finally:
-        tmp.unlink(missing_ok=True)
-    pointer = dest.parent / f"{manifest['name']}.qcow2"
-    tmp_pointer = dest.parent / f".{manifest['name']}.qcow2.tmp"
-    tmp_pointer.unlink(missing_ok=True)
-    tmp_pointer.symlink_to(dest.name)
-    os.replace(tmp_pointer, pointer)
-
-
-def read_manifest(image: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(manifest_path(image).read_text())
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"{manifest_path(image)}: cannot read the manifest of {image.name} ({err})",
-                            hint="delete the image and its .json and bake again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("image"), dict):
-        raise PipelineError(f"{manifest_path(image)}: not a cloudbake manifest",
-                            hint="delete the image and its .json and bake again")
-    return manifest
-
-
-def verify_published(image: Path) -> dict[str, Any]:
-    """The manifest of a published image, once the image matches the SHA-256 the manifest records.
-
-    An image restored from a cache, copied, or touched on disk is hashed once before its
-    first use; the ``.verified`` sidecar remembers the verdict for that file (size and
-    mtime), so later uses cost nothing. A mismatch is an error, never a boot.
-    """
-    manifest = read_manifest(image)
-    expected = manifest["image"].get("sha256")
-    if not isinstance(expected, str) or len(expected) != 64:
-        raise PipelineError(f"{manifest_path(image)} records no SHA-256 for {image.name} (baked by an older "
-                            "cloudbake), so it cannot be checked", hint="delete the image and its .json and bake again")
-    if is_verified(image, expected):
-        return manifest
-    log.info("checking %s against its manifest's SHA-256 (once)", image.name)
-    actual = sha256_file(image)
-    if actual != expected:
-        raise PipelineError(f"{image.name} does not match its manifest: its SHA-256 is {actual}, the manifest "
-                            f"records {expected}; it changed after it was baked (a corrupted or tampered copy)",
-                            hint="delete it and its .json and bake again, or restore it from a cache you trust")
-    record_verified(image, expected)
-    return manifest
 
 
 def _already_baked(build: Build, paths: Paths) -> Path | None:
@@ -450,24 +285,6 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
     return dest
 
 
-def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:
-    """Print the key on stdout; on failure, the reason on stderr whatever doit's reporter.
-
-    CI reads stdout (``doit -r zero cache-key``); the zero reporter prints no failures, so an
-    error would otherwise leave CI with an empty key and no word why.
-    """
-    import sys
-
-    from cloudbake.log import redact
-
-    try:
-        key, _, _, _ = resolve_key(pipeline, paths)
-    except PipelineError as err:
-        print(f"cloudbake: cache-key: {redact(str(err))}", file=sys.stderr, flush=True)
-        raise
-    print(key, flush=True)
-
-
 def clean_bake(pipeline: Pipeline, paths: Paths) -> None:
     """``doit clean bake``: the bake's work files and the image it published for the current key."""
     import shutil
@@ -496,17 +313,3 @@ def clean_bake(pipeline: Pipeline, paths: Paths) -> None:
     log.info("removed %s", ", ".join(removed) if removed else "nothing (no bake files)")
 
 
-def run_prune(pipeline: Pipeline, paths: Paths) -> None:
-    """Keep the newest ``output.keep`` images of this pipeline (and whatever the pointer names)."""
-    images = sorted((p for p in paths.output_dir.glob(f"{pipeline.name}-*.qcow2")
-                     if p.is_file() and not p.is_symlink()
-                     and re.fullmatch(rf"{re.escape(pipeline.name)}-[0-9a-f]{{{KEY_HEX_DIGITS}}}\.qcow2", p.name)),
-                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    pointer = paths.output_dir / f"{pipeline.name}.qcow2"
-    current = pointer.resolve() if pointer.is_symlink() else None
-    for old in images[pipeline.output_keep:]:
-        if current is not None and old.resolve() == current:
-            continue
-        log.info("pruning %s", old.name)
-        old.unlink()
-        manifest_path(old).unlink(missing_ok=True)

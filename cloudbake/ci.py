@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cloudbake.bake import manifest_path, published_image, resolve_key
+from cloudbake.build import resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.lock import read_lock
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import load_pipeline
+from cloudbake.store import manifest_path, published_image
 from cloudbake.units import human_bytes
 
 

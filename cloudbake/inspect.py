@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudbake.bake import is_published, published_image, resolve_key
+from cloudbake.build import resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.fetch import cached_upstream
 from cloudbake.firmware import find_uefi
@@ -22,6 +22,7 @@ from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Firmware, Pipeline
 from cloudbake.seed import build_seed_files
+from cloudbake.store import is_published, published_image
 from cloudbake.units import human_bytes
 
 # Below this much free space where images are written, a bake will likely fail part way.

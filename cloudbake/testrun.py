@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudbake.bake import published_image, resolve_key, verify_published
+from cloudbake.build import resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.files import write_atomically
 from cloudbake.firmware import with_uefi
@@ -35,6 +35,7 @@ from cloudbake.pipeline import Pipeline
 from cloudbake.qemu import VmSpec
 from cloudbake.runner import CommandTimeoutError, require_tool, run, spawn, tail
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
+from cloudbake.store import published_image, verify_published
 from cloudbake.units import human_bytes
 from cloudbake.vm import VmRun, boot_with_fallback
 

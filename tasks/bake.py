@@ -5,20 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cloudbake.bake import (
-    clean_bake,
-    is_published,
-    published_image,
-    resolve_key,
-    run_bake,
-    run_cache_key,
-    run_prune,
-    verify_published,
-)
+from cloudbake.bake import clean_bake, run_bake
+from cloudbake.build import resolve_key, run_cache_key
 from cloudbake.errors import PipelineError
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
+from cloudbake.store import is_published, published_image, run_prune, verify_published
 
 from .context import current
 from .doitutil import described, doit_action

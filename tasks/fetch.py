@@ -6,12 +6,13 @@ from typing import Any
 
 from doit import get_var
 
-from cloudbake.bake import is_published, published_image, resolve_key
+from cloudbake.build import resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.fetch import cached_upstream, run_fetch, run_update
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
+from cloudbake.store import is_published, published_image
 
 from .context import current, flag
 from .doitutil import described, doit_action

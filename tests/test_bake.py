@@ -9,19 +9,14 @@ import time
 
 import pytest
 
-from cloudbake.bake import (
-    compute_key,
-    convert_argv,
-    key_inputs,
-    parse_cloud_init_result,
-    resolve_key,
-    run_prune,
-)
+from cloudbake.bake import parse_cloud_init_result
+from cloudbake.build import compute_key, key_inputs, resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.lock import Lock, write_lock
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import Compression, load_pipeline
 from cloudbake.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, build_seed_files
+from cloudbake.store import convert_argv, run_prune
 
 PIPELINE = """\
 name: k
@@ -141,7 +136,7 @@ def test_markers_of_another_boot_are_ignored():
 
 
 def test_boot_nonce_changes_the_iso_not_the_key(locked):
-    from cloudbake.bake import resolve_key
+    from cloudbake.build import resolve_key
     from cloudbake.seed import BOOT_NONCE_PLACEHOLDER, seed_iso_bytes, with_boot_nonce
 
     pipeline, paths = locked()
@@ -232,8 +227,8 @@ def test_failing_cache_key_says_why_on_stderr_even_with_the_zero_reporter(make_p
 
 def test_published_image_is_checked_once_against_its_manifest(tmp_path):
     """A restored or copied image is hashed before first use; a changed byte is an error naming both digests."""
-    from cloudbake.bake import verify_published
     from cloudbake.files import verified_record
+    from cloudbake.store import verify_published
     from tests.fixture.offline import offline_project
 
     offline_project(tmp_path, published=True)
@@ -254,7 +249,7 @@ def test_published_image_is_checked_once_against_its_manifest(tmp_path):
 
 
 def test_manifest_without_a_digest_is_refused(tmp_path):
-    from cloudbake.bake import manifest_path, verify_published
+    from cloudbake.store import manifest_path, verify_published
     from tests.fixture.offline import offline_project
 
     offline_project(tmp_path, published=True)

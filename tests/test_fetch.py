@@ -519,7 +519,6 @@ def test_mirror_credentials_are_used_but_never_stored_or_logged(server, small_mi
     """user:secret@ in source.mirror authenticates every request, and appears in no log line, lock or error."""
     import base64
 
-    from cloudbake.bake import run_cache_key  # noqa: F401  (the key path reads the same lock)
     from cloudbake.log import redact
 
     secret_url = server.url.replace("http://", "http://builder:s3cr3t@")

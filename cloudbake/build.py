@@ -1,0 +1,120 @@
+"""The image being built: what its key covers, and the key. Resolved once per command, offline.
+
+The key is a SHA-256 over everything that can change the image's bytes (the pinned upstream
+digest, the image-affecting settings, the seed's files, the recipe version) and nothing else;
+docs/how-it-works.md lists both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloudbake.errors import PipelineError
+from cloudbake.lock import Lock, read_lock
+from cloudbake.log import stage_logger
+from cloudbake.paths import Paths
+from cloudbake.pipeline import Pipeline
+from cloudbake.seed import SeedFiles, build_seed_files
+from cloudbake.store import KEY_HEX_DIGITS, published_image
+
+log = stage_logger("bake")
+
+
+# Bump when the way an image is made changes (boot steps, finish script, publish options).
+RECIPE_VERSION = 1
+
+
+
+
+def image_settings(pipeline: Pipeline) -> dict[str, Any]:
+    """The pipeline settings that change the image's bytes, and nothing else.
+
+    Not here, because they never change the image: who bakes and where (home, user, paths,
+    time zone, locale, umask), the host's accelerator, CPU and memory sizing, timeouts,
+    test and output settings, and ``vm.qemu_args`` (every boot's run-time arguments).
+    docs/how-it-works.md lists both sides.
+    """
+    return {
+        "arch": str(pipeline.source.arch),
+        "disk_size": str(pipeline.disk.size),
+        "compression": str(pipeline.disk.compression),
+        "firmware": str(pipeline.vm.firmware),
+        "bake_qemu_args": list(pipeline.vm.bake_qemu_args),
+        "generalize": pipeline.cloud_init.generalize,
+    }
+
+
+def key_inputs(pipeline: Pipeline, lock: Lock, seed: SeedFiles) -> dict[str, Any]:
+    return {
+        "recipe": RECIPE_VERSION,
+        "upstream_sha256": lock.sha256,
+        "settings": image_settings(pipeline),
+        "seed": {name: hashlib.sha256(data).hexdigest() for name, data in seed.items()},
+    }
+
+
+def compute_key(inputs: dict[str, Any]) -> str:
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:KEY_HEX_DIGITS]
+
+
+def require_lock(paths: Paths, pipeline: Pipeline) -> Lock:
+    lock = read_lock(paths.lock_file)
+    if lock is None:
+        raise PipelineError(f"no {paths.lock_file.name} beside {pipeline.file.name}: the upstream image is not "
+                            "pinned yet, so the key cannot be computed offline",
+                            hint="run doit fetch once and commit the lock file")
+    if not lock.matches(pipeline.source):
+        raise PipelineError(f"{paths.lock_file} was resolved for another source ({lock.source})",
+                            hint="run doit update")
+    return lock
+
+
+@dataclass(frozen=True)
+class Build:
+    """The image being built, resolved once per command and handed down: what the key covers, and the key."""
+
+    pipeline: Pipeline
+    lock: Lock
+    seed: SeedFiles          # as the key sees them (the boot nonce is a placeholder)
+    inputs: dict[str, Any]   # what the key is a hash of (digests, settings), also recorded in the manifest
+    key: str
+
+    def published(self, paths: Paths) -> Path:
+        return published_image(paths, self.pipeline.name, self.key)
+
+
+def resolve_build(pipeline: Pipeline, paths: Paths) -> Build:
+    """The build for the pipeline as it is now: offline, no boot, a few milliseconds. Validates the seed."""
+    lock = require_lock(paths, pipeline)
+    seed = build_seed_files(pipeline, for_bake=True)
+    inputs = key_inputs(pipeline, lock, seed)
+    return Build(pipeline, lock, seed, inputs, compute_key(inputs))
+
+
+def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], SeedFiles, Lock]:
+    """(key, inputs, seed, lock) of :func:`resolve_build`, for callers that want the parts."""
+    build = resolve_build(pipeline, paths)
+    return build.key, build.inputs, build.seed, build.lock
+
+
+def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:
+    """Print the key on stdout; on failure, the reason on stderr whatever doit's reporter.
+
+    CI reads stdout (``doit -r zero cache-key``); the zero reporter prints no failures, so an
+    error would otherwise leave CI with an empty key and no word why.
+    """
+
+    from cloudbake.log import redact
+
+    try:
+        key, _, _, _ = resolve_key(pipeline, paths)
+    except PipelineError as err:
+        print(f"cloudbake: cache-key: {redact(str(err))}", file=sys.stderr, flush=True)
+        raise
+    print(key, flush=True)

@@ -1,0 +1,136 @@
+"""The image store: published images named by key, their manifests, atomic publishing, checks and pruning.
+
+The bake writes it; test runs, CI and `status` read it, without importing the bake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from cloudbake.errors import PipelineError
+from cloudbake.files import is_verified, record_verified, sha256_file, write_atomically
+from cloudbake.log import stage_logger
+from cloudbake.paths import Paths
+from cloudbake.pipeline import Compression, Pipeline
+from cloudbake.runner import require_tool, run
+
+log = stage_logger("bake")
+# Images are named <name>-<key>.qcow2 with this many hex digits of the key.
+KEY_HEX_DIGITS = 16
+
+
+QEMU_IMG_TIMEOUT_S = 3600
+
+
+def published_image(paths: Paths, name: str, key: str) -> Path:
+    return paths.output_dir / f"{name}-{key}.qcow2"
+
+
+def manifest_path(image: Path) -> Path:
+    return image.with_suffix(".json")
+
+
+def is_published(image: Path) -> bool:
+    return image.is_file() and manifest_path(image).is_file()
+
+
+def qemu_img_info(image: Path) -> dict[str, Any]:
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    info: dict[str, Any] = json.loads(run([qemu_img, "info", "--output=json", image], stage="bake", timeout=60).stdout)
+    return info
+
+
+def convert_argv(qemu_img: str, source: Path, dest: Path, compression: Compression) -> list[str]:
+    argv = [qemu_img, "convert", "-O", "qcow2"]
+    if compression is not Compression.none:
+        argv += ["-c", "-o", f"compression_type={compression}"]
+    argv += [os.fspath(source), os.fspath(dest)]
+    return argv
+
+
+def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: Compression) -> None:
+    """Flatten into a self-contained qcow2 under a temp name, check it, then rename image and manifest into place."""
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        run(convert_argv(qemu_img, work_disk, tmp, compression), stage="bake", timeout=QEMU_IMG_TIMEOUT_S)
+        check = run([qemu_img, "check", "-q", tmp], stage="bake", timeout=QEMU_IMG_TIMEOUT_S, check=False)
+        if check.returncode not in (0,):
+            raise PipelineError(f"qemu-img check found problems in the converted image (exit {check.returncode}): "
+                                f"{check.stdout}{check.stderr}")
+        info = qemu_img_info(tmp)
+        if info.get("backing-filename"):
+            raise PipelineError("the converted image still has a backing file")
+        manifest["image"]["virtual_size"] = info["virtual-size"]
+        manifest["image"]["file_size"] = tmp.stat().st_size
+        manifest["image"]["sha256"] = sha256_file(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        # The manifest last: until it is there, readers do not count the image as published.
+        write_atomically(manifest_path(dest), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        record_verified(dest, manifest["image"]["sha256"])
+    finally:
+        tmp.unlink(missing_ok=True)
+    pointer = dest.parent / f"{manifest['name']}.qcow2"
+    tmp_pointer = dest.parent / f".{manifest['name']}.qcow2.tmp"
+    tmp_pointer.unlink(missing_ok=True)
+    tmp_pointer.symlink_to(dest.name)
+    os.replace(tmp_pointer, pointer)
+
+
+def read_manifest(image: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(manifest_path(image).read_text())
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{manifest_path(image)}: cannot read the manifest of {image.name} ({err})",
+                            hint="delete the image and its .json and bake again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("image"), dict):
+        raise PipelineError(f"{manifest_path(image)}: not a cloudbake manifest",
+                            hint="delete the image and its .json and bake again")
+    return manifest
+
+
+def verify_published(image: Path) -> dict[str, Any]:
+    """The manifest of a published image, once the image matches the SHA-256 the manifest records.
+
+    An image restored from a cache, copied, or touched on disk is hashed once before its
+    first use; the ``.verified`` sidecar remembers the verdict for that file (size and
+    mtime), so later uses cost nothing. A mismatch is an error, never a boot.
+    """
+    manifest = read_manifest(image)
+    expected = manifest["image"].get("sha256")
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise PipelineError(f"{manifest_path(image)} records no SHA-256 for {image.name} (baked by an older "
+                            "cloudbake), so it cannot be checked", hint="delete the image and its .json and bake again")
+    if is_verified(image, expected):
+        return manifest
+    log.info("checking %s against its manifest's SHA-256 (once)", image.name)
+    actual = sha256_file(image)
+    if actual != expected:
+        raise PipelineError(f"{image.name} does not match its manifest: its SHA-256 is {actual}, the manifest "
+                            f"records {expected}; it changed after it was baked (a corrupted or tampered copy)",
+                            hint="delete it and its .json and bake again, or restore it from a cache you trust")
+    record_verified(image, expected)
+    return manifest
+
+
+def run_prune(pipeline: Pipeline, paths: Paths) -> None:
+    """Keep the newest ``output.keep`` images of this pipeline (and whatever the pointer names)."""
+    images = sorted((p for p in paths.output_dir.glob(f"{pipeline.name}-*.qcow2")
+                     if p.is_file() and not p.is_symlink()
+                     and re.fullmatch(rf"{re.escape(pipeline.name)}-[0-9a-f]{{{KEY_HEX_DIGITS}}}\.qcow2", p.name)),
+                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    pointer = paths.output_dir / f"{pipeline.name}.qcow2"
+    current = pointer.resolve() if pointer.is_symlink() else None
+    for old in images[pipeline.output_keep:]:
+        if current is not None and old.resolve() == current:
+            continue
+        log.info("pruning %s", old.name)
+        old.unlink()
+        manifest_path(old).unlink(missing_ok=True)
