@@ -50,6 +50,13 @@ def split_pipeline_option(argv: list[str]) -> tuple[str | None, list[str]]:
             continue
         if arg.startswith("--pipeline=") and pipeline is None:
             pipeline = arg.split("=", 1)[1]
+        elif arg == "--cmd" and index + 1 < len(argv):
+            # doit reads every argument holding '=' as a variable, option values too, so a
+            # command like `dd if=/dev/zero` would never reach --cmd: hand it over as cmd=...
+            rest.append(f"cmd={argv[index + 1]}")
+            index += 1
+        elif arg.startswith("--cmd="):
+            rest.append("cmd=" + arg.removeprefix("--cmd="))
         else:
             rest.append(arg)
         index += 1

@@ -45,6 +45,9 @@ def check_variables() -> None:
             close = difflib.get_close_matches(name, list(KNOWN_VARIABLES), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             known = "; ".join(f"{k}= {v}" for k, v in KNOWN_VARIABLES.items())
+            if " " in name:  # not a name at all: an option's value that holds '=' (doit reads those as variables)
+                hint = (" (doit reads every argument holding '=' as a variable, even after --cmd: write "
+                        f"cmd='{name}={given[name]}' instead)")
             raise InvalidDodoFile(f"unknown variable '{name}={given[name]}'{hint}; known: {known}")
 
 

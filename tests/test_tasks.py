@@ -86,8 +86,10 @@ def test_clean_bake_removes_what_bake_made(tmp_path):
 
 @pytest.mark.parametrize(("argv", "pipeline", "rest"), [
     (["bake"], None, ["bake"]),
-    (["-p", "ci.yaml", "test-image", "--cmd", "make"], "ci.yaml", ["test-image", "--cmd", "make"]),
+    (["-p", "ci.yaml", "test-image", "--cmd", "make"], "ci.yaml", ["test-image", "cmd=make"]),
     (["list", "--pipeline=x.yaml", "--deps"], "x.yaml", ["list", "--deps"]),
+    (["test-image", "--cmd", "dd if=/dev/zero of=x"], None, ["test-image", "cmd=dd if=/dev/zero of=x"]),
+    (["test-image", "--cmd=make check", "--keep"], None, ["test-image", "cmd=make check", "--keep"]),
 ])
 def test_cli_pipeline_option(argv, pipeline, rest):
     assert split_pipeline_option(argv) == (pipeline, rest)
@@ -133,3 +135,14 @@ def test_always_execute_is_read_from_the_command_line(argv, expected):
     from tasks.bake import always_execute_requested
 
     assert always_execute_requested(argv) is expected
+
+
+def test_a_command_with_equals_signs_reaches_the_test_run(tmp_path):
+    """doit turns any argument with '=' into a variable; `cloudbake test-image --cmd 'a=b'` still works, and
+    plain doit says how to write it."""
+    pipeline = offline_project(tmp_path, published=True)
+    through_cli = cloudbake(tmp_path, "help", "test-image", "--cmd", "dd if=/dev/zero")
+    assert through_cli.returncode == 0, through_cli.stderr
+    through_doit = doit(tmp_path, "test-image", "--cmd", "dd if=/dev/zero", f"pipeline={pipeline}")
+    assert through_doit.returncode == 3
+    assert "write cmd='dd if=/dev/zero' instead" in through_doit.stdout + through_doit.stderr
