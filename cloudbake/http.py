@@ -14,10 +14,10 @@ import os
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -28,6 +28,7 @@ from cloudbake.log import stage_logger
 from cloudbake.units import human_bytes
 
 log = stage_logger("fetch")
+T = TypeVar("T")
 
 
 CHUNK_BYTES = 1 << 20
@@ -98,28 +99,43 @@ def fetch_small(session: requests.Session, url: str, max_bytes: int, http: HttpS
         if len(data) > max_bytes:
             raise PipelineError(f"{url} is larger than {human_bytes(max_bytes)}; refusing it")
         return data
+    def attempt() -> bytes:
+        with session.get(url, stream=True, timeout=(http.connect_timeout_s, http.read_timeout_s)) as response:
+            _check_status(response, url)
+            if response.status_code >= 500:
+                raise _ServerError(f"{url} answered {response.status_code} {response.reason}")
+            data = b""
+            for chunk in response.iter_content(64 << 10):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise PipelineError(f"{url} is larger than {human_bytes(max_bytes)}; refusing it")
+            return data
+
+    return with_retries(attempt, url, http)
+
+
+def with_retries(attempt: Callable[[], T], url: str, http: HttpSettings,
+                 gave_up_detail: Callable[[], str] = lambda: "") -> T:
+    """The one retry loop: ``attempt()`` again after a dropped connection, a timeout or a 5xx, with backoff.
+
+    Anything else (a 404, a refused size, a bad header) ends at once. After the last attempt
+    the error says what happened and how often it was tried (plus ``gave_up_detail()``).
+    """
     last = ""
-    for attempt in range(http.attempts):
+    for number in range(http.attempts):
         try:
-            with session.get(url, stream=True, timeout=(http.connect_timeout_s, http.read_timeout_s)) as response:
-                _check_status(response, url)
-                if response.status_code >= 500:
-                    last = f"{url} answered {response.status_code} {response.reason}"
-                else:
-                    data = b""
-                    for chunk in response.iter_content(64 << 10):
-                        data += chunk
-                        if len(data) > max_bytes:
-                            raise PipelineError(f"{url} is larger than {human_bytes(max_bytes)}; refusing it")
-                    return data
+            return attempt()
         except requests.RequestException as err:
             if not _is_retryable(err):
                 raise PipelineError(_describe(err, url, http)) from None
             last = _describe(err, url, http)
-        if attempt + 1 < http.attempts:
-            log.info("%s; retrying (%d/%d)", last, attempt + 2, http.attempts)
-            _backoff(attempt, http)
-    raise PipelineError(f"{last} (gave up after {http.attempts} attempts)", hint="check the network and the mirror")
+        except _ServerError as err:
+            last = str(err)
+        if number + 1 < http.attempts:
+            log.info("%s; retrying (%d/%d)", last, number + 2, http.attempts)
+            _backoff(number, http)
+    raise PipelineError(f"{last} (gave up after {http.attempts} attempts{gave_up_detail()})",
+                        hint="check the network and the mirror")
 
 
 class _Progress:
@@ -180,30 +196,19 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str, http:
             return dest
         part = dest.with_name(dest.name + ".part")
         validator_file = dest.with_name(dest.name + ".part.json")
-        last_error = ""
-        for attempt in range(http.attempts):
-            try:
-                done = _download_attempt(session, url, part, validator_file, http, expected_size)
-                if done:
-                    break
-            except requests.RequestException as err:
-                if not _is_retryable(err):
-                    raise PipelineError(_describe(err, url, http)) from None
-                last_error = _describe(err, url, http)
-            except _ServerError as err:
-                last_error = str(err)
-            except _TooLargeError as err:
-                part.unlink(missing_ok=True)
-                validator_file.unlink(missing_ok=True)
-                _running.pop(part, None)
-                raise PipelineError(str(err), hint="check source.mirror; run doit update if the image really "
-                                                   "changed") from None
-            if attempt + 1 == http.attempts:
-                raise PipelineError(f"{last_error} (gave up after {http.attempts} attempts; "
-                                    f"{human_bytes(part.stat().st_size if part.exists() else 0)} kept in {part} "
-                                    "for the next run to resume)", hint="check the network and the mirror")
-            log.info("%s; retrying (%d/%d)", last_error, attempt + 2, http.attempts)
-            _backoff(attempt, http)
+        def kept() -> str:
+            size = part.stat().st_size if part.exists() else 0
+            return f"; {human_bytes(size)} kept in {part} for the next run to resume"
+
+        try:
+            with_retries(lambda: _download_attempt(session, url, part, validator_file, http, expected_size), url,
+                         http, gave_up_detail=kept)
+        except _TooLargeError as err:
+            part.unlink(missing_ok=True)
+            validator_file.unlink(missing_ok=True)
+            _running.pop(part, None)
+            raise PipelineError(str(err), hint="check source.mirror; run doit update if the image really "
+                                               "changed") from None
         digest, _ = _hash_existing_cached(part)
         actual = digest.hexdigest()
         if actual != sha256:
