@@ -9,17 +9,15 @@ Both read the pipeline and its lock offline; neither boots nor downloads anythin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from cloudbake.build import resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.lock import read_lock
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import load_pipeline
-from cloudbake.store import manifest_path, published_image
+from cloudbake.store import Manifest, published_image, read_manifest
 from cloudbake.units import human_bytes
 
 
@@ -51,12 +49,10 @@ def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool) -> st
         lines.append("| image | not baked in this run |")
     else:
         lines.append(f"| image | `{image.name}`, {human_bytes(image.stat().st_size)} |")
-        qemu = manifest.get("qemu", {})
-        lines.append(f"| baked with | {qemu.get('accel', '?')} ({qemu.get('accel_reason', '')}) |")
-        durations = manifest.get("durations_s", {})
-        if durations:
+        lines.append(f"| baked with | {manifest.accel or '?'} ({manifest.accel_reason}) |")
+        if manifest.durations_s:
             lines.append("| bake stages | " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in
-                                                       durations.items()) + " |")
+                                                       manifest.durations_s.items()) + " |")
     if lock_fetched:
         lines += ["", f"**`{paths.lock_file.name}` was missing**: this run resolved and pinned the upstream image "
                       f"itself. Commit `{paths.lock_file.name}` (see the uploaded logs, or run `doit fetch` locally) "
@@ -64,12 +60,13 @@ def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool) -> st
     return "\n".join(lines) + "\n"
 
 
-def _manifest(image: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(manifest_path(image).read_text())
-    except (OSError, ValueError):
+def _manifest(image: Path) -> Manifest | None:
+    if not image.is_file():
         return None
-    return data if isinstance(data, dict) and image.is_file() else None
+    try:
+        return read_manifest(image)
+    except PipelineError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +85,50 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
     os.replace(tmp_pointer, pointer)
 
 
-def read_manifest(image: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Manifest:
+    """What a published image's manifest says, typed: the fields readers use, and the whole document."""
+
+    name: str
+    key: str
+    image_file: str
+    image_sha256: str | None       # None: baked by a cloudbake that did not record it
+    firmware: str = "uefi"         # how the bake booted it: test runs boot it the same way
+    accel: str = ""
+    accel_reason: str = ""
+    durations_s: dict[str, float] = field(default_factory=dict)
+    document: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_document(cls, doc: Any, where: Path) -> Manifest:
+        problem = PipelineError(f"{where}: not a cloudbake manifest", hint="delete the image and its .json and "
+                                                                           "bake again")
+        if not isinstance(doc, dict) or not isinstance(doc.get("image"), dict):
+            raise problem
+        image, qemu = doc["image"], doc.get("qemu") or {}
+        name, key, file, digest = doc.get("name"), doc.get("key"), image.get("file"), image.get("sha256")
+        if not all(isinstance(v, str) for v in (name, key, file)) or not isinstance(qemu, dict):
+            raise problem
+        durations = doc.get("durations_s") or {}
+        return cls(name=str(name), key=str(key), image_file=str(file),
+                   image_sha256=digest if isinstance(digest, str) and len(digest) == 64 else None,
+                   firmware=str(qemu.get("firmware", "uefi")), accel=str(qemu.get("accel", "")),
+                   accel_reason=str(qemu.get("accel_reason", "")),
+                   durations_s={str(k): float(v) for k, v in durations.items() if isinstance(v, (int, float))}
+                   if isinstance(durations, dict) else {},
+                   document=doc)
+
+
+def read_manifest(image: Path) -> Manifest:
     try:
-        manifest = json.loads(manifest_path(image).read_text())
+        document = json.loads(manifest_path(image).read_text())
     except (OSError, ValueError) as err:
         raise PipelineError(f"{manifest_path(image)}: cannot read the manifest of {image.name} ({err})",
                             hint="delete the image and its .json and bake again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("image"), dict):
-        raise PipelineError(f"{manifest_path(image)}: not a cloudbake manifest",
-                            hint="delete the image and its .json and bake again")
-    return manifest
+    return Manifest.from_document(document, manifest_path(image))
 
 
-def verify_published(image: Path) -> dict[str, Any]:
+def verify_published(image: Path) -> Manifest:
     """The manifest of a published image, once the image matches the SHA-256 the manifest records.
 
     An image restored from a cache, copied, or touched on disk is hashed once before its
@@ -104,8 +136,8 @@ def verify_published(image: Path) -> dict[str, Any]:
     mtime), so later uses cost nothing. A mismatch is an error, never a boot.
     """
     manifest = read_manifest(image)
-    expected = manifest["image"].get("sha256")
-    if not isinstance(expected, str) or len(expected) != 64:
+    expected = manifest.image_sha256
+    if expected is None:
         raise PipelineError(f"{manifest_path(image)} records no SHA-256 for {image.name} (baked by an older "
                             "cloudbake), so it cannot be checked", hint="delete the image and its .json and bake again")
     if is_verified(image, expected):

@@ -35,7 +35,7 @@ from cloudbake.pipeline import Pipeline
 from cloudbake.qemu import VmSpec
 from cloudbake.runner import CommandTimeoutError, require_tool, run, spawn, tail
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
-from cloudbake.store import published_image, verify_published
+from cloudbake.store import Manifest, published_image, verify_published
 from cloudbake.units import human_bytes
 from cloudbake.vm import VmRun, boot_with_fallback
 
@@ -379,7 +379,7 @@ class RunResult:
     kept: bool
 
 
-def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, dict[str, Any]]:
+def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, Manifest]:
     """The published image for the current key and its manifest, checked against its digest."""
     key, _, _, _ = resolve_key(pipeline, paths)
     base = published_image(paths, pipeline.name, key)
@@ -421,9 +421,9 @@ def prepare_run(pipeline: Pipeline, base: Path, files: RunFiles, label: str) -> 
     return host_public
 
 
-def _spec_for(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], files: RunFiles, port: int,
+def _spec_for(pipeline: Pipeline, paths: Paths, manifest: Manifest, files: RunFiles, port: int,
               host: Host, accel: str) -> VmSpec:
-    firmware = manifest.get("qemu", {}).get("firmware", "uefi")
+    firmware = manifest.firmware
     spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
                   memory_mib=pipeline.vm.memory_bytes >> 20, disk=files.overlay, serial_log=files.serial_log,
                   qmp_socket=files.qmp_socket, seed=files.seed, firmware=firmware, ssh_port=port,
@@ -432,7 +432,7 @@ def _spec_for(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], files:
 
 
 @contextlib.contextmanager
-def _started_vm(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], files: RunFiles) -> Iterator[
+def _started_vm(pipeline: Pipeline, paths: Paths, manifest: Manifest, files: RunFiles) -> Iterator[
         tuple[VmRun, int]]:
     """Boot with a free forwarded port; another run grabbing the same port in between means a retry."""
     host = detect_host()
@@ -454,7 +454,7 @@ def _started_vm(pipeline: Pipeline, paths: Paths, manifest: dict[str, Any], file
     raise PipelineError("could not bind a forwarded SSH port on 127.0.0.1")
 
 
-def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: dict[str, Any], files: RunFiles,
+def _boot_and_run(pipeline: Pipeline, paths: Paths, base: Path, manifest: Manifest, files: RunFiles,
                   command: str, keep: bool, deadline: Deadline, host_public: str) -> RunResult:
     user = pipeline.cloud_init.user
     with _started_vm(pipeline, paths, manifest, files) as (vm, port):

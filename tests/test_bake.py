@@ -243,7 +243,7 @@ def test_published_image_is_checked_once_against_its_manifest(tmp_path):
     with pytest.raises(PipelineError) as caught:
         verify_published(image)
     message = str(caught.value)
-    assert manifest["image"]["sha256"] in message and "does not match its manifest" in message
+    assert str(manifest.image_sha256) in message and "does not match its manifest" in message
     actual = __import__("cloudbake.files", fromlist=["sha256_file"]).sha256_file(image)
     assert actual in message
 
@@ -254,9 +254,13 @@ def test_manifest_without_a_digest_is_refused(tmp_path):
 
     offline_project(tmp_path, published=True)
     image = next(p for p in (tmp_path / "dist").glob("offline-*.qcow2"))
-    manifest_path(image).write_text('{"image": {"file": "x"}}')
+    manifest_path(image).write_text('{"name": "offline", "key": "k", "image": {"file": "x"}}')
     with pytest.raises(PipelineError, match="records no SHA-256"):
         verify_published(image)
+    for not_a_manifest in ('{"image": {"file": "x"}}', "[]", '{"name": 1, "key": "k", "image": {"file": "x"}}'):
+        manifest_path(image).write_text(not_a_manifest)
+        with pytest.raises(PipelineError, match="not a cloudbake manifest"):
+            verify_published(image)
     manifest_path(image).write_text("{not json")
     with pytest.raises(PipelineError, match="cannot read the manifest"):
         verify_published(image)
