@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -64,7 +65,7 @@ def sweep_temps(folder: Path, *, older_than_s: float, prefix: str = ".") -> list
     if not folder.is_dir():
         return removed
     now = time.time()
-    for path in folder.glob(f"{glob_escape(prefix)}*.tmp"):
+    for path in folder.glob(f"{glob.escape(prefix)}*.tmp"):
         with contextlib.suppress(OSError):
             if path.is_file() and now - path.lstat().st_mtime >= older_than_s:
                 path.unlink()
@@ -73,11 +74,6 @@ def sweep_temps(folder: Path, *, older_than_s: float, prefix: str = ".") -> list
         stage_logger("files").info("removed %d temp file(s) a killed run left in %s", len(removed), folder)
     return removed
 
-
-def glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
 
 
 HASH_CHUNK_BYTES = 16 << 20

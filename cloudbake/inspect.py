@@ -12,15 +12,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudbake.build import resolve_key
+from cloudbake.build import require_lock, resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.fetch import cached_upstream
 from cloudbake.firmware import find_uefi
-from cloudbake.host import QEMU_BINARY, QEMU_PACKAGE, detect_host, qemu_version, read_kvm_verdict, resolve_accel
+from cloudbake.host import detect_host, qemu_binary, qemu_version, read_kvm_verdict, resolve_accel
 from cloudbake.lock import read_lock
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Firmware, Pipeline
+from cloudbake.runner import require_tool
 from cloudbake.seed import build_seed_files
 from cloudbake.store import is_published, published_image
 from cloudbake.units import human_bytes
@@ -63,25 +64,12 @@ def run_checks(pipeline: Pipeline, paths: Paths) -> list[Check]:
         return f"user-data valid ({len(files.user_data)} bytes merged)"
 
     def lock() -> str:
-        found = read_lock(paths.lock_file)
-        if found is None:
-            raise PipelineError(f"no {paths.lock_file.name}: the key cannot be computed offline",
-                                hint="run doit fetch (cloudbake fetch) once and commit the lock")
-        if not found.matches(pipeline.source):
-            raise PipelineError(f"{paths.lock_file.name} pins another source", hint="run doit update")
+        found = require_lock(paths, pipeline)
         return f"pins serial {found.serial}, sha256 {found.sha256[:12]}…"
 
     def qemu() -> str:
-        binary = shutil.which(QEMU_BINARY[arch])
-        if binary is None:
-            raise PipelineError(f"{QEMU_BINARY[arch]} not found", hint=f"install the {QEMU_PACKAGE[arch]} package")
+        binary = qemu_binary(arch)
         return f"{binary}, QEMU {qemu_version(binary)}"
-
-    def qemu_img() -> str:
-        binary = shutil.which("qemu-img")
-        if binary is None:
-            raise PipelineError("qemu-img not found", hint="install the qemu-utils package")
-        return binary
 
     def firmware() -> str:
         if pipeline.vm.firmware is Firmware.bios:
@@ -93,12 +81,6 @@ def run_checks(pipeline: Pipeline, paths: Paths) -> list[Check]:
         choice = resolve_accel(pipeline.vm.accel, arch, host, paths.cache_dir)
         probe = "; probed at the first boot, TCG if KVM cannot run guests" if choice.probe else ""
         return f"{choice.accel}: {choice.reason}{probe}"
-
-    def gpgv() -> str:
-        binary = shutil.which("gpgv")
-        if binary is None:
-            raise PipelineError("gpgv not found", hint="install the gpgv package")
-        return binary
 
     def disk() -> str:
         free = min(_free(paths.output_dir), _free(paths.cache_dir), _free(paths.work_dir))
@@ -112,8 +94,8 @@ def run_checks(pipeline: Pipeline, paths: Paths) -> list[Check]:
         _check("user-data", seed),
         _check("lock", lock, fatal=False),
         _check("qemu", qemu),
-        _check("qemu-img", qemu_img),
-        _check("gpgv", gpgv),
+        _check("qemu-img", lambda: require_tool("qemu-img", "qemu-utils")),
+        _check("gpgv", lambda: require_tool("gpgv", "gpgv")),
         _check("firmware", firmware),
         _check("accelerator", accelerator),
         _check("disk", disk, fatal=False),

@@ -9,11 +9,8 @@ from pathlib import Path
 
 from cloudbake.errors import PipelineError
 from cloudbake.files import write_atomically
-from cloudbake.log import stage_logger, strip_credentials
+from cloudbake.log import strip_credentials
 from cloudbake.pipeline import Source
-
-log = stage_logger("fetch")
-
 
 LOCK_VERSION = 1
 

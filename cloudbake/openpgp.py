@@ -11,10 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloudbake.errors import PipelineError
-from cloudbake.log import stage_logger
 from cloudbake.runner import require_tool, run
-
-log = stage_logger("fetch")
 
 
 def dearmor(data: bytes, what: str = "OpenPGP data") -> bytes:

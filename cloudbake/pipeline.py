@@ -485,7 +485,7 @@ def _file_problems(document: dict[str, Any], root: yaml.Node | None, base: Path)
             resolved = _resolve(base, value)
             missing = resolved is not None and not resolved.is_file()
             reason = f"file not found: {resolved} (paths are relative to the pipeline's folder)"
-        except (OSError, RuntimeError) as err:  # a symlink loop: RuntimeError before Python 3.13
+        except OSError as err:  # a symlink loop (see _resolve)
             missing, reason = True, f"cannot follow this path: {err}"
         if missing:
             line, col = locate(root, path)
