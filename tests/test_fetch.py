@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -587,6 +588,10 @@ def test_trickling_server_is_cut_off_then_resumed(server, small_mirror, make):
                             min_rate_bytes_s=1 << 20, rate_window_s=1.0)
     image, _ = ensure_image(pipeline, paths, http=settings)
     assert _digest(image) == _digest(small_mirror.image)
+    # The server records a request when its handler ends; the cut-off one ends at its next write.
+    deadline = time.monotonic() + 30
+    while len(server.requests_for("amd64.img")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     gets = server.requests_for("amd64.img")
     first, resumed = sorted(gets, key=lambda g: g.range is not None)
     assert first.range is None and resumed.range is not None
