@@ -17,7 +17,8 @@ from bench.common import report
 from bench.project import make_bench_project
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import load_pipeline
-from cloudbake.testrun import free_port, make_overlay, run_test_image, ssh_banner
+from cloudbake.machine import free_port, make_overlay, ssh_banner
+from cloudbake.testrun import run_test_image
 
 
 class _MarkCommandStart(logging.Handler):

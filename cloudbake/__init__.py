@@ -1,3 +1,20 @@
-"""cloudbake: a declarative pipeline that bakes and tests VM base images (driven by doit)."""
+"""cloudbake: a declarative pipeline that bakes and tests VM base images (driven by doit).
+
+``with cloudbake.vm("pipeline.yaml") as vm:`` gives a throwaway VM of the baked image (cloudbake.api).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+__all__ = ["vm"]
+
+if TYPE_CHECKING:
+    from cloudbake.api import vm
+else:
+    def vm(*args, **kwargs):
+        """A throwaway VM of the baked image (cloudbake.api.vm), imported on use: ``import cloudbake`` stays light."""
+        from cloudbake.api import vm as _vm
+
+        return _vm(*args, **kwargs)

@@ -2,7 +2,8 @@
 
     cloudbake list                  the tasks (doit's own commands all work: info, clean, help ...)
     cloudbake bake                  bake ./pipeline.yaml's image
-    cloudbake -p ci.yaml test-image --cmd "make check"
+    cloudbake -p ci.yaml test-image --cmd "make check"    exits with the command's status
+    cloudbake up / ssh / ps / down   throwaway VMs for people and harnesses (cloudbake.commands)
 
 doit underneath, the way Nikola wraps doit: DoitMain with a task loader that hands doit the
 task definitions of ``cloudbake.tasks`` (this repository's tasks/ folder, mapped into the
@@ -19,6 +20,8 @@ from typing import Any
 
 from doit.cmd_base import ModuleTaskLoader
 from doit.doit_cmd import DoitMain
+
+from cloudbake import commands
 
 TASK_MODULES = ("fetch", "seed", "bake", "testrun", "inspect")
 USAGE = "usage: cloudbake [-p PIPELINE] [doit command] [task] [options]   (cloudbake help: doit's help)"
@@ -76,14 +79,26 @@ class _Loader(ModuleTaskLoader):  # type: ignore[misc]
 
 
 def main(argv: list[str] | None = None) -> int:
-    pipeline, doit_argv = split_pipeline_option(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
     context, modules = task_definitions()
-    if pipeline is not None:
-        context.set_default_pipeline(pipeline)
     namespace = {name: getattr(module, name) for module in modules for name in dir(module)
                  if name.startswith("task_")}
-    result: int = DoitMain(_Loader(namespace, context)).run(doit_argv)
-    return result
+
+    def doit(doit_argv: list[str]) -> int:
+        result: int = DoitMain(_Loader(namespace, context)).run(doit_argv)
+        return result
+
+    command_at = next((i for i, arg in enumerate(args) if not arg.startswith("-")
+                       and (i == 0 or args[i - 1] not in ("-p", "--pipeline"))), None)
+    if command_at is not None and args[command_at] in commands.COMMANDS:
+        pipeline, _ = split_pipeline_option(args[:command_at])
+        if pipeline is not None:
+            context.set_default_pipeline(pipeline)
+        return commands.main(args[command_at:], pipeline, lambda: doit(["bake"]))
+    pipeline, doit_argv = split_pipeline_option(args)
+    if pipeline is not None:
+        context.set_default_pipeline(pipeline)
+    return doit(doit_argv)
 
 
 if __name__ == "__main__":

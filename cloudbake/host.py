@@ -180,3 +180,18 @@ def qemu_binary(arch: Arch) -> str:
 def qemu_version(binary: str) -> str:
     first = run([binary, "--version"], stage="qemu", timeout=30).stdout.splitlines()[0]
     return first.replace("QEMU emulator version ", "")
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes of memory new processes can take without swapping, or None when the host does not say.
+
+    Linux: MemAvailable (free memory plus the cache the kernel can drop). Elsewhere (macOS):
+    physical memory, an upper bound; QEMU's own hvf allocations are lazy there.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None

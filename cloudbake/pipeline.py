@@ -102,11 +102,25 @@ class CloudInit:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A guest TCP port reachable on 127.0.0.1 of the host; ``host`` 0 means any free port."""
+
+    host: int
+    guest: int
+
+
+@dataclass(frozen=True)
 class TestSettings:
     command: str
+    upload: str | tuple[str, ...] | None    # "git", patterns, or None for nothing
+    workdir: str
+    env: tuple[tuple[str, str], ...]
+    forward: tuple[Forward, ...]
     timeout_s: float
     artifacts: tuple[str, ...]
     artifacts_max_bytes: int
+    parallel: int
+    shards: int | None
 
 
 @dataclass(frozen=True)
@@ -490,6 +504,7 @@ def _file_problems(document: dict[str, Any], root: yaml.Node | None, base: Path)
         if missing:
             line, col = locate(root, path)
             problems.append(Problem(line, col, dotted(path), reason))
+    problems += _test_problems(filled["test"], root)
     release = str(filled["source"]["release"])
     if release not in RELEASES and release not in RELEASES.values():
         line, col = locate(root, ["source", "release"])
@@ -498,6 +513,39 @@ def _file_problems(document: dict[str, Any], root: yaml.Node | None, base: Path)
                                 f"unknown Ubuntu release {release!r}"
                                 f"{suggest(release, [*RELEASES, *RELEASES.values()])}; known: {known}"))
     return problems
+
+
+def _test_problems(test: dict[str, Any], root: yaml.Node | None) -> list[Problem]:
+    """What the schema cannot say about test.forward and test.upload."""
+    problems = []
+    guests: set[int] = set()
+    for index, item in enumerate(test["forward"]):
+        forward = parse_forward(item)
+        reason = None
+        if max(forward.host, forward.guest) > 65535:
+            reason = f"{item!r}: a TCP port is at most 65535"
+        elif forward.guest == 22:
+            reason = "guest port 22 is forwarded already (SSH); cloudbake prints and hands over its host port"
+        elif forward.guest in guests:
+            reason = f"guest port {forward.guest} is forwarded twice"
+        guests.add(forward.guest)
+        if reason:
+            line, col = locate(root, ["test", "forward", index])
+            problems.append(Problem(line, col, f"test.forward.{index}", reason))
+    if isinstance(test["upload"], list):
+        for index, pattern in enumerate(test["upload"]):
+            if os.path.isabs(pattern) or ".." in Path(pattern).parts:
+                line, col = locate(root, ["test", "upload", index])
+                problems.append(Problem(line, col, f"test.upload.{index}",
+                                        f"{pattern!r} leaves the pipeline's folder; upload paths are relative to "
+                                        "it and stay inside it"))
+    return problems
+
+
+def parse_forward(item: int | str) -> Forward:
+    """``8080`` or ``"18080:8080"`` (host:guest), as the schema admits them."""
+    host, _, guest = str(item).rpartition(":")
+    return Forward(int(host) if host else 0, int(guest))
 
 
 def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
@@ -547,9 +595,15 @@ def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
         ),
         test=TestSettings(
             command=test["command"],
+            upload=None if test["upload"] is False else "git" if test["upload"] == "git" else tuple(test["upload"]),
+            workdir=test["workdir"],
+            env=tuple(sorted(test["env"].items())),
+            forward=tuple(parse_forward(item) for item in test["forward"]),
             timeout_s=parse_duration(test["timeout"]),
             artifacts=tuple(test["artifacts"]),
             artifacts_max_bytes=parse_size(test["artifacts_max"]),
+            parallel=test["parallel"],
+            shards=test["shards"],
         ),
         output_dir=output_dir,
         output_keep=doc["output"]["keep"],

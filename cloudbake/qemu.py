@@ -27,6 +27,7 @@ class VmSpec:
     firmware_vars: Path | None = None       # this VM's own copy
     firmware_vars_format: str = "raw"
     ssh_port: int | None = None             # forwarded from 127.0.0.1 only
+    forwards: tuple[tuple[int, int], ...] = ()  # (host, guest) TCP ports, from 127.0.0.1 only
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     interactive: bool = False               # serial console on the terminal (doit console)
 
@@ -68,6 +69,8 @@ def build_qemu_argv(spec: VmSpec, binary: str) -> list[str]:
     nic = "user,model=virtio-net-pci"
     if spec.ssh_port is not None:
         nic += f",hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
+    for host_port, guest_port in spec.forwards:
+        nic += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
     argv += ["-nic", nic]
     argv += ["-device", "virtio-rng-pci"]
     argv += ["-rtc", "base=utc"]

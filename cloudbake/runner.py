@@ -136,6 +136,7 @@ def spawn(
     stdin: IO[bytes] | int | None = subprocess.DEVNULL,
     grace: float = STOP_GRACE_SECONDS,
     new_session: bool = False,
+    cwd: Path | None = None,
 ) -> Iterator[Spawned]:
     """Start a long-running program (a VM) and guarantee it is gone when the block ends.
 
@@ -147,7 +148,8 @@ def spawn(
     args = _argv(argv)
     stage_logger(stage).debug("$ %s", shlex.join(args))
     try:
-        proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=new_session)
+        proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=new_session,
+                                cwd=cwd)
     except FileNotFoundError:
         raise PipelineError(f"'{args[0]}' not found", hint="install it or put it on PATH") from None
     spawned = Spawned(proc)

@@ -16,12 +16,14 @@ def task_test_image() -> dict[str, Any]:
     pipeline, paths = current()
     return {
         "basename": "test-image",
-        "doc": "Run test.command (or --cmd) over SSH in a throwaway VM of the baked image",
+        "doc": "Upload the project and run test.command (or --cmd) in throwaway VMs of the baked image",
         "params": [
             {"name": "command", "long": "cmd", "type": str, "default": str(get_var("cmd", "") or ""),
              "help": "command to run instead of test.command (cmd=... works too)"},
             {"name": "keep", "long": "keep", "type": bool, "default": flag(get_var("keep", "0")),
              "help": "keep the VM running afterwards, with its SSH command printed (keep=1 works too)"},
+            {"name": "jobs", "short": "j", "long": "jobs", "type": int, "default": 0,
+             "help": "VMs at once (default test.parallel)"},
         ],
         "task_dep": ["bake"],
         "actions": [(doit_action(run_test_task), [pipeline, paths])],

@@ -1,0 +1,928 @@
+"""A throwaway VM of the baked image, ready over SSH: the one implementation behind
+``test-image``, ``up``, the Python API and the pytest plugin.
+
+Every VM has its own run folder (overlay, SSH key pair, pinned host key, seed, firmware vars),
+forwarded ports on 127.0.0.1 and a record (``run.json``) that ``ps`` and ``down`` read; the
+base image is only ever read. Whatever ends a VM's block, its QEMU is stopped and its folder
+(private key included) removed, unless it was detached on purpose (``up``, ``--keep``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from cloudbake.build import resolve_key
+from cloudbake.errors import PipelineError
+from cloudbake.files import write_atomically
+from cloudbake.firmware import with_uefi
+from cloudbake.host import Host, detect_host, resolve_accel
+from cloudbake.log import stage_logger
+from cloudbake.paths import Paths
+from cloudbake.pipeline import Forward, Pipeline
+from cloudbake.qemu import VmSpec
+from cloudbake.runner import CommandTimeoutError, require_tool, run, spawn, stop_process, tail
+from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
+from cloudbake.store import Manifest, published_image, verify_published
+from cloudbake.units import human_bytes
+from cloudbake.vm import VmRun, boot_with_fallback, qmp_command
+
+log = stage_logger("test-image")
+RUNS_FOLDER = ".runs"
+PORT_ATTEMPTS = 3
+# Guest-side files of cloudbake's own: the command's environment and its recorded exit status.
+GUEST_STATE = "~/.cloudbake"
+
+
+class MachineryError(PipelineError):
+    """cloudbake's own machinery failed (boot, SSH, upload, artifacts), not the user's command.
+
+    ``stage`` names the step, so a CI log says which one without reading the traceback.
+    """
+
+    def __init__(self, stage: str, message: str, hint: str | None = None) -> None:
+        super().__init__(f"{stage}: {message}", hint)
+        self.stage = stage
+
+    @classmethod
+    def from_error(cls, stage: str, err: PipelineError) -> MachineryError:
+        if isinstance(err, MachineryError):
+            return err
+        return cls(stage, err.message, err.hint)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run, all inside its own folder."""
+
+    folder: Path
+
+    @property
+    def id(self) -> str:
+        return self.folder.name
+
+    @property
+    def overlay(self) -> Path:
+        return self.folder / "disk.qcow2"
+
+    @property
+    def client_key(self) -> Path:
+        return self.folder / "id_ed25519"
+
+    @property
+    def host_key(self) -> Path:
+        return self.folder / "ssh_host_ed25519_key"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.folder / "known_hosts"
+
+    @property
+    def seed(self) -> Path:
+        return self.folder / "seed.iso"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.folder / "serial.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.folder / "qmp.sock"
+
+    @property
+    def vars(self) -> Path:
+        return self.folder / "efivars.fd"
+
+    @property
+    def owner(self) -> Path:
+        return self.folder / "run.json"
+
+    def record(self) -> dict[str, Any]:
+        try:
+            info = json.loads(self.owner.read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def update_record(self, **fields: Any) -> None:
+        write_atomically(self.owner, json.dumps({**self.record(), **fields}).encode(), mode=0o600)
+
+
+# --- run folders, leftovers and the VMs that are up ---------------------------------------
+
+
+def runs_root(base: Path) -> Path:
+    """Runs live beside the base image, so overlays can name it by a relative path."""
+    return base.parent / RUNS_FOLDER
+
+
+def new_run(base: Path) -> RunFiles:
+    root = runs_root(base)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+    folder.mkdir(mode=0o700)
+    return RunFiles(folder)
+
+
+def pid_alive(pid: int) -> bool:
+    """``kill -0``: works wherever Python does, without /proc."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_qemu(info: dict[str, Any]) -> bool:
+    """The recorded QEMU is still that QEMU: alive and started when the record says (pids get reused)."""
+    pid = int(info.get("qemu_pid", 0))
+    return pid_alive(pid) and _process_start_marker(pid) == info.get("qemu_started")
+
+
+def _process_start_marker(pid: int) -> str | None:
+    """A value that changes when a pid is reused: the process's start time as ``ps`` reports it."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        return out or None
+    return None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run folder as ``ps`` shows it."""
+
+    files: RunFiles
+    state: str          # running | kept | leftover
+    base: str
+    ssh_port: int | None
+    forwards: dict[int, int]
+    user: str
+    age_s: float
+    qemu_pid: int
+
+
+def list_runs(base_dir: Path) -> list[RunInfo]:
+    """The run folders under ``base_dir`` (the output folder), newest last."""
+    root = base_dir / RUNS_FOLDER
+    if not root.is_dir():
+        return []
+    runs = []
+    for folder in sorted(root.iterdir()):
+        files = RunFiles(folder)
+        info = files.record()
+        alive = _is_our_qemu(info)
+        if info.get("kept") and alive:
+            state = "kept"
+        elif pid_alive(int(info.get("pid", 0))) and (alive or not info.get("qemu_pid")):
+            state = "running"
+        else:
+            state = "leftover"
+        try:
+            age = time.time() - folder.stat().st_mtime
+        except OSError:
+            continue  # removed while we looked
+        runs.append(RunInfo(files, state, str(info.get("base", "?")), info.get("ssh_port"),
+                            {int(k): int(v) for k, v in info.get("forwards", {}).items()},
+                            str(info.get("user", "")), age, int(info.get("qemu_pid", 0))))
+    return runs
+
+
+def stop_run(files: RunFiles) -> None:
+    """Stop a run's QEMU (QMP quit, then kill) and delete its folder, keys and overlay included."""
+    info = files.record()
+    if _is_our_qemu(info):
+        with contextlib.suppress(Exception):
+            qmp_command(files.qmp_socket, "quit", timeout=2.0)
+        pid = int(info["qemu_pid"])
+        deadline = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(files.folder, ignore_errors=True)
+
+
+def clean_leftovers(base: Path) -> list[Path]:
+    """Remove run folders whose owner died (Ctrl-C'd, killed, crashed) and kept runs whose QEMU is gone.
+
+    A run being set up right now (no record yet) and runs whose owner or kept QEMU is alive
+    are left alone.
+    """
+    removed: list[Path] = []
+    for info in list_runs(base.parent):
+        if info.state != "leftover":
+            continue
+        folder = info.files.folder
+        if not info.files.record() and time.time() - folder.stat().st_mtime < 60:
+            continue
+        stop_run(info.files)
+        removed.append(folder)
+    if removed:
+        log.info("removed %d leftover run folder(s) of runs that did not finish", len(removed))
+    return removed
+
+
+def make_overlay(base: Path, overlay: Path) -> None:
+    """A copy-on-write overlay; the backing path is relative when the overlay sits beside the base."""
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    beside = base.parent.resolve() in overlay.parent.resolve().parents
+    backing = os.path.relpath(base.resolve(), overlay.parent.resolve()) if beside else str(base.resolve())
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay], stage="test-image",
+        timeout=60)
+
+
+# --- keys and the seed --------------------------------------------------------------------
+
+
+def make_keypair(path: Path, comment: str) -> str:
+    """A fresh ed25519 key pair; the private key is 0600. Returns the public key text."""
+    keygen = require_tool("ssh-keygen", "openssh-client")
+    run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path], stage="test-image", timeout=30)
+    os.chmod(path, 0o600)
+    return path.with_name(path.name + ".pub").read_text().strip()
+
+
+def run_seed_files(pipeline: Pipeline, client_public: str, host_private: str, host_public: str,
+                   instance_id: str) -> SeedFiles:
+    """The per-run seed: this run's login key and a pre-generated host key, nothing else re-applied."""
+    user_data = {
+        "users": [{"name": pipeline.cloud_init.user, "sudo": SUDO_NOPASSWD, "shell": "/bin/bash",
+                   "lock_passwd": True, "ssh_authorized_keys": [client_public]}],
+        "ssh_pwauth": False,
+        "ssh_deletekeys": True,
+        "ssh_keys": {"ed25519_private": host_private, "ed25519_public": host_public},
+        "ssh_genkeytypes": [],
+    }
+    return SeedFiles(render_cloud_config(user_data), render_meta_data(instance_id, pipeline.cloud_init.hostname))
+
+
+def prepare_run(pipeline: Pipeline, base: Path, files: RunFiles, label: str) -> str:
+    """Owner record, overlay, this run's key pair and host key, and its seed; returns the host's public key."""
+    write_atomically(files.owner, json.dumps({"pid": os.getpid(), "base": base.name, "label": label,
+                                              "user": pipeline.cloud_init.user}).encode(), mode=0o600)
+    make_overlay(base, files.overlay)
+    client_public = make_keypair(files.client_key, f"cloudbake-{label}-{files.id}")
+    host_public = make_keypair(files.host_key, f"cloudbake-{label}-host")
+    seed = run_seed_files(pipeline, client_public, files.host_key.read_text(), host_public,
+                          f"cloudbake-{label}-{secrets.token_hex(8)}")
+    build_seed_iso(seed, files.seed)
+    os.chmod(files.seed, 0o600)  # it carries the private host key
+    files.host_key.unlink()  # the guest has it now; the host only needs the public half
+    return host_public
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def resolve_forwards(forwards: Sequence[Forward]) -> tuple[Forward, ...]:
+    """Pick free host ports for the forwards that asked for any port."""
+    return tuple(Forward(f.host or free_port(), f.guest) for f in forwards)
+
+
+# --- SSH ----------------------------------------------------------------------------------
+
+
+def ssh_argv(files: RunFiles, port: int, user: str, command: str | None = None, *, connect_timeout: int = 10,
+             tty: bool = False) -> list[str]:
+    """OpenSSH with the host key pinned: no trust on first use, no agent, no user config."""
+    argv = ["ssh", "-F", "none"]
+    argv += ["-i", str(files.client_key)]
+    argv += ["-p", str(port)]
+    argv += ["-o", "IdentitiesOnly=yes"]
+    argv += ["-o", "IdentityAgent=none"]
+    argv += ["-o", "BatchMode=yes"]
+    argv += ["-o", "StrictHostKeyChecking=yes"]
+    argv += ["-o", f"UserKnownHostsFile={files.known_hosts}"]
+    argv += ["-o", "GlobalKnownHostsFile=/dev/null"]
+    argv += ["-o", "HostKeyAlgorithms=ssh-ed25519"]
+    argv += ["-o", f"ConnectTimeout={connect_timeout}"]
+    argv += ["-o", "ServerAliveInterval=15"]
+    argv += ["-o", "ServerAliveCountMax=8"]
+    argv += ["-o", "LogLevel=ERROR"]
+    argv += ["-t" if tty else "-T"]
+    argv += [f"{user}@127.0.0.1"]
+    if command is not None:
+        argv += ["--", command]
+    return argv
+
+
+def ssh_banner(port: int, timeout: float = 3.0) -> bool:
+    """True when an SSH server answers: QEMU's user networking accepts connections before sshd is up."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def host_key_changed() -> MachineryError:
+    return MachineryError("ssh", "the test VM presented an SSH host key other than the one injected for this run; "
+                                 "refusing to connect",
+                          hint="something else answers on the forwarded port, or the guest's host key was "
+                               "replaced (by the test command?)")
+
+
+def remote_path(path: str) -> str:
+    """A guest path for a shell command line: ``~`` and ``~/x`` become the run user's home, the rest is quoted."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.total = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+
+# --- tar streams, both ways ---------------------------------------------------------------
+
+
+class _CappedReader:
+    """A file-like view of a stream that refuses to read past ``limit`` bytes."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self.stream, self.limit, self.count = stream, limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.stream.read(size)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise _StreamTooLargeError()
+        return data
+
+
+class _StreamTooLargeError(Exception):
+    pass
+
+
+def extract_safely(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    """Only regular files and folders, only below ``dest``: the guest is not trusted to name host paths."""
+    if hasattr(tarfile, "data_filter"):  # Python 3.11.4+ and distro backports
+        try:
+            archive.extract(member, dest, filter="data")
+        except tarfile.FilterError as err:
+            raise PipelineError(f"refusing {member.name!r} from the guest: {err}") from None
+        return
+    target = (dest / member.name).resolve()
+    if dest.resolve() not in target.parents or not (member.isfile() or member.isdir()):
+        raise PipelineError(f"refusing {member.name!r} from the guest: not a plain file below {dest}")
+    archive.extract(member, dest)
+
+
+def receive_tar(argv: list[str], dest: Path, *, what: str, max_bytes: int, timeout_s: float,
+                limit_name: str, too_large_hint: str) -> list[str]:
+    """Run ``argv`` (ssh writing a tar stream) and extract it safely into ``dest``.
+
+    Bounded: at most ``max_bytes`` of stream and ``timeout_s`` seconds; a stream that ends
+    with tar or SSH failing is an error, never a partial success.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    with spawn(argv, stage="test-image", stdout=subprocess.PIPE, stderr=subprocess.PIPE) as spawned:
+        proc = spawned.proc
+        assert proc.stdout is not None and proc.stderr is not None
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        names: list[str] = []
+        stream = _CappedReader(proc.stdout, max_bytes)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
+                for member in archive:
+                    extract_safely(archive, member, dest)
+                    names.append(member.name)
+            stderr = proc.stderr.read().decode(errors="replace")
+            proc.wait(30)
+        except _StreamTooLargeError:
+            raise PipelineError(f"{what}: larger than {limit_name} ({human_bytes(max_bytes)}); "
+                                f"{len(names)} file(s) copied into {dest} before stopping",
+                                hint=too_large_hint) from None
+        except tarfile.TarError as err:
+            stop_process(proc, 1)
+            stderr = proc.stderr.read().decode(errors="replace")
+            if "Host key verification failed" in stderr:
+                raise host_key_changed() from None
+            if not timer.is_alive():
+                raise PipelineError(f"{what}: did not finish within the time left ({timeout_s:.0f} s)",
+                                    hint="raise test.timeout") from None
+            raise PipelineError(f"{what}: the stream from the guest is broken ({err})",
+                                hint=tail(stderr) or None) from None
+        finally:
+            timer.cancel()
+    if proc.returncode == 255 and "Host key verification failed" in stderr:
+        raise host_key_changed()
+    if proc.returncode != 0:
+        raise PipelineError(f"{what}: failed (exit status {proc.returncode}) after {len(names)} file(s):\n"
+                            f"{tail(stderr)}", hint="a file that cannot be read, or the guest's tar; see above")
+    return names
+
+
+def send_tar(tar_argv: list[str], ssh: list[str], *, cwd: Path, what: str, timeout_s: float) -> None:
+    """Pipe a local ``tar -c`` straight into SSH: the bytes never touch the host's disk again."""
+    with contextlib.ExitStack() as stack:
+        tar = stack.enter_context(spawn(tar_argv, stage="test-image", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        cwd=cwd)).proc
+        remote = stack.enter_context(spawn(ssh, stage="test-image", stdin=tar.stdout, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE)).proc
+        assert tar.stdout is not None and tar.stderr is not None and remote.stderr is not None
+        tar.stdout.close()  # SSH holds the pipe now; tar sees SIGPIPE if SSH dies
+        try:
+            remote.wait(timeout_s)
+            tar.wait(30)
+        except subprocess.TimeoutExpired:
+            raise PipelineError(f"{what}: did not finish within {timeout_s:.0f} s") from None
+        tar_err = tar.stderr.read().decode(errors="replace")
+        ssh_err = remote.stderr.read().decode(errors="replace")
+    if remote.returncode == 255 and "Host key verification failed" in ssh_err:
+        raise host_key_changed()
+    if remote.returncode != 0 or tar.returncode != 0:
+        raise PipelineError(f"{what}: failed (guest side exit status {remote.returncode}, host tar "
+                            f"{tar.returncode}):\n{tail(ssh_err + tar_err)}")
+
+
+# --- a VM -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command in the guest did. ``stdout``/``stderr`` are empty when the output was streamed."""
+
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+
+class CommandFailedError(PipelineError):
+    """``vm.run(..., check=True)`` saw a non-zero exit status."""
+
+    def __init__(self, command: str, result: CommandResult) -> None:
+        super().__init__(f"the command failed with exit status {result.status}: {command}\n{tail(result.stderr)}")
+        self.result = result
+
+
+def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, Manifest]:
+    """The published image for the current key and its manifest, checked against its digest."""
+    key, _, _, _ = resolve_key(pipeline, paths)
+    base = published_image(paths, pipeline.name, key)
+    if not base.is_file():
+        raise PipelineError(f"no baked image for the current key ({base.name})",
+                            hint="run cloudbake bake (or doit bake) first")
+    return base, verify_published(base)
+
+
+def vm_spec(pipeline: Pipeline, paths: Paths, manifest: Manifest, files: RunFiles, port: int,
+            forwards: tuple[Forward, ...], host: Host, accel: str) -> VmSpec:
+    firmware = manifest.firmware
+    spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
+                  memory_mib=pipeline.vm.memory_bytes >> 20, disk=files.overlay, serial_log=files.serial_log,
+                  qmp_socket=files.qmp_socket, seed=files.seed, firmware=firmware, ssh_port=port,
+                  forwards=tuple((f.host, f.guest) for f in forwards), extra_args=pipeline.vm.qemu_args)
+    return with_uefi(spec, host, paths.cache_dir, files.vars) if firmware == "uefi" else spec
+
+
+class Machine:
+    """A throwaway VM of the pipeline's baked image, booted and ready over SSH.
+
+    ``start()`` (or entering the block) boots an overlay, waits until the run user logs in
+    with this run's key and cloud-init is done, and creates ``test.workdir``. Commands run
+    there with ``test.env`` set. ``close()`` (or leaving the block) powers the guest off and
+    deletes the run folder; ``detach()`` leaves it running for ``ps``/``ssh``/``down``.
+
+    Failures of the machinery raise MachineryError naming the stage; a command's own
+    status is returned, never raised, unless ``check=True``.
+    """
+
+    def __init__(self, pipeline: Pipeline, paths: Paths, *, label: str = "run", timeout_s: float | None = None,
+                 env: dict[str, str] | None = None, output_prefix: str | None = None,
+                 timeout_per_step: bool = False) -> None:
+        """``timeout_s`` (default test.timeout) bounds the whole life of the VM, boot included, as
+        test-image wants; with ``timeout_per_step`` it bounds the boot and each step on its own
+        (a session-long VM of the API or the pytest plugin)."""
+        self.pipeline, self.paths, self.label = pipeline, paths, label
+        self.user = pipeline.cloud_init.user
+        self.timeout_s = timeout_s or pipeline.test.timeout_s
+        self.timeout_per_step = timeout_per_step
+        self.deadline = Deadline(self.timeout_s)
+        self.extra_env = dict(env or {})
+        self.output_prefix = output_prefix
+        self.files: RunFiles | None = None
+        self.vm: VmRun | None = None
+        self.ssh_port = 0
+        self.forwards: tuple[Forward, ...] = ()
+        self.base: Path | None = None
+        self.detached = False
+        self._stack = contextlib.ExitStack()
+        self._status_nonce = secrets.token_hex(4)
+        self._ready = False
+
+    # -- lifecycle --
+
+    def __enter__(self) -> Machine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(*exc)
+
+    def start(self) -> Machine:
+        try:
+            self.base, manifest = current_base(self.pipeline, self.paths)
+        except PipelineError as err:
+            raise MachineryError.from_error("base image", err) from None
+        clean_leftovers(self.base)
+        self.files = new_run(self.base)
+        try:
+            host_public = prepare_run(self.pipeline, self.base, self.files, self.label)
+            self.vm, self.ssh_port = self._boot(manifest)
+            files = self.files
+            files.known_hosts.write_text(f"[127.0.0.1]:{self.ssh_port} {host_public}\n")
+            files.update_record(ssh_port=self.ssh_port, forwards={f.guest: f.host for f in self.forwards},
+                                qemu_pid=self.vm.proc.pid if self.vm.proc else 0,
+                                qemu_started=_process_start_marker(self.vm.proc.pid) if self.vm.proc else None)
+            self._say("VM of %s booting (run %s, SSH on 127.0.0.1:%d%s)", self.base.name, files.id, self.ssh_port,
+                      "".join(f", guest port {f.guest} on 127.0.0.1:{f.host}" for f in self.forwards))
+            self._wait("boot: SSH port answers", lambda: ssh_banner(self.ssh_port))
+            self._wait("ssh: login with the run's key", lambda: self._ssh_ok("true", 30))
+            self._wait("cloud-init: finished (cloud-init status --wait)",
+                       lambda: self._ssh_ok("cloud-init status --wait >/dev/null; test $? -ne 1",
+                                            max(5.0, self.deadline.left())))
+            self._prepare_guest()
+            self._ready = True
+        except BaseException:
+            self.close(*sys.exc_info())
+            raise
+        return self
+
+    def close(self, *exc: Any) -> None:
+        """Power the guest off and delete the run folder; a detached VM is left as it is.
+
+        Given the exception that ends the block (``__exit__``'s arguments), an interrupt
+        stops QEMU at once instead of waiting for the guest to shut down.
+        """
+        exc_info = (*exc, None, None, None)[:3]
+        if self.detached:
+            self._stack.close()
+            return
+        try:
+            if exc_info[0] is None and self.vm is not None and self.vm.proc is not None \
+                    and self.vm.proc.poll() is None:
+                with contextlib.suppress(PipelineError):
+                    run(self.ssh_argv("sudo -n poweroff"), stage="test-image", timeout=30, check=False)
+                with contextlib.suppress(PipelineError):
+                    self.vm.wait(60, poll_s=0.5)
+        finally:
+            self._stack.__exit__(*exc_info)
+            if self.files is not None:
+                shutil.rmtree(self.files.folder, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Stop QEMU now (another thread's VM was interrupted); the owner's ``close`` then cleans up."""
+        if self.vm is not None and self.vm.proc is not None:
+            stop_process(self.vm.proc, 2)
+
+    def detach(self) -> None:
+        """Leave the VM running after this process: ``cloudbake ps`` lists it, ``cloudbake down`` ends it."""
+        assert self.vm is not None and self.files is not None
+        self.vm.keep_running()
+        self.detached = True
+        self.files.update_record(kept=True)
+
+    # -- reaching it --
+
+    @property
+    def id(self) -> str:
+        assert self.files is not None
+        return self.files.id
+
+    @property
+    def serial_log(self) -> Path:
+        """The guest's serial console so far (gone with the run folder after ``close``)."""
+        assert self.files is not None
+        return self.files.serial_log
+
+    def port(self, guest: int) -> int:
+        """The host port on 127.0.0.1 that reaches ``guest`` (22, or one of ``test.forward``)."""
+        if guest == 22:
+            return self.ssh_port
+        for forward in self.forwards:
+            if forward.guest == guest:
+                return forward.host
+        raise PipelineError(f"guest port {guest} is not forwarded", hint="add it to test.forward")
+
+    def ssh_argv(self, command: str | None = None, *, tty: bool = False) -> list[str]:
+        """OpenSSH argv reaching this VM as the run user (host key pinned); ``command`` runs it there."""
+        assert self.files is not None
+        return ssh_argv(self.files, self.ssh_port, self.user, command, tty=tty)
+
+    # -- commands and files --
+
+    def run(self, command: str, *, check: bool = False, timeout: float | None = None,
+            env: dict[str, str] | None = None, capture: bool = True) -> CommandResult:
+        """Run ``command`` with the run user's shell in ``test.workdir``, ``test.env`` and ``env`` set.
+
+        Returns its status and output (``capture=False`` streams the output instead, prefixed
+        with ``[run N]`` when the VM has an output prefix). ``check=True`` raises
+        CommandFailedError on a non-zero status. Only the machinery raises otherwise: no
+        SSH (MachineryError ``ssh``), no answer within ``timeout`` (MachineryError ``timeout``).
+        """
+        if env:
+            self._write_env(env, name=f"env.{self._status_nonce}")
+        script = self._command_script(command, extra_env=bool(env))
+        limit = timeout if timeout is not None else self._time_left()
+        try:
+            if capture or self.output_prefix is None:
+                result = run(self.ssh_argv(script), stage="test-image", timeout=limit, check=False, capture=capture)
+                status, stdout, stderr = result.returncode, result.stdout, result.stderr
+            else:
+                status, stdout, stderr = self._run_prefixed(script, limit), "", ""
+        except CommandTimeoutError:
+            raise MachineryError("timeout", f"the command did not finish within {limit:.0f} s: {command}",
+                                 hint="raise test.timeout (or the timeout you passed)") from None
+        if status == 255:
+            status = self._status_after_disconnect(stderr)
+        result_ = CommandResult(status, stdout, stderr)
+        if check and status != 0:
+            raise CommandFailedError(command, result_)
+        return result_
+
+    def put(self, local: Path | str, remote: str) -> None:
+        """Copy a host file or folder into the guest (``~`` is the run user's home).
+
+        A folder's contents go into the folder ``remote`` (created, merged with what is there);
+        a file becomes ``remote``, or goes inside it when ``remote`` is a folder.
+        """
+        local = Path(local)
+        target = remote_path(remote)
+        if local.is_dir():
+            tar = [require_tool("tar", "tar"), "-c", "-f", "-", "-C", local, "."]
+            unpack = f"mkdir -p {target} && tar -x -f - -C {target} --no-same-owner --warning=no-timestamp"
+        elif local.is_file():
+            tar = [require_tool("tar", "tar"), "-c", "-f", "-", "-C", local.parent, local.name]
+            name = shlex.quote(local.name)
+            unpack = (f"set -e; t=$(mktemp -d); trap 'rm -rf \"$t\"' EXIT; tar -x -f - -C \"$t\" --no-same-owner "
+                      f"--warning=no-timestamp; if [ -d {target} ]; then mv \"$t\"/{name} {target}/; "
+                      f"else mkdir -p \"$(dirname {target})\" && mv \"$t\"/{name} {target}; fi")
+        else:
+            raise PipelineError(f"{local}: no such file or folder to copy into the guest")
+        try:
+            send_tar(tar, self.ssh_argv(unpack), cwd=local.parent, what=f"copying {local} into the guest",
+                     timeout_s=self._time_left())
+        except PipelineError as err:
+            raise MachineryError.from_error("put", err) from None
+
+    def get(self, remote: str, local: Path | str, *, max_bytes: int | None = None) -> Path:
+        """Copy a guest file or folder to ``local`` on the host (read with sudo, extracted safely)."""
+        local = Path(local)
+        limit = max_bytes or self.pipeline.test.artifacts_max_bytes
+        pack = (f"p={remote_path(remote)}; cd \"$(dirname \"$p\")\" && "
+                f"sudo -n tar -c -f - -- \"$(basename \"$p\")\"")
+        with tempfile.TemporaryDirectory(prefix=".cloudbake-get-", dir=local.parent if local.parent.is_dir()
+                                         else None) as tmp:
+            try:
+                names = receive_tar(self.ssh_argv(pack), Path(tmp), what=f"copying {remote} out of the guest",
+                                    max_bytes=limit, timeout_s=self._time_left(),
+                                    limit_name="max_bytes", too_large_hint="pass a larger max_bytes")
+            except PipelineError as err:
+                raise MachineryError.from_error("get", err) from None
+            if not names:
+                raise MachineryError("get", f"{remote}: nothing to copy out of the guest")
+            top = Path(tmp) / Path(names[0]).parts[0]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if local.is_dir() and not local.is_symlink():
+                shutil.rmtree(local)
+            os.replace(top, local)
+        return local
+
+    def fetch_artifacts(self, patterns: Sequence[str], dest: Path) -> list[str]:
+        """Copy guest paths/globs into ``dest`` through one tar stream, bounded by test.artifacts_max."""
+        if not patterns:
+            return []
+        remote = "sudo -n sh -c " + shlex.quote(ARTIFACTS_SCRIPT) + " sh " + " ".join(shlex.quote(p) for p in patterns)
+        try:
+            return receive_tar(self.ssh_argv(remote), dest, what="copying the artifacts",
+                               max_bytes=self.pipeline.test.artifacts_max_bytes,
+                               timeout_s=self._time_left(),
+                               limit_name="test.artifacts_max",
+                               too_large_hint="raise test.artifacts_max or narrow test.artifacts")
+        except PipelineError as err:
+            raise MachineryError.from_error("artifacts", err) from None
+
+    def upload_project(self) -> None:
+        """Send what test.upload selects (by default the git work tree) into test.workdir."""
+        from cloudbake.upload import upload_selection
+
+        try:
+            selection = upload_selection(self.pipeline)
+        except PipelineError as err:
+            raise MachineryError.from_error("upload", err) from None
+        if selection is None:
+            return
+        root, names = selection
+        if not names:
+            self._say("test.upload selects no files in %s: nothing uploaded", root)
+            return
+        total = sum(os.lstat(root / name).st_size for name in names if not os.path.isdir(root / name))
+        self._say("uploading %d path(s), %s, from %s into %s", len(names), human_bytes(total), root,
+                  self.pipeline.test.workdir)
+        self.upload_tree(root, names)
+
+    def upload_tree(self, root: Path, names: Sequence[str]) -> None:
+        """Stream ``names`` (relative to ``root``) into ``test.workdir`` as one tar, owned by the run user."""
+        assert self.files is not None
+        listing = self.files.folder / "upload.list"
+        listing.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
+        tar = [require_tool("tar", "tar"), "-c", "-f", "-", "--null", "-T", listing]
+        unpack = (f"tar -x -f - -C {remote_path(self.pipeline.test.workdir)} --no-same-owner "
+                  "--warning=no-timestamp")
+        try:
+            send_tar(tar, self.ssh_argv(unpack), cwd=root, what="upload", timeout_s=self._time_left())
+        except PipelineError as err:
+            raise MachineryError.from_error("upload", err) from None
+        finally:
+            listing.unlink(missing_ok=True)
+
+    # -- inside --
+
+    def _time_left(self, at_least: float = 1.0) -> float:
+        """What a step may take: the rest of the run's time, or (per step, once ready) test.timeout."""
+        if self.timeout_per_step and self._ready:
+            return self.timeout_s
+        return max(at_least, self.deadline.left())
+
+    def _say(self, message: str, *args: Any) -> None:
+        log.info((f"{self.output_prefix} " if self.output_prefix else "") + message, *args)
+
+    def _wait(self, stage: str, check: Callable[[], bool], poll_s: float = 1.0) -> None:
+        """Poll ``check()`` until it is true; fail naming the stage when the guest exits or time runs out."""
+        vm = self.vm
+        assert vm is not None
+        step = stage.split(":")[0]
+        while True:
+            if vm.proc is not None and vm.proc.poll() is not None:
+                err = vm.failure(f"the guest stopped (QEMU exit {vm.proc.returncode}) while waiting for: {stage}")
+                raise MachineryError.from_error(step, err)
+            if check():
+                return
+            if self.deadline.left() <= 0:
+                err = vm.failure(f"'{stage.split(': ', 1)[-1]}' did not happen within test.timeout "
+                                 f"({self.deadline.total:.0f} s)",
+                                 hint=f"raise test.timeout, or look at the serial log: {vm.spec.serial_log}")
+                raise MachineryError.from_error(step, err)
+            time.sleep(poll_s)
+
+    def _ssh_ok(self, command: str, timeout: float) -> bool:
+        assert self.files is not None
+        argv = ssh_argv(self.files, self.ssh_port, self.user, command, connect_timeout=5)
+        try:
+            result = run(argv, stage="test-image", timeout=timeout, check=False)
+        except CommandTimeoutError:
+            return False
+        if result.returncode == 255 and "Host key verification failed" in result.stderr:
+            raise host_key_changed()
+        return result.returncode == 0
+
+    def _prepare_guest(self) -> None:
+        """The working folder (owned by the run user) and the command's environment file."""
+        workdir = remote_path(self.pipeline.test.workdir)
+        make = (f"mkdir -p {workdir} 2>/dev/null || sudo -n install -d -o \"$(id -un)\" -g \"$(id -gn)\" {workdir}; "
+                f"test -w {workdir}")
+        result = run(self.ssh_argv(make), stage="test-image", timeout=self._time_left(5.0), check=False)
+        if result.returncode != 0:
+            raise MachineryError("workdir", f"cannot create test.workdir {self.pipeline.test.workdir} in the guest:\n"
+                                            f"{tail(result.stderr)}")
+        env = {**dict(self.pipeline.test.env),
+               "CLOUDBAKE_WORKDIR": self.pipeline.test.workdir,
+               **{f"CLOUDBAKE_PORT_{f.guest}": str(f.host) for f in self.forwards},
+               **self.extra_env}
+        self._write_env(env, name="env")
+
+    def _write_env(self, env: dict[str, str], name: str) -> None:
+        """A shell file of exports, readable by the run user only: values never appear on a command line."""
+        text = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in sorted(env.items()))
+        write = f"umask 077 && mkdir -p {remote_path(GUEST_STATE)} && cat > {remote_path(GUEST_STATE + '/' + name)}"
+        result = run(self.ssh_argv(write), stage="test-image", timeout=self._time_left(5.0), check=False,
+                     input=text.encode())
+        if result.returncode != 0:
+            raise MachineryError("env", f"cannot write the command's environment in the guest:\n{tail(result.stderr)}")
+
+    def _command_script(self, command: str, *, extra_env: bool) -> str:
+        """The user's command in a subshell, so its own ``exit`` still records the status."""
+        state = remote_path(GUEST_STATE)
+        sources = f". {state}/env" + (f" && . {state}/env.{self._status_nonce}" if extra_env else "")
+        return (f"cd {remote_path(self.pipeline.test.workdir)} && {sources} || exit 255\n"
+                f"(\n{command}\n)\n"
+                f"s=$?; printf %s \"$s\" > {state}/status.{self._status_nonce}; exit \"$s\"")
+
+    def _status_after_disconnect(self, stderr: str) -> int:
+        """SSH exits 255 for its own failures and for a command that exited 255: the recorded status decides."""
+        if "Host key verification failed" in stderr:
+            raise host_key_changed()
+        state = remote_path(GUEST_STATE)
+        try:
+            result = run(self.ssh_argv(f"cat {state}/status.{self._status_nonce}"), stage="test-image", timeout=30,
+                         check=False)
+        except CommandTimeoutError:
+            result = None
+        if result is not None and result.returncode == 0 and result.stdout.strip().isdigit():
+            return int(result.stdout.strip())
+        raise MachineryError("ssh", f"the SSH connection to the guest broke while the command ran:\n{tail(stderr)}",
+                             hint=f"the guest may have crashed or powered off; serial log: {self.serial_log}")
+
+    def _run_prefixed(self, script: str, timeout: float) -> int:
+        """Stream the command's output line by line, each line prefixed (``-j``: many runs share a terminal)."""
+        with spawn(self.ssh_argv(script), stage="test-image", stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE) as spawned:
+            proc = spawned.proc
+            pumps = [threading.Thread(target=_pump, args=(stream, out, self.output_prefix), daemon=True)
+                     for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+            for pump in pumps:
+                pump.start()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise CommandTimeoutError("timed out") from None
+            for pump in pumps:
+                pump.join(10)
+            return proc.returncode
+
+    def _boot(self, manifest: Manifest) -> tuple[VmRun, int]:
+        """Boot with free forwarded ports; another run grabbing one in between means a retry.
+
+        The VM's context joins this machine's stack, so ``close`` stops it whatever happens.
+        """
+        assert self.files is not None
+        host = detect_host()
+        choice = resolve_accel(self.pipeline.vm.accel, self.pipeline.source.arch, host, self.paths.cache_dir)
+        fixed_ports = any(f.host for f in self.pipeline.test.forward)
+        for attempt in range(PORT_ATTEMPTS):
+            port = free_port()
+            self.forwards = resolve_forwards(self.pipeline.test.forward)
+            spec = vm_spec(self.pipeline, self.paths, manifest, self.files, port, self.forwards, host, choice.accel)
+            booting = contextlib.ExitStack()
+            try:
+                vm, _ = booting.enter_context(boot_with_fallback(spec, choice, self.paths.cache_dir, "test-image"))
+            except PipelineError as err:
+                booting.close()
+                raise MachineryError.from_error("boot", err) from None
+            time.sleep(0.5)
+            if vm.proc is not None and vm.proc.poll() is not None and "hostfwd" in vm.qemu_stderr():
+                stderr = vm.qemu_stderr()
+                booting.close()
+                if attempt + 1 < PORT_ATTEMPTS and not fixed_ports:
+                    log.info("a port was taken before QEMU could bind it; trying others")
+                    continue
+                raise MachineryError("boot", f"QEMU could not forward a port:\n{stderr}",
+                                     hint="another program holds a host port named in test.forward")
+            self._stack.enter_context(booting)
+            return vm, port
+        raise MachineryError("boot", "could not bind a forwarded SSH port on 127.0.0.1")
+
+
+def _pump(stream: IO[bytes] | None, out: Any, prefix: str | None) -> None:
+    assert stream is not None
+    for line in iter(stream.readline, b""):
+        out.write(f"{prefix} {line.decode(errors='replace').rstrip(chr(10))}\n")
+        out.flush()
+
+
+# Lists the matches of each pattern (NUL-separated, relative to /) and archives them all in
+# one tar stream, however many there are: tar reads the list itself, so nothing is split
+# into several archives the way xargs would. An empty IFS keeps spaces in patterns while
+# globs still expand.
+ARTIFACTS_SCRIPT = ("IFS=''; "
+                    'cd / && for p in "$@"; do for f in $p; do [ -e "$f" ] && printf "%s\\0" "${f#/}"; done; done '
+                    '| tar --null --files-from=- -cf -')
+
