@@ -531,12 +531,12 @@ def _test_problems(test: dict[str, Any], root: yaml.Node | None) -> list[Problem
         guests.add(forward.guest)
         if reason:
             line, col = locate(root, ["test", "forward", index])
-            problems.append(Problem(line, col, f"test.forward.{index}", reason))
+            problems.append(Problem(line, col, dotted(["test", "forward", index]), reason))
     if isinstance(test["upload"], list):
         for index, pattern in enumerate(test["upload"]):
             if os.path.isabs(pattern) or ".." in Path(pattern).parts:
                 line, col = locate(root, ["test", "upload", index])
-                problems.append(Problem(line, col, f"test.upload.{index}",
+                problems.append(Problem(line, col, dotted(["test", "upload", index]),
                                         f"{pattern!r} leaves the pipeline's folder; upload paths are relative to "
                                         "it and stay inside it"))
     return problems

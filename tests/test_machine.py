@@ -129,7 +129,7 @@ def test_upload_sends_the_git_work_tree_minus_ignored_files(guest, make_pipeline
 
 
 def test_upload_of_listed_globs_and_nothing_outside_git(guest, make_pipeline):
-    machine = attached(make_pipeline, "{upload: ['tests/**/*.py', cloud-init], workdir: /tmp/cb-wd-%d}" % os.getpid())
+    machine = attached(make_pipeline, f"{{upload: ['tests/**/*.py', cloud-init], workdir: /tmp/cb-wd-{os.getpid()}}}")
     project = machine.pipeline.file.parent
     (project / "tests" / "deep").mkdir(parents=True)
     (project / "tests" / "deep" / "t.py").write_text("x")

@@ -104,7 +104,9 @@ def test_every_schema_property_has_a_description():
 
 def test_every_object_forbids_unknown_keys():
     def walk(node, path):
-        if node.get("type") == "object" or "properties" in node:
+        if "propertyNames" in node:  # a map with names of the user's (test.env): its values are typed instead
+            assert node["additionalProperties"].get("type"), path
+        elif node.get("type") == "object" or "properties" in node:
             assert node.get("additionalProperties") is False, path or "<root>"
         for key, sub in node.get("properties", {}).items():
             walk(sub, f"{path}{key}.")
@@ -209,3 +211,33 @@ def test_alias_bomb_does_not_hang_doit_list(tmp_path):
     assert result.returncode == 3
     assert "expand to more than 100,000 values" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("test_section", "fragment"), [
+    ("{forward: [22]}", "guest port 22 is forwarded already"),
+    ("{forward: [8080, '18080:8080']}", "guest port 8080 is forwarded twice"),
+    ("{forward: ['70000:80']}", "a TCP port is at most 65535"),
+    ("{forward: ['8080:']}", "test.forward[0]"),
+    ("{upload: [../secrets]}", "leaves the pipeline's folder"),
+    ("{upload: [/etc/passwd]}", "leaves the pipeline's folder"),
+    ("{upload: true}", "test.upload"),
+    ("{upload: []}", "test.upload"),
+    ("{env: {'1BAD': x}}", "test.env"),
+    ("{env: {GOOD: 1}}", "test.env.GOOD"),
+    ("{parallel: 0}", "test.parallel"),
+    ("{shards: 0}", "test.shards"),
+])
+def test_bad_test_settings_are_named(make_pipeline, test_section, fragment):
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(make_pipeline(f"test: {test_section}\n"))
+    assert fragment in str(caught.value)
+
+
+def test_test_settings_freeze_into_values(make_pipeline):
+    from cloudbake.pipeline import Forward
+
+    pipeline = load_pipeline(make_pipeline("test: {forward: [8080, '18080:80'], env: {B: '2', A: x}, "
+                                           "upload: false, shards: 3}\n"))
+    assert pipeline.test.forward == (Forward(0, 8080), Forward(18080, 80))
+    assert pipeline.test.env == (("A", "x"), ("B", "2")) and pipeline.test.upload is None
+    assert pipeline.test.shards == 3 and pipeline.test.parallel == 1 and pipeline.test.workdir == "~/src"

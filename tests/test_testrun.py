@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from cloudbake.errors import PipelineError
-from cloudbake.pipeline import load_pipeline
 from cloudbake.machine import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root, ssh_argv
+from cloudbake.pipeline import load_pipeline
 
 
 def test_ssh_pins_the_host_key_and_uses_only_the_run_key(tmp_path):
@@ -100,7 +100,6 @@ def test_artifact_extraction_stays_in_its_folder(tmp_path, monkeypatch, with_fil
     import io
     import tarfile
 
-    from cloudbake.errors import PipelineError
     from cloudbake.machine import extract_safely as _extract_safely
     if not with_filter:
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
