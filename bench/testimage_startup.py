@@ -15,9 +15,9 @@ from pathlib import Path
 
 from bench.common import report
 from bench.project import make_bench_project
+from cloudbake.machine import free_port, make_overlay, ssh_banner
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import load_pipeline
-from cloudbake.machine import free_port, make_overlay, ssh_banner
 from cloudbake.testrun import run_test_image
 
 

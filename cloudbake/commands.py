@@ -74,9 +74,9 @@ def main(argv: list[str], pipeline_file: str | None, bake: Callable[[], int]) ->
     except MachineryError as err:
         print(f"cloudbake: {redact(str(err))}", file=sys.stderr)
         return EXIT_MACHINERY
-    except PipelineError as err:
+    except PipelineError as err:  # the command line or the pipeline is wrong
         print(f"cloudbake: {redact(str(err))}", file=sys.stderr)
-        return EXIT_USAGE if args.command != "test-image" else EXIT_MACHINERY
+        return EXIT_USAGE
     except KeyboardInterrupt as err:
         what = err.signal_name if isinstance(err, Interrupted) else "Ctrl-C"
         print(f"cloudbake: interrupted ({what}); the VMs and their files were cleaned up", file=sys.stderr)
@@ -146,6 +146,7 @@ def _ssh(paths: Paths, run_id: str | None, remote: list[str]) -> int:
         if not found:
             raise PipelineError(f"no VM {run_id!r} is up", hint="cloudbake ps lists them")
         chosen = found[0]
+    remote = remote[1:] if remote[:1] == ["--"] else remote
     command = shlex.join(remote) if remote else None
     argv = ssh_argv(chosen.files, chosen.ssh_port or 0, chosen.user, command, tty=command is None and
                     sys.stdin.isatty())

@@ -41,9 +41,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if report.failed:
         item.stash.setdefault(_FAILED, set()).add(report.when)
+        if "cloudbake_vm_session" in getattr(item, "fixturenames", ()):
+            item.session.stash[_SESSION_VM_FAILED] = True
 
 
 _FAILED = pytest.StashKey[set]()  # type: ignore[type-arg]
+_SESSION_VM_FAILED = pytest.StashKey[bool]()
 
 
 def _pipeline_file(config: pytest.Config) -> Path:
@@ -97,6 +100,6 @@ def cloudbake_vm_session(request: pytest.FixtureRequest) -> Iterator[Any]:
     """One throwaway VM for the whole session (one per pytest-xdist worker), gone afterwards."""
     with _machine(request.config) as machine:
         yield machine
-        if request.session.testsfailed:
+        if request.session.stash.get(_SESSION_VM_FAILED, False):
             folder = _logs_dir(request.config) / f"session-{_worker_label(request.config)}"
             _keep_evidence(machine, folder)

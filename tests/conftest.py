@@ -17,7 +17,7 @@ runcmd:
   - echo hello
 """
 
-pytest_plugins = ["tests.fixture.plugin"]
+pytest_plugins = ["tests.fixture.plugin", "tests.fixture.e2e"]
 
 
 @pytest.fixture

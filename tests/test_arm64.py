@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.test_e2e import doit, qemu_processes, write_project
+from tests.fixture.e2e import doit, qemu_processes, write_project
 
 pytestmark = [pytest.mark.e2e, pytest.mark.arm64]
 

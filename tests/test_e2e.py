@@ -11,100 +11,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PROJECT
+from tests.fixture.e2e import USER_DATA, cloudbake, doit, qemu_processes, write_project
 from tests.fixture.mirror import sha256_file as sha256
 
 pytestmark = pytest.mark.e2e
-
-# A public key the bake installs for cloud_init.user (its private half is not needed: the test only
-# checks that the key landed in authorized_keys).
-BAKED_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII5ZdQcpXjwlMc88OUnkR8DxZlgqvP7PF3eN3j6KY4nk cloudbake-e2e-key"
-
-USER_DATA = """\
-#cloud-config
-write_files:
-  - path: /etc/cloudbake-e2e
-    content: "baked\\n"
-runcmd:
-  - [sh, -c, "mkdir -p /var/lib/e2e && echo ok > /var/lib/e2e/result.txt"]
-"""
-
-
-def doit(*args: str, cwd: Path, timeout: float = 1200, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def write_project(folder: Path, mirror_url: str, key, *, user_data: str = USER_DATA, extra: str = "",
-                  accel: str = "auto", cache: Path | None = None) -> Path:
-    (folder / "cloud-init").mkdir(parents=True, exist_ok=True)
-    (folder / "cloud-init" / "user-data.yaml").write_text(user_data)
-    pipeline = folder / "pipeline.yaml"
-    pipeline.write_text(textwrap.dedent(f"""\
-        name: e2e
-        source:
-          mirror: {mirror_url}
-          verify:
-            keyring: {key.keyring}
-            fingerprints: [{key.fingerprint}]
-        disk: {{size: +1G, compression: zstd}}
-        vm: {{cpus: 2, memory: 1G, accel: {accel}, timeout: 15m}}
-        cloud_init:
-          ssh_authorized_keys: ["{BAKED_KEY}"]
-        test:
-          command: sudo -n true && test -f /etc/cloudbake-e2e && grep -q cloudbake-e2e-key ~/.ssh/authorized_keys
-          timeout: 10m
-          artifacts: ["/var/lib/e2e/*.txt", /etc/hostname]
-        cache: {{dir: {cache or folder / 'cache'}}}
-        """) + extra)
-    return pipeline
-
-
-def qemu_processes(marker: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if (cmd.startswith("qemu-system") or "/qemu-system" in cmd.split(" ")[0]) and marker in cmd:
-                found.append(cmd)
-    return found
-
-
-def cloudbake(binary: Path, *args: str, cwd: Path, timeout: float = 1200,
-              env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed `cloudbake` command, run with a PATH that holds no checkout."""
-    return subprocess.run([str(binary), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="session")
-def baked(tmp_path_factory, real_mirror, real_server, installed_cloudbake):
-    """The one shared bake, by the `cloudbake` command installed from a wheel, in a folder holding only
-    pipeline.yaml and cloud-init/ (accel auto on the real host, whatever its KVM does). The doit route
-    bakes in the CI workflow replay."""
-    folder = tmp_path_factory.mktemp("e2e-project")
-    pipeline = write_project(folder, real_server.url, real_mirror.key)
-    validated = cloudbake(installed_cloudbake, "validate", cwd=folder, timeout=120)
-    assert validated.returncode == 0, validated.stdout + validated.stderr
-    assert "ok  user-data" in validated.stdout and "ok  firmware" in validated.stdout
-    started = time.monotonic()
-    result = cloudbake(installed_cloudbake, "bake", cwd=folder)
-    assert result.returncode == 0, result.stdout + result.stderr
-    images = [p for p in (folder / "dist").glob("e2e-*.qcow2") if not p.is_symlink()]
-    assert len(images) == 1
-    return {"folder": folder, "pipeline": pipeline, "image": images[0], "log": result.stderr,
-            "cloudbake": installed_cloudbake,
-            "upstream": real_mirror.image,
-            "seconds": time.monotonic() - started}
 
 
 def test_bake_publishes_a_self_contained_image_with_manifest(baked):

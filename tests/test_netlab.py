@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT
+from tests.fixture.e2e import cloudbake, qemu_processes
 from tests.fixture.mirror import sha256_file as sha256
-from tests.test_e2e import cloudbake, qemu_processes
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = PROJECT / "examples" / "netlab"

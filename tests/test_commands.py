@@ -1,0 +1,92 @@
+"""The cloudbake commands that are not doit tasks, without a guest: stand-in QEMU programs play
+a guest that never answers SSH, and an offline project has a "published" image."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fixture.offline import offline_project
+from tests.fixture.standin import install_standin_qemu, path_with
+
+
+def cloudbake(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run([sys.executable, "-m", "cloudbake.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_a_guest_that_never_answers_ssh_is_the_machinery_status(tmp_path):
+    offline_project(tmp_path, published=True, extra="")
+    text = (tmp_path / "pipeline.yaml").read_text().replace("timeout: 10m}", "timeout: 4s}")
+    (tmp_path / "pipeline.yaml").write_text(text)
+    bin_dir = install_standin_qemu(tmp_path / "bin", "works")
+    result = cloudbake(tmp_path, "test-image", "--no-bake",
+                       env={"PATH": path_with(bin_dir), "CLOUDBAKE_STANDIN_GUEST_SECONDS": "600"})
+    out = result.stdout + result.stderr
+    assert result.returncode == 125, out
+    assert "boot: 'SSH port answers' did not happen within test.timeout (4 s)" in out
+    assert "cloudbake's machinery failed at stage boot (exit status 125)" in out and "Traceback" not in out
+    assert list((tmp_path / "dist" / ".runs").iterdir()) == []
+
+
+def test_no_baked_image_is_the_machinery_status_naming_the_stage(tmp_path):
+    offline_project(tmp_path)
+    result = cloudbake(tmp_path, "test-image", "--no-bake")
+    assert result.returncode == 125
+    assert "base image: no baked image for the current key" in result.stderr and "run cloudbake bake" in result.stderr
+
+
+def test_more_vms_than_fit_in_memory_are_refused_before_any_starts(tmp_path):
+    offline_project(tmp_path, published=True)
+    result = cloudbake(tmp_path, "test-image", "--no-bake", "-j", "64")
+    assert result.returncode == 125
+    assert "memory: 64 VMs at once need about" in result.stderr and "run at most -j" in result.stderr
+    assert not (tmp_path / "dist" / ".runs").exists() or list((tmp_path / "dist" / ".runs").iterdir()) == []
+
+
+def test_wrong_command_lines_are_usage_errors(tmp_path):
+    offline_project(tmp_path, published=True)
+    keep_many = cloudbake(tmp_path, "test-image", "--no-bake", "--keep", "-j", "2")
+    assert keep_many.returncode == 2 and "--keep keeps one VM" in keep_many.stderr
+    zero = cloudbake(tmp_path, "test-image", "--no-bake", "-j", "0")
+    assert zero.returncode == 2 and "-j needs a number of VMs" in zero.stderr
+    down = cloudbake(tmp_path, "down")
+    assert down.returncode == 2 and "cloudbake down --all" in down.stderr
+    ssh = cloudbake(tmp_path, "ssh")
+    assert ssh.returncode == 2 and "no VM is up" in ssh.stderr
+    unknown = cloudbake(tmp_path, "down", "nope")
+    assert unknown.returncode == 2 and "no VM nope" in unknown.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("test: {forward: [22]}\n")
+    bad_pipeline = cloudbake(tmp_path, "-p", str(broken), "ps")
+    assert bad_pipeline.returncode == 2 and "guest port 22 is forwarded already" in bad_pipeline.stderr
+
+
+def test_ps_lists_kept_vms_and_down_removes_them(tmp_path):
+    """A kept run whose QEMU (here a sleeping stand-in) is alive is listed; down stops it and deletes its folder."""
+    from cloudbake.machine import RunFiles, _process_start_marker
+
+    offline_project(tmp_path, published=True)
+    assert cloudbake(tmp_path, "ps").stdout.strip() == "no VMs are up"
+    qemu = subprocess.Popen(["sleep", "300"])
+    try:
+        folder = tmp_path / "dist" / ".runs" / "20261129-000000-1-abcdef"
+        folder.mkdir(parents=True)
+        RunFiles(folder).update_record(pid=1 << 22, kept=True, base="offline-x.qcow2", user="ubuntu", ssh_port=2222,
+                                       forwards={"8080": 18080}, qemu_pid=qemu.pid,
+                                       qemu_started=_process_start_marker(qemu.pid))
+        (folder / "id_ed25519").write_text("private")
+        listed = json.loads(cloudbake(tmp_path, "ps", "--json").stdout)
+        assert [(v["id"], v["state"], v["ssh_port"], v["ports"]) for v in listed] == [
+            (folder.name, "kept", 2222, {"8080": 18080})]
+        table = cloudbake(tmp_path, "ps").stdout
+        assert folder.name in table and "8080->18080" in table
+        down = cloudbake(tmp_path, "down", "--all")
+        assert down.returncode == 0 and f"stopped {folder.name}" in down.stdout
+        assert qemu.wait(10) is not None and not folder.exists()
+    finally:
+        qemu.kill()
+        qemu.wait()

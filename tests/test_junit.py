@@ -1,0 +1,73 @@
+"""JUnit summaries of a run's artifacts: counted, named, published to GitHub's job summary; hostile files skipped."""
+
+from __future__ import annotations
+
+from cloudbake.junit import publish_summary, render_markdown, summarize_junit
+
+PYTEST_REPORT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="4" failures="1" errors="1" skipped="1">
+<testcase classname="tests.test_net" name="test_bridge"/>
+<testcase classname="tests.test_net" name="test_route"><failure message="boom">trace</failure></testcase>
+<testcase classname="tests.test_net" name="test_nft"><error message="setup">trace</error></testcase>
+<testcase classname="tests.test_net" name="test_ipv6"><skipped message="no ipv6"/></testcase>
+</testsuite></testsuites>
+"""
+UNITTEST_STYLE = """<testsuite name="netlab" tests="1"><testcase classname="a.B" name="test_ok"/></testsuite>"""
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+<!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+<!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+<!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+<!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+<!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+<!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">]>
+<testsuite><testcase classname="x" name="&lol9;"/></testsuite>
+"""
+
+
+def test_reports_are_summed_and_failing_tests_named(tmp_path):
+    (tmp_path / "a.xml").write_text(PYTEST_REPORT)
+    (tmp_path / "b.xml").write_text(UNITTEST_STYLE)
+    (tmp_path / "notes.txt").write_text("<testsuite/>")
+    summary = summarize_junit(sorted(tmp_path.iterdir()))
+    assert summary is not None
+    assert (summary.tests, summary.failures, summary.errors, summary.skipped) == (5, 1, 1, 1)
+    assert summary.failed == ("tests.test_net.test_route", "tests.test_net.test_nft") and not summary.passed
+
+
+def test_no_report_is_no_summary(tmp_path):
+    (tmp_path / "pom.xml").write_text("<project/>")
+    (tmp_path / "broken.xml").write_text("<testsuite><testcase")
+    assert summarize_junit(sorted(tmp_path.iterdir())) is None
+    assert summarize_junit([]) is None
+
+
+def test_an_entity_bomb_from_the_guest_is_skipped_not_expanded(tmp_path, caplog):
+    (tmp_path / "bomb.xml").write_text(BILLION_LAUGHS)
+    (tmp_path / "ok.xml").write_text(UNITTEST_STYLE)
+    summary = summarize_junit(sorted(tmp_path.iterdir()))
+    assert summary is not None and summary.tests == 1
+    assert "bomb.xml: not readable as XML" in caplog.text
+
+
+def test_github_job_summary_gets_a_table(tmp_path, monkeypatch):
+    (tmp_path / "a.xml").write_text(PYTEST_REPORT)
+    summary = summarize_junit([tmp_path / "a.xml"])
+    assert summary is not None
+    target = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(target))
+    publish_summary(summary, "run 1")
+    publish_summary(summary, "run 2")
+    text = target.read_text()
+    assert text.count("| 4 | 1 | 1 | 1 |") == 2 and "### run 1: failed" in text and "- `tests.test_net.test_nft`" in text
+    assert text.endswith(render_markdown(summary, "run 2"))
+
+
+def test_available_memory_reads_memavailable(tmp_path):
+    from cloudbake.host import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:    2000000 kB\n")
+    assert available_memory(meminfo) == 2000000 * 1024
+    assert available_memory(tmp_path / "absent") > 0  # falls back to physical memory
