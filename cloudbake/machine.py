@@ -10,6 +10,7 @@ base image is only ever read. Whatever ends a VM's block, its QEMU is stopped an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -31,17 +32,31 @@ from typing import IO, Any
 from cloudbake.build import resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.files import write_atomically
-from cloudbake.firmware import with_uefi
-from cloudbake.host import Host, detect_host, resolve_accel
+from cloudbake.firmware import find_uefi, pflash_code, with_uefi
+from cloudbake.host import Host, detect_host, qemu_binary, qemu_version, resolve_accel
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Forward, Pipeline
 from cloudbake.qemu import VmSpec
-from cloudbake.runner import CommandTimeoutError, require_tool, run, spawn, stop_process, tail
+from cloudbake.runner import Arg, CommandTimeoutError, require_tool, run, spawn, stop_process, tail
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
 from cloudbake.store import Manifest, published_image, verify_published
 from cloudbake.units import human_bytes
 from cloudbake.vm import VmRun, boot_with_fallback, qmp_command
+from cloudbake.warm import (
+    WarmSet,
+    build_lock,
+    discard,
+    find_warm_set,
+    incoming_uri,
+    keep_as_warm_set,
+    save_state,
+    sweep_orphans,
+    wait_restored,
+    warm_inputs,
+    warm_key,
+    warm_set_for,
+)
 
 log = stage_logger("test-image")
 RUNS_FOLDER = ".runs"
@@ -307,10 +322,13 @@ def resolve_forwards(forwards: Sequence[Forward]) -> tuple[Forward, ...]:
 
 
 def ssh_argv(files: RunFiles, port: int, user: str, command: str | None = None, *, connect_timeout: int = 10,
-             tty: bool = False) -> list[str]:
-    """OpenSSH with the host key pinned: no trust on first use, no agent, no user config."""
+             tty: bool = False, identity: Path | None = None) -> list[str]:
+    """OpenSSH with the host key pinned: no trust on first use, no agent, no user config.
+
+    ``identity`` is the client key (default: the run's own).
+    """
     argv = ["ssh", "-F", "none"]
-    argv += ["-i", str(files.client_key)]
+    argv += ["-i", str(identity or files.client_key)]
     argv += ["-p", str(port)]
     argv += ["-o", "IdentitiesOnly=yes"]
     argv += ["-o", "IdentityAgent=none"]
@@ -446,7 +464,7 @@ def receive_tar(argv: list[str], dest: Path, *, what: str, max_bytes: int, timeo
     return names
 
 
-def send_tar(tar_argv: list[str], ssh: list[str], *, cwd: Path, what: str, timeout_s: float) -> None:
+def send_tar(tar_argv: Sequence[Arg], ssh: list[str], *, cwd: Path, what: str, timeout_s: float) -> None:
     """Pipe a local ``tar -c`` straight into SSH: the bytes never touch the host's disk again."""
     with contextlib.ExitStack() as stack:
         tar = stack.enter_context(spawn(tar_argv, stage="test-image", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -503,6 +521,20 @@ def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, Manifest]:
     return base, verify_published(base)
 
 
+def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel: str, version: str) -> str:
+    """The key of the warm set a VM of this pipeline would restore from (no files touched).
+
+    The same spec fields as a real VM's (vm_spec), so the set saved from a real VM is found.
+    """
+    spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
+                  memory_mib=pipeline.vm.memory_bytes >> 20, disk=Path("disk.qcow2"), serial_log=Path("serial.log"),
+                  qmp_socket=Path("qmp.sock"), firmware=manifest.firmware, extra_args=pipeline.vm.qemu_args)
+    if manifest.firmware == "uefi":
+        firmware = find_uefi(pipeline.source.arch, detect_host())
+        spec = dataclasses.replace(spec, firmware_code=pflash_code(firmware, pipeline.source.arch, paths.cache_dir))
+    return warm_key(warm_inputs(spec, version, manifest.key))
+
+
 def vm_spec(pipeline: Pipeline, paths: Paths, manifest: Manifest, files: RunFiles, port: int,
             forwards: tuple[Forward, ...], host: Host, accel: str) -> VmSpec:
     firmware = manifest.firmware
@@ -527,14 +559,18 @@ class Machine:
 
     def __init__(self, pipeline: Pipeline, paths: Paths, *, label: str = "run", timeout_s: float | None = None,
                  env: dict[str, str] | None = None, output_prefix: str | None = None,
-                 timeout_per_step: bool = False) -> None:
+                 timeout_per_step: bool = False, warm: bool | None = None, prepare_guest: bool = True) -> None:
         """``timeout_s`` (default test.timeout) bounds the whole life of the VM, boot included, as
         test-image wants; with ``timeout_per_step`` it bounds the boot and each step on its own
-        (a session-long VM of the API or the pytest plugin)."""
+        (a session-long VM of the API or the pytest plugin). ``warm`` (default test.warm) resumes
+        from the image's warm set; ``prepare_guest=False`` leaves the working folder and the
+        environment file out (the VM that a warm set is saved from must not carry them)."""
         self.pipeline, self.paths, self.label = pipeline, paths, label
         self.user = pipeline.cloud_init.user
         self.timeout_s = timeout_s or pipeline.test.timeout_s
         self.timeout_per_step = timeout_per_step
+        self.warm = pipeline.test.warm if warm is None else warm
+        self.prepare_guest = prepare_guest
         self.deadline = Deadline(self.timeout_s)
         self.extra_env = dict(env or {})
         self.output_prefix = output_prefix
@@ -544,6 +580,7 @@ class Machine:
         self.forwards: tuple[Forward, ...] = ()
         self.base: Path | None = None
         self.detached = False
+        self.warm_set: WarmSet | None = None     # the set this VM resumed from, when it started warm
         self._stack = contextlib.ExitStack()
         self._status_nonce = secrets.token_hex(4)
         self._ready = False
@@ -565,26 +602,166 @@ class Machine:
         clean_leftovers(self.base)
         self.files = new_run(self.base)
         try:
-            host_public = prepare_run(self.pipeline, self.base, self.files, self.label)
-            self.vm, self.ssh_port = self._boot(manifest)
-            files = self.files
-            files.known_hosts.write_text(f"[127.0.0.1]:{self.ssh_port} {host_public}\n")
-            files.update_record(ssh_port=self.ssh_port, forwards={f.guest: f.host for f in self.forwards},
-                                qemu_pid=self.vm.proc.pid if self.vm.proc else 0,
-                                qemu_started=_process_start_marker(self.vm.proc.pid) if self.vm.proc else None)
-            self._say("VM of %s booting (run %s, SSH on 127.0.0.1:%d%s)", self.base.name, files.id, self.ssh_port,
-                      "".join(f", guest port {f.guest} on 127.0.0.1:{f.host}" for f in self.forwards))
-            self._wait("boot: SSH port answers", lambda: ssh_banner(self.ssh_port))
-            self._wait("ssh: login with the run's key", lambda: self._ssh_ok("true", 30))
-            self._wait("cloud-init: finished (cloud-init status --wait)",
-                       lambda: self._ssh_ok("cloud-init status --wait >/dev/null; test $? -ne 1",
-                                            max(5.0, self.deadline.left())))
-            self._prepare_guest()
+            warm = self._warm_set(manifest) if self.warm else None
+            if warm is None or not self._start_warm(warm, manifest):
+                self._start_cold(manifest)
+            if self.prepare_guest:
+                self._prepare_guest()
             self._ready = True
         except BaseException:
             self.close(*sys.exc_info())
             raise
         return self
+
+    def _start_cold(self, manifest: Manifest) -> None:
+        """Boot the overlay with this run's seed; ready once the run user logs in and cloud-init is done."""
+        assert self.base is not None and self.files is not None
+        host_public = prepare_run(self.pipeline, self.base, self.files, self.label)
+        self.vm, self.ssh_port = self._boot(manifest)
+        files = self.files
+        files.known_hosts.write_text(f"[127.0.0.1]:{self.ssh_port} {host_public}\n")
+        self._record_vm()
+        self._say("VM of %s booting (run %s, SSH on 127.0.0.1:%d%s)", self.base.name, files.id, self.ssh_port,
+                  self._forwards_text())
+        self._wait("boot: SSH port answers", lambda: ssh_banner(self.ssh_port))
+        self._wait("ssh: login with the run's key", lambda: self._ssh_ok("true", 30))
+        self._wait("cloud-init: finished (cloud-init status --wait)",
+                   lambda: self._ssh_ok("cloud-init status --wait >/dev/null; test $? -ne 1",
+                                        max(5.0, self.deadline.left())))
+
+    def _record_vm(self) -> None:
+        assert self.files is not None and self.vm is not None
+        pid = self.vm.proc.pid if self.vm.proc else 0
+        self.files.update_record(ssh_port=self.ssh_port, forwards={f.guest: f.host for f in self.forwards},
+                                 qemu_pid=pid, qemu_started=_process_start_marker(pid) if pid else None)
+
+    def _forwards_text(self) -> str:
+        return "".join(f", guest port {f.guest} on 127.0.0.1:{f.host}" for f in self.forwards)
+
+    # -- warm start --
+
+    def _warm_set(self, manifest: Manifest) -> WarmSet | None:
+        """The warm set of this image and QEMU setup; built now (one cold boot and a save) when missing.
+
+        A build that fails is reported and the run boots cold: warm start is an optimization.
+        """
+        assert self.base is not None
+        sweep_orphans(self.base)
+        choice = resolve_accel(self.pipeline.vm.accel, self.pipeline.source.arch, detect_host(),
+                               self.paths.cache_dir)
+        version = qemu_version(qemu_binary(self.pipeline.source.arch))
+        key = resolve_warm_key(self.pipeline, self.paths, manifest, choice.accel, version)
+        found = find_warm_set(self.base, key)
+        if found is not None:
+            return found
+        with build_lock(self.base, key):
+            found = find_warm_set(self.base, key)
+            if found is not None:
+                return found
+            try:
+                return self._build_warm_set(manifest, version)
+            except MachineryError:
+                raise
+            except PipelineError as err:
+                log.warning("could not save a warm state of %s (%s); this run boots cold",
+                            self.base.name, err.message)
+                return None
+
+    def _build_warm_set(self, manifest: Manifest, version: str) -> WarmSet:
+        assert self.base is not None
+        self._say("no warm state of %s for this QEMU setup yet: booting it once to save one", self.base.name)
+        builder = Machine(self.pipeline, self.paths, label="warm", warm=False, prepare_guest=False)
+        builder.start()
+        try:
+            assert builder.vm is not None and builder.files is not None
+            spec = builder.vm.spec
+            inputs = warm_inputs(spec, version, manifest.key)
+            warm = warm_set_for(self.base, warm_key(inputs))
+            state = builder.files.folder / "state.zst"
+            save_s = save_state(builder.vm, state)
+            host_public = builder.files.known_hosts.read_text().split(" ", 1)[1].strip()
+            record: dict[str, Any] = {
+                "inputs": inputs, "accel": spec.accel, "host_public": host_public, "user": self.user,
+                "state_bytes": state.stat().st_size, "memory_bytes": spec.memory_mib << 20,
+                "save_s": round(save_s, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            keep_as_warm_set(warm, builder.files.overlay, spec.firmware_vars, builder.files.seed,
+                             builder.files.client_key, state, record)
+        finally:
+            builder.close()
+        self._say("saved the warm state of %s: %s (guest RAM %s) in %.1f s", self.base.name,
+                  human_bytes(record["state_bytes"]), human_bytes(record["memory_bytes"]), save_s)
+        return warm
+
+    def _start_warm(self, warm: WarmSet, manifest: Manifest) -> bool:
+        """Resume a new overlay of the warm disk from the saved state; False (set discarded) when it fails."""
+        assert self.base is not None and self.files is not None
+        started = time.monotonic()
+        booting = contextlib.ExitStack()
+        try:
+            record = warm.record()
+            files = self.files
+            files.update_record(pid=os.getpid(), base=self.base.name, label=self.label, user=self.user, warm=True)
+            make_overlay(warm.disk, files.overlay)
+            client_public = make_keypair(files.client_key, f"cloudbake-{self.label}-{files.id}")
+            port = free_port()
+            self.forwards = resolve_forwards(self.pipeline.test.forward)
+            spec = vm_spec(self.pipeline, self.paths, manifest, files, port, self.forwards, detect_host(),
+                           record["accel"])
+            if spec.firmware_vars is not None:
+                shutil.copyfile(warm.vars, spec.firmware_vars)
+            spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state))
+            vm = booting.enter_context(VmRun(spec, qemu_binary(spec.arch), "test-image"))
+            load_s = wait_restored(vm)
+            self.vm, self.ssh_port = vm, port
+            files.known_hosts.write_text(f"[127.0.0.1]:{port} {record['host_public']}\n")
+            self._take_over(warm, client_public)
+        except (PipelineError, OSError, ValueError, KeyError) as err:
+            booting.close()
+            self.vm, self.ssh_port = None, 0
+            discard(warm, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            self._reset_run_folder()
+            return False
+        self._stack.enter_context(booting)
+        self.warm_set = warm
+        self._record_vm()
+        self._say("VM of %s resumed warm in %.1f s (state loaded in %.1f s; run %s, SSH on 127.0.0.1:%d%s)",
+                  self.base.name, time.monotonic() - started, load_s, files.id, port, self._forwards_text())
+        return True
+
+    def _take_over(self, warm: WarmSet, client_public: str) -> None:
+        """With the warm key, once: the clock set from the host's, the guest's RNG mixed with host
+        randomness, and this run's key made the only one the run user accepts.
+
+        The host's time is sent only after the guest says it is listening, so the guest's clock
+        is off by one trip through the pipe, not by an SSH handshake.
+        """
+        assert self.files is not None
+        script = ("echo listening && IFS= read -r now && sudo -n date -u -s \"@$now\" >/dev/null && "
+                  "IFS= read -r key && umask 077 && mkdir -p ~/.ssh && "
+                  "printf '%s\\n' \"$key\" > ~/.ssh/authorized_keys.new && "
+                  "mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys && sudo -n sh -c 'cat > /dev/urandom'")
+        argv = ssh_argv(self.files, self.ssh_port, self.user, script, connect_timeout=5, identity=warm.client_key)
+        deadline = time.monotonic() + 60
+        while True:
+            status, stderr = _converse(argv, lambda: f"{time.time():.6f}\n{client_public}\n".encode()
+                                       + os.urandom(512), timeout_s=30)
+            if status == 0:
+                return
+            if "Host key verification failed" in stderr:
+                raise host_key_changed()
+            if time.monotonic() > deadline or (self.vm and self.vm.proc and self.vm.proc.poll() is not None):
+                raise PipelineError(f"the resumed guest did not take this run's key: {tail(stderr)}")
+            time.sleep(0.5)
+
+    def _reset_run_folder(self) -> None:
+        """Back to a fresh run folder (the record kept) for a cold boot after a failed warm start."""
+        assert self.files is not None
+        for path in self.files.folder.iterdir():
+            if path != self.files.owner:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def close(self, *exc: Any) -> None:
         """Power the guest off and delete the run folder; a detached VM is left as it is.
@@ -687,7 +864,7 @@ class Machine:
         local = Path(local)
         target = remote_path(remote)
         if local.is_dir():
-            tar = [require_tool("tar", "tar"), "-c", "-f", "-", "-C", local, "."]
+            tar: list[Arg] = [require_tool("tar", "tar"), "-c", "-f", "-", "-C", local, "."]
             unpack = f"mkdir -p {target} && tar -x -f - -C {target} --no-same-owner --warning=no-timestamp"
         elif local.is_file():
             tar = [require_tool("tar", "tar"), "-c", "-f", "-", "-C", local.parent, local.name]
@@ -764,7 +941,7 @@ class Machine:
         assert self.files is not None
         listing = self.files.folder / "upload.list"
         listing.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
-        tar = [require_tool("tar", "tar"), "-c", "-f", "-", "--null", "-T", listing]
+        tar: list[Arg] = [require_tool("tar", "tar"), "-c", "-f", "-", "--null", "-T", listing]
         unpack = (f"tar -x -f - -C {remote_path(self.pipeline.test.workdir)} --no-same-owner "
                   "--warning=no-timestamp")
         try:
@@ -815,26 +992,27 @@ class Machine:
         return result.returncode == 0
 
     def _prepare_guest(self) -> None:
-        """The working folder (owned by the run user) and the command's environment file."""
+        """The working folder (owned by the run user) and the command's environment file, in one trip."""
         workdir = remote_path(self.pipeline.test.workdir)
-        make = (f"mkdir -p {workdir} 2>/dev/null || sudo -n install -d -o \"$(id -un)\" -g \"$(id -gn)\" {workdir}; "
-                f"test -w {workdir}")
-        result = run(self.ssh_argv(make), stage="test-image", timeout=self._time_left(5.0), check=False)
-        if result.returncode != 0:
-            raise MachineryError("workdir", f"cannot create test.workdir {self.pipeline.test.workdir} in the guest:\n"
-                                            f"{tail(result.stderr)}")
+        make = (f"{{ mkdir -p {workdir} 2>/dev/null || sudo -n install -d -o \"$(id -un)\" -g \"$(id -gn)\" "
+                f"{workdir}; }} && test -w {workdir} || {{ echo 'cannot create {self.pipeline.test.workdir}' >&2; "
+                "exit 3; }; ")
         env = {**dict(self.pipeline.test.env),
                "CLOUDBAKE_WORKDIR": self.pipeline.test.workdir,
                **{f"CLOUDBAKE_PORT_{f.guest}": str(f.host) for f in self.forwards},
                **self.extra_env}
-        self._write_env(env, name="env")
+        self._write_env(env, name="env", before=make)
 
-    def _write_env(self, env: dict[str, str], name: str) -> None:
+    def _write_env(self, env: dict[str, str], name: str, before: str = "") -> None:
         """A shell file of exports, readable by the run user only: values never appear on a command line."""
         text = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in sorted(env.items()))
-        write = f"umask 077 && mkdir -p {remote_path(GUEST_STATE)} && cat > {remote_path(GUEST_STATE + '/' + name)}"
+        write = (f"{before}umask 077 && mkdir -p {remote_path(GUEST_STATE)} && "
+                 f"cat > {remote_path(GUEST_STATE + '/' + name)}")
         result = run(self.ssh_argv(write), stage="test-image", timeout=self._time_left(5.0), check=False,
                      input=text.encode())
+        if result.returncode == 3 and before:
+            raise MachineryError("workdir", f"cannot create test.workdir {self.pipeline.test.workdir} in the guest:\n"
+                                            f"{tail(result.stderr)}")
         if result.returncode != 0:
             raise MachineryError("env", f"cannot write the command's environment in the guest:\n{tail(result.stderr)}")
 
@@ -909,6 +1087,27 @@ class Machine:
             self._stack.enter_context(booting)
             return vm, port
         raise MachineryError("boot", "could not bind a forwarded SSH port on 127.0.0.1")
+
+
+def _converse(argv: list[str], answer: Callable[[], bytes], timeout_s: float) -> tuple[int, str]:
+    """Run ``argv``; once it prints its first line, send it ``answer()`` (computed then) as its stdin."""
+    with spawn(argv, stage="test-image", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE) as spawned:
+        proc = spawned.proc
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        try:
+            if proc.stdout.readline():
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.write(answer())
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            stderr = proc.stderr.read().decode(errors="replace")
+            proc.wait()
+        finally:
+            timer.cancel()
+        return proc.returncode, stderr
 
 
 def _pump(stream: IO[bytes] | None, out: Any, prefix: str | None) -> None:

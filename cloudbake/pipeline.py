@@ -116,6 +116,7 @@ class TestSettings:
     workdir: str
     env: tuple[tuple[str, str], ...]
     forward: tuple[Forward, ...]
+    warm: bool
     timeout_s: float
     artifacts: tuple[str, ...]
     artifacts_max_bytes: int
@@ -599,6 +600,7 @@ def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
             workdir=test["workdir"],
             env=tuple(sorted(test["env"].items())),
             forward=tuple(parse_forward(item) for item in test["forward"]),
+            warm=test["warm"],
             timeout_s=parse_duration(test["timeout"]),
             artifacts=tuple(test["artifacts"]),
             artifacts_max_bytes=parse_size(test["artifacts_max"]),

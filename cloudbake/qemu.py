@@ -30,6 +30,7 @@ class VmSpec:
     forwards: tuple[tuple[int, int], ...] = ()  # (host, guest) TCP ports, from 127.0.0.1 only
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     interactive: bool = False               # serial console on the terminal (doit console)
+    incoming: str | None = None             # resume from a saved state (warm start): a migration URI
 
 
 def machine_for(spec: VmSpec) -> str:
@@ -80,6 +81,8 @@ def build_qemu_argv(spec: VmSpec, binary: str) -> list[str]:
     else:
         argv += ["-serial", f"file:{spec.serial_log}"]
     argv += ["-qmp", f"unix:{spec.qmp_socket},server=on,wait=off"]
+    if spec.incoming is not None:
+        argv += ["-incoming", spec.incoming]
     argv += list(spec.extra_args)
     return argv
 

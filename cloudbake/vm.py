@@ -57,15 +57,22 @@ def serial_tail(log_file: Path, lines: int = SERIAL_TAIL_LINES) -> str:
     return tail(text, lines) or "(no serial output)"
 
 
-def qmp_command(socket_path: Path, command: str, timeout: float = 5.0) -> Any:
-    """One QMP command over the VM's monitor socket (qemu.qmp's synchronous client)."""
+def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, args: dict[str, Any] | None = None) -> Any:
+    """One QMP command over the VM's monitor socket (qemu.qmp's synchronous client); returns its result.
+
+    An error answer raises PipelineError with QEMU's description.
+    """
+    from qemu.qmp import ExecuteError
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     qmp = QEMUMonitorProtocol(str(socket_path))
     try:
         qmp.settimeout(timeout)
         qmp.connect()
-        return qmp.cmd(command)
+        try:
+            return qmp.cmd(command, **(args or {}))
+        except ExecuteError as err:
+            raise PipelineError(f"QMP {command}: {err.error.error.desc}") from None
     finally:
         qmp.close()
 

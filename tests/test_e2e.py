@@ -136,6 +136,7 @@ def test_ssh_that_never_comes_up_is_the_machinery_status(baked, tmp_path):
     doc["cloud_init"]["user_data"] = str(baked["folder"] / "cloud-init" / "user-data.yaml")
     doc["output"] = {"dir": str(baked["folder"] / "dist")}
     doc["test"]["timeout"] = "15s"
+    doc["test"]["warm"] = False  # a warm start would answer within 15 s
     pipeline = tmp_path / "short.yaml"
     pipeline.write_text(yaml.safe_dump(doc))
     shutil.copy(baked["folder"] / "pipeline.lock", tmp_path / "short.lock")
@@ -254,5 +255,7 @@ def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real
     assert run_2.step("Save the baked image").outcome == "skipped"
     assert "starting qemu" not in run_2.step("Bake").stderr
     assert len(real_server.state.requests) == requests_before
-    assert run_2.step("Test inside a throwaway VM").stderr.count("starting qemu") == 1  # the test VM only
+    # No bake: the test step's QEMUs are the VM its warm state is saved from and the test VM resumed from it.
+    tested = run_2.step("Test inside a throwaway VM").stderr
+    assert tested.count("starting qemu") == 2 and "resumed warm" in tested
     assert "| image cache | hit |" in run_2.summary and "was missing" not in run_2.summary

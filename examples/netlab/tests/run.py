@@ -61,13 +61,20 @@ def write_junit(result: JunitResult, path: Path) -> None:
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
 
 
+def flatten(suite: unittest.TestSuite):
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from flatten(item)
+        else:
+            yield item
+
+
 def shard(suite: unittest.TestSuite) -> unittest.TestSuite:
     """Whole test classes per shard (a class's tests share its setUpClass), round-robin."""
     index, count = int(os.environ.get("CLOUDBAKE_SHARD", "0")), int(os.environ.get("CLOUDBAKE_SHARDS", "1"))
     classes: dict[str, list[unittest.TestCase]] = {}
-    for group in suite:
-        for test in group:
-            classes.setdefault(type(test).__name__, []).append(test)
+    for test in flatten(suite):
+        classes.setdefault(type(test).__name__, []).append(test)
     picked = [tests for position, (_, tests) in enumerate(sorted(classes.items())) if position % count == index]
     print(f"shard {index}/{count}: {sum(map(len, picked))} tests", flush=True)
     return unittest.TestSuite(test for tests in picked for test in tests)

@@ -1,0 +1,224 @@
+"""Warm start: test VMs resume from a saved state of a booted, ready VM instead of booting.
+
+A warm set belongs to one baked image: the overlay W the saved VM ran on, its firmware
+variables, its seed, the saved RAM and device state (migrated through QMP into a zstd
+stream), the client key that logs in to it and its host key's public half. A test VM
+restores from it with a new overlay on W and ``-incoming``; W is read-only from then on,
+so any number of VMs restore from one set at once.
+
+The set is named by everything the saved state depends on (warm_inputs); any change names
+another set, so a restore never meets a state from another QEMU, machine, CPU, memory size,
+accelerator or firmware. docs/testing-your-project.md lists the trade-offs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloudbake.errors import PipelineError
+from cloudbake.files import file_lock, write_atomically
+from cloudbake.log import stage_logger
+from cloudbake.qemu import VmSpec, cpu_for, machine_for
+from cloudbake.runner import require_tool
+from cloudbake.vm import VmRun, qmp_command
+
+log = stage_logger("warm")
+
+# Bump when what a warm set holds, or how a restore uses it, changes.
+WARM_VERSION = 1
+WARM_FOLDER = ".warm"
+SAVE_TIMEOUT_S = 300.0
+RESTORE_TIMEOUT_S = 120.0
+# zstd's fastest levels compress a guest's RAM (mostly zero and page cache) 5-20x at
+# hundreds of MB/s, faster than the disk would take the raw bytes.
+ZSTD_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class WarmSet:
+    folder: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.folder / "disk.qcow2"
+
+    @property
+    def vars(self) -> Path:
+        return self.folder / "efivars.fd"
+
+    @property
+    def seed(self) -> Path:
+        return self.folder / "seed.iso"
+
+    @property
+    def state(self) -> Path:
+        return self.folder / "state.zst"
+
+    @property
+    def client_key(self) -> Path:
+        return self.folder / "id_ed25519"
+
+    @property
+    def meta(self) -> Path:
+        return self.folder / "warm.json"
+
+    def record(self) -> dict[str, Any]:
+        return json.loads(self.meta.read_text())  # type: ignore[no-any-return]
+
+
+def warm_inputs(spec: VmSpec, qemu_version: str, image_key: str) -> dict[str, Any]:
+    """Everything a saved state depends on: restoring it needs the same machine, byte for byte.
+
+    Not here, because a restore may change them: the disk, seed, serial and socket paths
+    (same contents, other names), the forwarded host ports.
+    """
+    code = spec.firmware_code
+    return {
+        "version": WARM_VERSION,
+        "image": image_key,
+        "qemu": qemu_version,
+        "arch": str(spec.arch),
+        "machine": machine_for(spec),
+        "cpu": cpu_for(spec),
+        "accel": spec.accel,
+        "cpus": spec.cpus,
+        "memory_mib": spec.memory_mib,
+        "firmware": spec.firmware,
+        "firmware_code": [str(code), code.stat().st_size, code.stat().st_mtime_ns] if code else None,
+        "extra_args": list(spec.extra_args),
+    }
+
+
+def warm_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warm_root(base: Path) -> Path:
+    return base.parent / WARM_FOLDER
+
+
+def warm_set_for(base: Path, key: str) -> WarmSet:
+    return WarmSet(warm_root(base) / f"{base.stem}-{key}")
+
+
+def find_warm_set(base: Path, key: str) -> WarmSet | None:
+    """The complete set for ``key`` (its record is written last), or None."""
+    warm = warm_set_for(base, key)
+    return warm if warm.meta.is_file() else None
+
+
+def discard(warm: WarmSet, reason: str) -> None:
+    log.warning("the warm start of %s failed (%s); its warm set is removed and rebuilt at the next run; "
+                "this run boots cold", warm.folder.name, reason)
+    _remove(warm.folder)
+
+
+def _remove(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        for path in folder.rglob("*"):
+            with contextlib.suppress(OSError):
+                path.chmod(0o600)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_orphans(base: Path) -> None:
+    """Warm sets of images that are gone (pruned) and half-built sets of dead builders."""
+    root = warm_root(base)
+    if not root.is_dir():
+        return
+    images = {p.stem for p in base.parent.glob("*.qcow2")}
+    for folder in root.iterdir():
+        stem = folder.name.rsplit("-", 1)[0]
+        complete = (folder / "warm.json").is_file()
+        stale = not complete and time.time() - folder.stat().st_mtime > 3600
+        if stem not in images or stale:
+            _remove(folder)
+
+
+def build_lock(base: Path, key: str) -> Any:
+    """One builder per warm set; others wait and then use what it built."""
+    root = warm_root(base)
+    root.mkdir(parents=True, exist_ok=True)
+    return file_lock(root / f".{base.stem}-{key}.lock", f"the warm set of {base.name}")
+
+
+def save_state(vm: VmRun, state: Path, timeout_s: float = SAVE_TIMEOUT_S) -> float:
+    """Stop the guest's CPUs and migrate its RAM and devices into ``state`` (zstd), then quit QEMU.
+
+    Returns the seconds the save took. The source is stopped first, so the state is one
+    consistent moment and the destination comes up paused.
+    """
+    zstd = require_tool("zstd", "zstd")
+    socket = vm.spec.qmp_socket
+    partial = state.with_name(f".{state.name}.tmp")
+    started = time.monotonic()
+    qmp_command(socket, "stop")
+    uri = f"exec:{shlex.quote(zstd)} -q -{ZSTD_LEVEL} -T0 -c > {shlex.quote(str(partial))}"
+    qmp_command(socket, "migrate", args={"uri": uri})
+    while True:
+        status = qmp_command(socket, "query-migrate").get("status")
+        if status == "completed":
+            break
+        if status in ("failed", "cancelled"):
+            raise PipelineError(f"saving the VM's state failed (migration {status})",
+                                hint=f"QEMU said: {vm.qemu_stderr() or 'nothing'}")
+        if time.monotonic() - started > timeout_s:
+            raise PipelineError(f"saving the VM's state did not finish within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    with contextlib.suppress(Exception):
+        qmp_command(socket, "quit", timeout=5.0)
+    if vm.proc is not None:
+        vm.proc.wait(30)
+    os.replace(partial, state)
+    return time.monotonic() - started
+
+
+def incoming_uri(state: Path) -> str:
+    zstd = require_tool("zstd", "zstd")
+    return f"exec:{shlex.quote(zstd)} -q -d -c {shlex.quote(str(state))}"
+
+
+def wait_restored(vm: VmRun, timeout_s: float = RESTORE_TIMEOUT_S) -> float:
+    """Wait for the incoming state to load, then resume the CPUs; returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        if vm.proc is not None and vm.proc.poll() is not None:
+            raise PipelineError(f"QEMU exited while loading the saved state (exit {vm.proc.returncode}):\n"
+                                f"{vm.qemu_stderr()}")
+        with contextlib.suppress(Exception):
+            status = qmp_command(vm.spec.qmp_socket, "query-status", timeout=2.0).get("status")
+            if status in ("paused", "postmigrate"):
+                qmp_command(vm.spec.qmp_socket, "cont")
+                return time.monotonic() - started
+            if status == "running":
+                return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise PipelineError(f"the saved state did not load within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def keep_as_warm_set(warm: WarmSet, overlay: Path, vars_file: Path | None, seed: Path, client_key: Path,
+                     state: Path, record: dict[str, Any]) -> None:
+    """Move a saved VM's files into the set, read-only, and write its record last (that completes it)."""
+    partial = warm.folder.with_name(f".{warm.folder.name}.partial")
+    _remove(partial)
+    partial.mkdir(parents=True, mode=0o700)
+    moves = [(overlay, "disk.qcow2"), (seed, "seed.iso"), (client_key, "id_ed25519"), (state, "state.zst")]
+    if vars_file is not None:
+        moves.append((vars_file, "efivars.fd"))
+    for source, name in moves:
+        shutil.move(source, partial / name)
+    for path in partial.iterdir():
+        path.chmod(0o400 if path.name == "id_ed25519" else 0o444)
+    write_atomically(partial / "warm.json", json.dumps(record, indent=2).encode(), mode=0o644)
+    _remove(warm.folder)
+    os.replace(partial, warm.folder)

@@ -1,0 +1,123 @@
+"""Warm start: what a saved state depends on (fast), and real guests resuming from one (e2e)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudbake.pipeline import Arch
+from cloudbake.qemu import VmSpec, build_qemu_argv
+from cloudbake.warm import find_warm_set, warm_inputs, warm_key, warm_set_for
+
+
+def _spec(tmp_path: Path, **changes) -> VmSpec:
+    code = tmp_path / "CODE.fd"
+    if not code.exists():
+        code.write_bytes(b"\0" * 4096)
+    spec = VmSpec(name="t", arch=Arch.amd64, accel="tcg", cpus=2, memory_mib=1024, disk=tmp_path / "d.qcow2",
+                  serial_log=tmp_path / "s.log", qmp_socket=tmp_path / "q.sock", seed=tmp_path / "seed.iso",
+                  firmware="uefi", firmware_code=code, firmware_vars=tmp_path / "vars.fd", ssh_port=2222)
+    return dataclasses.replace(spec, **changes)
+
+
+def test_the_key_changes_with_everything_the_state_depends_on(tmp_path):
+    base = warm_key(warm_inputs(_spec(tmp_path), "7.2.0", "abc"))
+    for changed in ({"memory_mib": 1536}, {"cpus": 4}, {"accel": "kvm"}, {"arch": Arch.arm64},
+                    {"extra_args": ("-device", "virtio-balloon")}, {"firmware": "bios"}):
+        assert warm_key(warm_inputs(_spec(tmp_path, **changed), "7.2.0", "abc")) != base, changed
+    assert warm_key(warm_inputs(_spec(tmp_path), "8.0.0", "abc")) != base
+    assert warm_key(warm_inputs(_spec(tmp_path), "7.2.0", "abd")) != base
+    # A restore may use other paths and ports: the same state serves every run.
+    moved = _spec(tmp_path, disk=tmp_path / "other.qcow2", ssh_port=3333, serial_log=tmp_path / "x.log",
+                  forwards=((18080, 8080),))
+    assert warm_key(warm_inputs(moved, "7.2.0", "abc")) == base
+
+
+def test_a_set_for_another_memory_size_is_not_found(tmp_path):
+    image = tmp_path / "dist" / "img-0123.qcow2"
+    image.parent.mkdir()
+    built = warm_set_for(image, warm_key(warm_inputs(_spec(tmp_path), "7.2.0", "abc")))
+    built.folder.mkdir(parents=True)
+    built.meta.write_text("{}")
+    assert find_warm_set(image, warm_key(warm_inputs(_spec(tmp_path), "7.2.0", "abc"))) == built
+    assert find_warm_set(image, warm_key(warm_inputs(_spec(tmp_path, memory_mib=1536), "7.2.0", "abc"))) is None
+
+
+def test_a_restore_is_the_same_command_line_plus_incoming(tmp_path):
+    cold = build_qemu_argv(_spec(tmp_path), "qemu-system-x86_64")
+    warm = build_qemu_argv(_spec(tmp_path, incoming="exec:zstd -d -c state.zst"), "qemu-system-x86_64")
+    assert warm[:len(cold)] == cold and warm[len(cold):] == ["-incoming", "exec:zstd -d -c state.zst"]
+
+
+# --- real guests ------------------------------------------------------------------------------
+
+
+def _clock_offset(vm) -> float:
+    before = time.time()
+    guest = float(vm.run("date +%s.%N", check=True).stdout)
+    after = time.time()
+    return 0.0 if before <= guest <= after else min(abs(guest - before), abs(guest - after))
+
+
+@pytest.mark.e2e
+def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
+    import cloudbake
+    from cloudbake.host import qemu_binary, qemu_version
+    from cloudbake.machine import resolve_warm_key, ssh_argv
+    from cloudbake.paths import resolve_paths
+    from cloudbake.pipeline import load_pipeline
+    from cloudbake.store import verify_published
+
+    pipeline = load_pipeline(baked["pipeline"])
+    with cloudbake.vm(pipeline, upload=False) as first:
+        assert first.vm.spec.incoming is not None, "the first VM did not start warm"
+        assert _clock_offset(first) < 2.0
+        first.run("sudo -n sh -c 'echo scribbled > /etc/scribble'", check=True)
+        accepted = first.run("cat ~/.ssh/authorized_keys", check=True).stdout.strip()
+        assert accepted == (first.files.client_key.with_name("id_ed25519.pub")).read_text().strip()
+        warm = first.warm_set
+        assert warm is not None and warm.meta.is_file()
+        old_key = subprocess.run(ssh_argv(first.files, first.ssh_port, first.user, "true",
+                                          identity=warm.client_key), capture_output=True, text=True, timeout=60)
+        assert old_key.returncode == 255 and "Permission denied" in old_key.stderr
+        record = json.loads(warm.meta.read_text())
+        assert record["state_bytes"] <= record["memory_bytes"] // 2
+        assert oct(warm.client_key.stat().st_mode & 0o777) == "0o400"
+    with cloudbake.vm(pipeline, upload=False) as second:
+        assert second.vm.spec.incoming is not None
+        assert second.run("test -e /etc/scribble").status == 1, "the first warm run's write leaked"
+        assert _clock_offset(second) < 2.0
+    bigger = dataclasses.replace(pipeline, vm=dataclasses.replace(pipeline.vm, memory_bytes=1536 << 20))
+    manifest = verify_published(baked["image"])
+    accel = json.loads(warm.meta.read_text())["accel"]
+    version = qemu_version(qemu_binary(pipeline.source.arch))
+    paths = resolve_paths(pipeline)
+    assert warm.folder.name.endswith(resolve_warm_key(pipeline, paths, manifest, accel, version))
+    assert find_warm_set(baked["image"], resolve_warm_key(bigger, paths, manifest, accel, version)) is None
+
+
+@pytest.mark.e2e
+def test_a_corrupt_state_falls_back_to_a_cold_boot_with_a_warning(baked, caplog):
+    """Last of the warm tests: it breaks the shared warm set (the next warm run rebuilds it)."""
+    import cloudbake
+    from cloudbake.pipeline import load_pipeline
+
+    pipeline = load_pipeline(baked["pipeline"])
+    sets = [p for p in (baked["image"].parent / ".warm").iterdir() if (p / "warm.json").is_file()]
+    assert sets, "no warm set to corrupt: the warm tests before this one should have made one"
+    for folder in sets:
+        state = folder / "state.zst"
+        state.chmod(0o644)
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 4096] = b"\xff" * 4096
+        state.write_bytes(bytes(data))
+    with cloudbake.vm(pipeline, upload=False) as vm:
+        assert vm.vm.spec.incoming is None, "a corrupt state was used"
+        assert vm.run("cat /etc/cloudbake-e2e", check=True).stdout == "baked\n"
+    assert caplog.text.count("the warm start of") == 1 and "this run boots cold" in caplog.text
+    assert not any(folder.exists() for folder in sets)
