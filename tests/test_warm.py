@@ -57,6 +57,21 @@ def test_a_restore_is_the_same_command_line_plus_incoming(tmp_path):
 # --- real guests ------------------------------------------------------------------------------
 
 
+def _assert_served(port: int, body: bytes) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+                assert answer.read() == body
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def _clock_offset(vm) -> float:
     before = time.time()
     guest = float(vm.run("date +%s.%N", check=True).stdout)
@@ -70,13 +85,19 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
     from cloudbake.host import qemu_binary, qemu_version
     from cloudbake.machine import resolve_warm_key, ssh_argv
     from cloudbake.paths import resolve_paths
-    from cloudbake.pipeline import load_pipeline
+    from cloudbake.pipeline import Forward, load_pipeline
     from cloudbake.store import verify_published
 
-    pipeline = load_pipeline(baked["pipeline"])
+    loaded = load_pipeline(baked["pipeline"])
+    pipeline = dataclasses.replace(loaded, test=dataclasses.replace(loaded.test, forward=(Forward(0, 8080),)))
     with cloudbake.vm(pipeline, upload=False) as first:
         assert first.vm.spec.incoming is not None, "the first VM did not start warm"
         assert _clock_offset(first) < 2.0
+        # A forward the saved VM never had works in the resumed one, on 127.0.0.1 only.
+        first.run("mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && "
+                  "(cd /tmp/www && setsid python3 -m http.server 8080 >/dev/null 2>&1 &)", check=True)
+        assert first.run("echo $CLOUDBAKE_PORT_8080").stdout.strip() == str(first.port(8080))
+        _assert_served(first.port(8080), b"forwarded\n")
         first.run("sudo -n sh -c 'echo scribbled > /etc/scribble'", check=True)
         accepted = first.run("cat ~/.ssh/authorized_keys", check=True).stdout.strip()
         assert accepted == (first.files.client_key.with_name("id_ed25519.pub")).read_text().strip()
