@@ -49,7 +49,7 @@ from cloudbake.store import (
     verify_published,
 )
 from cloudbake.units import format_size, human_bytes
-from cloudbake.vm import boot_with_fallback, serial_tail
+from cloudbake.vmrun import boot_with_fallback, serial_tail
 
 # A temp file this old belongs to no live writer (the slowest, publishing, rewrites its temp
 # continuously; the others finish in milliseconds).

@@ -42,7 +42,7 @@ from cloudbake.runner import Arg, CommandTimeoutError, require_tool, run, spawn,
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
 from cloudbake.store import Manifest, published_image, verify_published
 from cloudbake.units import human_bytes
-from cloudbake.vm import VmRun, boot_with_fallback, qmp_command
+from cloudbake.vmrun import VmRun, boot_with_fallback, qmp_command
 from cloudbake.warm import (
     WarmSet,
     build_lock,

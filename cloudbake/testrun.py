@@ -34,7 +34,7 @@ from cloudbake.machine import (
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
 from cloudbake.units import human_bytes
-from cloudbake.vm import VmRun
+from cloudbake.vmrun import VmRun
 
 log = stage_logger("test-image")
 

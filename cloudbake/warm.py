@@ -29,7 +29,7 @@ from cloudbake.files import file_lock, write_atomically
 from cloudbake.log import stage_logger
 from cloudbake.qemu import VmSpec, cpu_for, machine_for
 from cloudbake.runner import require_tool
-from cloudbake.vm import VmRun, qmp_command
+from cloudbake.vmrun import VmRun, qmp_command
 
 log = stage_logger("warm")
 

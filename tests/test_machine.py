@@ -233,3 +233,15 @@ def test_a_changed_host_key_during_the_copy_is_named(guest, make_pipeline, tmp_p
                         "echo 'Host key verification failed.' >&2\nexit 255\n")
     with pytest.raises(MachineryError, match="host key other than the one injected"):
         _fetch(machine, ("/etc/hostname",), tmp_path / "out")
+
+
+def test_cloudbake_vm_stays_the_api_whatever_is_imported():
+    """A submodule named like the API (cloudbake/vm.py once) would replace cloudbake.vm when imported."""
+    import importlib
+    import pkgutil
+
+    import cloudbake
+
+    for module in pkgutil.iter_modules(cloudbake.__path__):
+        importlib.import_module(f"cloudbake.{module.name}")
+    assert callable(cloudbake.vm) and cloudbake.vm.__module__ == "cloudbake"

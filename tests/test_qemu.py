@@ -24,7 +24,7 @@ from cloudbake.firmware import (
 from cloudbake.host import Host, choose_accel
 from cloudbake.pipeline import Accel, Arch, Firmware
 from cloudbake.qemu import VmSpec, build_qemu_argv
-from cloudbake.vm import KvmNoProgressError, VmRun
+from cloudbake.vmrun import KvmNoProgressError, VmRun
 
 LINUX = Host("Linux", "x86_64", kvm_usable=True)
 LINUX_NO_KVM = Host("Linux", "x86_64", kvm_usable=False)
@@ -229,7 +229,7 @@ def test_silent_guest_counts_as_no_progress(tmp_path, monkeypatch):
     spec = _spec(serial_log=tmp_path / "serial.log", qmp_socket=tmp_path / "qmp.sock")
     fake = [sys.executable, "-c", "import time; time.sleep(60)"]
     vm = VmRun(spec, "unused", "bake")
-    import cloudbake.vm as qemu
+    import cloudbake.vmrun as qemu
     monkeypatch.setattr(qemu, "build_qemu_argv", lambda spec, binary: fake)
     with pytest.raises(KvmNoProgressError), vm:
         vm.wait(30, progress_timeout_s=1.0, poll_s=0.1)
@@ -237,7 +237,7 @@ def test_silent_guest_counts_as_no_progress(tmp_path, monkeypatch):
 
 
 def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch):
-    import cloudbake.vm as qemu
+    import cloudbake.vmrun as qemu
     log_file = tmp_path / "serial.log"
     spec = _spec(serial_log=log_file, qmp_socket=tmp_path / "qmp.sock")
     script = f"import time\nopen({str(log_file)!r}, 'a').write('booting...\\nstuck here\\n')\ntime.sleep(60)\n"
@@ -252,7 +252,7 @@ def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch
 
 def test_long_socket_paths_move_to_a_private_short_folder(tmp_path, monkeypatch):
     """Unix socket paths are limited to 107 bytes; deep work folders must still boot."""
-    import cloudbake.vm as qemu
+    import cloudbake.vmrun as qemu
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     seen = []
@@ -281,7 +281,7 @@ BROKEN_KVM = [
 
 def _standin_boot(tmp_path, monkeypatch, mode: str):
     from cloudbake.host import AccelChoice
-    from cloudbake.vm import boot_with_fallback
+    from cloudbake.vmrun import boot_with_fallback
     from tests.fixture.standin import install_standin_qemu, path_with
 
     monkeypatch.setenv("PATH", path_with(install_standin_qemu(tmp_path / "bin", mode)))
