@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
     qemu_img = require_tool("qemu-img", "qemu-utils")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
+    started = time.monotonic()
     try:
         run(convert_argv(qemu_img, work_disk, tmp, compression), stage="bake", timeout=QEMU_IMG_TIMEOUT_S)
         check = run([qemu_img, "check", "-q", tmp], stage="bake", timeout=QEMU_IMG_TIMEOUT_S, check=False)
@@ -72,6 +74,8 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
         manifest["image"]["sha256"] = sha256_file(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # The manifest is written inside this step: record it up to here (the rest is two renames).
+        manifest.setdefault("durations_s", {})["publish"] = round(time.monotonic() - started, 2)
         os.replace(tmp, dest)
         # The manifest last: until it is there, readers do not count the image as published.
         write_atomically(manifest_path(dest), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())

@@ -95,7 +95,7 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
         assert _clock_offset(first) < 2.0
         # A forward the saved VM never had works in the resumed one, on 127.0.0.1 only.
         first.run("mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && "
-                  "(cd /tmp/www && setsid python3 -m http.server 8080 >/dev/null 2>&1 &)", check=True)
+                  "(cd /tmp/www && setsid python3 -m http.server 8080 </dev/null >/dev/null 2>&1 &)", check=True)
         assert first.run("echo $CLOUDBAKE_PORT_8080").stdout.strip() == str(first.port(8080))
         _assert_served(first.port(8080), b"forwarded\n")
         first.run("sudo -n sh -c 'echo scribbled > /etc/scribble'", check=True)
