@@ -137,10 +137,16 @@ def sweep_orphans(base: Path) -> None:
         return
     images = {p.stem for p in base.parent.glob("*.qcow2")}
     for folder in root.iterdir():
-        stem = folder.name.rsplit("-", 1)[0]
+        try:
+            old = time.time() - folder.stat().st_mtime > 3600
+        except OSError:
+            continue
+        if folder.name.startswith("."):  # a build lock or a set being built: only a dead builder's old ones
+            if old:
+                folder.unlink() if folder.is_file() else _remove(folder)
+            continue
         complete = (folder / "warm.json").is_file()
-        stale = not complete and time.time() - folder.stat().st_mtime > 3600
-        if stem not in images or stale:
+        if folder.name.rsplit("-", 1)[0] not in images or (not complete and old):
             _remove(folder)
 
 

@@ -32,16 +32,22 @@ exit $status
 STANDIN_SUDO = '#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n'
 
 
-@pytest.fixture
-def guest(tmp_path, monkeypatch):
-    """The stand-in tools first on PATH; returns the guest home."""
-    bin_dir = tmp_path / "bin"
+def install_guest_tools(folder: Path) -> tuple[Path, Path]:
+    """Stand-in `ssh` and `sudo` in ``folder/bin`` and a guest home ``folder/guest-home``; returns both."""
+    bin_dir = folder / "bin"
     bin_dir.mkdir()
     for name, text in (("ssh", STANDIN_SSH), ("sudo", STANDIN_SUDO)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    home = tmp_path / "guest-home"
+    home = folder / "guest-home"
     home.mkdir()
+    return bin_dir, home
+
+
+@pytest.fixture
+def guest(tmp_path, monkeypatch):
+    """The stand-in tools first on PATH; returns the guest home."""
+    bin_dir, home = install_guest_tools(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("STANDIN_GUEST_HOME", str(home))
     return home

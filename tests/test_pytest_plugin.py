@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from tests.conftest import PROJECT, USER_DATA
-from tests.test_machine import STANDIN_SSH, STANDIN_SUDO
+from tests.test_machine import install_guest_tools
 
 INNER_CONFTEST = '''
 import contextlib
@@ -75,13 +75,7 @@ def test_session_vm_failure_keeps_its_evidence(cloudbake_vm_session):
 
 
 def test_fixtures_and_the_evidence_of_a_failing_test(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("ssh", STANDIN_SSH), ("sudo", STANDIN_SUDO)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    home = tmp_path / "guest-home"
-    home.mkdir()
+    bin_dir, home = install_guest_tools(tmp_path)
     project = tmp_path / "project"
     (project / "cloud-init").mkdir(parents=True)
     (project / "cloud-init" / "user-data.yaml").write_text(USER_DATA)

@@ -94,8 +94,8 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
         assert first.vm.spec.incoming is not None, "the first VM did not start warm"
         assert _clock_offset(first) < 2.0
         # A forward the saved VM never had works in the resumed one, on 127.0.0.1 only.
-        first.run("mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && "
-                  "(cd /tmp/www && setsid python3 -m http.server 8080 </dev/null >/dev/null 2>&1 &)", check=True)
+        first.run("mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && sudo -n systemd-run -q "
+                  "--unit=www --working-directory=/tmp/www python3 -m http.server 8080", check=True)
         assert first.run("echo $CLOUDBAKE_PORT_8080").stdout.strip() == str(first.port(8080))
         _assert_served(first.port(8080), b"forwarded\n")
         first.run("sudo -n sh -c 'echo scribbled > /etc/scribble'", check=True)
@@ -142,3 +142,27 @@ def test_a_corrupt_state_falls_back_to_a_cold_boot_with_a_warning(baked, caplog)
         assert vm.run("cat /etc/cloudbake-e2e", check=True).stdout == "baked\n"
     assert caplog.text.count("the warm start of") == 1 and "this run boots cold" in caplog.text
     assert not any(folder.exists() for folder in sets)
+
+
+def test_sets_of_pruned_images_go_and_builds_in_progress_stay(tmp_path):
+    import os
+
+    from cloudbake.warm import sweep_orphans, warm_root
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    image = dist / "img-0123.qcow2"
+    image.write_bytes(b"")
+    root = warm_root(image)
+    kept, pruned, half_dead = root / "img-0123-aaaa", root / "img-9999-bbbb", root / "img-0123-cccc"
+    for folder in (kept, pruned, half_dead):
+        folder.mkdir(parents=True)
+    (kept / "warm.json").write_text("{}")
+    (pruned / "warm.json").write_text("{}")
+    building, lock = root / ".img-0123-dddd.partial", root / ".img-0123-dddd.lock"
+    building.mkdir()
+    lock.write_text("")
+    hour_ago = time.time() - 7200
+    os.utime(half_dead, (hour_ago, hour_ago))
+    sweep_orphans(image)
+    assert sorted(p.name for p in root.iterdir()) == sorted([kept.name, building.name, lock.name])
