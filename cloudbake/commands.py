@@ -147,7 +147,9 @@ def _ssh(paths: Paths, run_id: str | None, remote: list[str]) -> int:
             raise PipelineError(f"no VM {run_id!r} is up", hint="cloudbake ps lists them")
         chosen = found[0]
     remote = remote[1:] if remote[:1] == ["--"] else remote
-    command = shlex.join(remote) if remote else None
+    # Joined with spaces, as ssh itself does: `cloudbake ssh ID make check` and
+    # `cloudbake ssh ID "a && b"` both mean what they would with ssh.
+    command = " ".join(remote) if remote else None
     argv = ssh_argv(chosen.files, chosen.ssh_port or 0, chosen.user, command, tty=command is None and
                     sys.stdin.isatty())
     sys.stdout.flush()
