@@ -70,4 +70,4 @@ def test_available_memory_reads_memavailable(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:    2000000 kB\n")
     assert available_memory(meminfo) == 2000000 * 1024
-    assert available_memory(tmp_path / "absent") > 0  # falls back to physical memory
+    assert (available_memory(tmp_path / "absent") or 0) > 0  # falls back to physical memory

@@ -91,6 +91,7 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
     loaded = load_pipeline(baked["pipeline"])
     pipeline = dataclasses.replace(loaded, test=dataclasses.replace(loaded.test, forward=(Forward(0, 8080),)))
     with cloudbake.vm(pipeline, upload=False) as first:
+        assert first.vm is not None and first.files is not None
         assert first.vm.spec.incoming is not None, "the first VM did not start warm"
         assert _clock_offset(first) < 2.0
         # A forward the saved VM never had works in the resumed one, on 127.0.0.1 only.
@@ -110,7 +111,7 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
         assert record["state_bytes"] <= record["memory_bytes"] // 2
         assert oct(warm.client_key.stat().st_mode & 0o777) == "0o400"
     with cloudbake.vm(pipeline, upload=False) as second:
-        assert second.vm.spec.incoming is not None
+        assert second.vm is not None and second.vm.spec.incoming is not None
         assert second.run("test -e /etc/scribble").status == 1, "the first warm run's write leaked"
         assert _clock_offset(second) < 2.0
     bigger = dataclasses.replace(pipeline, vm=dataclasses.replace(pipeline.vm, memory_bytes=1536 << 20))
@@ -138,7 +139,7 @@ def test_a_corrupt_state_falls_back_to_a_cold_boot_with_a_warning(baked, caplog)
         data[len(data) // 2:len(data) // 2 + 4096] = b"\xff" * 4096
         state.write_bytes(bytes(data))
     with cloudbake.vm(pipeline, upload=False) as vm:
-        assert vm.vm.spec.incoming is None, "a corrupt state was used"
+        assert vm.vm is not None and vm.vm.spec.incoming is None, "a corrupt state was used"
         assert vm.run("cat /etc/cloudbake-e2e", check=True).stdout == "baked\n"
     assert caplog.text.count("the warm start of") == 1 and "this run boots cold" in caplog.text
     assert not any(folder.exists() for folder in sets)
