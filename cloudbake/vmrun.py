@@ -152,7 +152,7 @@ class VmRun:
         try:
             if self.proc is not None and self.proc.poll() is None:
                 if isinstance(exc[0], type) and issubclass(exc[0], KeyboardInterrupt):
-                    self._quit_now()
+                    self.quit_now()
                 else:
                     graceful_stop(self.proc, self.spec.qmp_socket, 10.0, self.stage)
         finally:
@@ -161,8 +161,8 @@ class VmRun:
             if self._socket_dir is not None:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
 
-    def _quit_now(self) -> None:
-        """Interrupted: no time for the guest to shut down. QMP quit, then terminate and kill."""
+    def quit_now(self) -> None:
+        """No shutdown: QMP quit, then terminate and kill (an interrupt, or a throwaway VM that is done)."""
         assert self.proc is not None
         with contextlib.suppress(Exception):
             qmp_command(self.spec.qmp_socket, "quit", timeout=2.0)
