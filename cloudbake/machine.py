@@ -680,8 +680,10 @@ class Machine:
             state = builder.files.folder / "state.zst"
             save_s = save_state(builder.vm, state)
             host_public = builder.files.known_hosts.read_text().split(" ", 1)[1].strip()
+            client_public = builder.files.client_key.with_name("id_ed25519.pub").read_text().strip()
             record: dict[str, Any] = {
-                "inputs": inputs, "accel": spec.accel, "host_public": host_public, "user": self.user,
+                "inputs": inputs, "accel": spec.accel, "host_public": host_public, "client_public": client_public,
+                "user": self.user,
                 "state_bytes": state.stat().st_size, "memory_bytes": spec.memory_mib << 20,
                 "save_s": round(save_s, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             keep_as_warm_set(warm, builder.files.overlay, spec.firmware_vars, builder.files.seed,
@@ -730,20 +732,23 @@ class Machine:
 
     def _take_over(self, warm: WarmSet, client_public: str) -> None:
         """With the warm key, once: the clock set from the host's, the guest's RNG mixed with host
-        randomness, and this run's key made the only one the run user accepts.
+        randomness, and this run's key in place of the warm key (keys baked into the image stay).
 
         The host's time is sent only after the guest says it is listening, so the guest's clock
         is off by one trip through the pipe, not by an SSH handshake.
         """
         assert self.files is not None
+        # Keys baked into the image stay; the warm key goes, this run's key is added.
         script = ("echo listening && IFS= read -r now && sudo -n date -u -s \"@$now\" >/dev/null && "
-                  "IFS= read -r key && umask 077 && mkdir -p ~/.ssh && "
-                  "printf '%s\\n' \"$key\" > ~/.ssh/authorized_keys.new && "
-                  "mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys && sudo -n sh -c 'cat > /dev/urandom'")
+                  "IFS= read -r warm && IFS= read -r key && umask 077 && mkdir -p ~/.ssh && "
+                  "{ grep -vxF \"$warm\" ~/.ssh/authorized_keys 2>/dev/null; printf '%s\\n' \"$key\"; } "
+                  "> ~/.ssh/authorized_keys.new && mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys && "
+                  "sudo -n sh -c 'cat > /dev/urandom'")
+        warm_public = warm.record()["client_public"]
         argv = ssh_argv(self.files, self.ssh_port, self.user, script, connect_timeout=5, identity=warm.client_key)
         deadline = time.monotonic() + 60
         while True:
-            status, stderr = _converse(argv, lambda: f"{time.time():.6f}\n{client_public}\n".encode()
+            status, stderr = _converse(argv, lambda: f"{time.time():.6f}\n{warm_public}\n{client_public}\n".encode()
                                        + os.urandom(512), timeout_s=30)
             if status == 0:
                 return

@@ -13,6 +13,7 @@ import pytest
 from cloudbake.pipeline import Arch
 from cloudbake.qemu import VmSpec, build_qemu_argv
 from cloudbake.warm import find_warm_set, warm_inputs, warm_key, warm_set_for
+from tests.fixture.e2e import BAKED_KEY
 
 
 def _spec(tmp_path: Path, **changes) -> VmSpec:
@@ -100,10 +101,12 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
         assert first.run("echo $CLOUDBAKE_PORT_8080").stdout.strip() == str(first.port(8080))
         _assert_served(first.port(8080), b"forwarded\n")
         first.run("sudo -n sh -c 'echo scribbled > /etc/scribble'", check=True)
-        accepted = first.run("cat ~/.ssh/authorized_keys", check=True).stdout.strip()
-        assert accepted == (first.files.client_key.with_name("id_ed25519.pub")).read_text().strip()
+        accepted = first.run("cat ~/.ssh/authorized_keys", check=True).stdout.splitlines()
         warm = first.warm_set
         assert warm is not None and warm.meta.is_file()
+        run_key = first.files.client_key.with_name("id_ed25519.pub").read_text().strip()
+        assert run_key in accepted and BAKED_KEY in accepted  # the image's own keys stay
+        assert json.loads(warm.meta.read_text())["client_public"] not in accepted
         old_key = subprocess.run(ssh_argv(first.files, first.ssh_port, first.user, "true",
                                           identity=warm.client_key), capture_output=True, text=True, timeout=60)
         assert old_key.returncode == 255 and "Permission denied" in old_key.stderr
@@ -142,7 +145,8 @@ def test_a_corrupt_state_falls_back_to_a_cold_boot_with_a_warning(baked, caplog)
         assert vm.vm is not None and vm.vm.spec.incoming is None, "a corrupt state was used"
         assert vm.run("cat /etc/cloudbake-e2e", check=True).stdout == "baked\n"
     assert caplog.text.count("the warm start of") == 1 and "this run boots cold" in caplog.text
-    assert not any(folder.exists() for folder in sets)
+    tried = [folder for folder in sets if f"the warm start of {folder.name} failed" in caplog.text]
+    assert len(tried) == 1 and not tried[0].exists(), "the set that failed is removed (the next run saves anew)"
 
 
 def test_sets_of_pruned_images_go_and_builds_in_progress_stay(tmp_path):
