@@ -621,7 +621,7 @@ class Machine:
         files = self.files
         files.known_hosts.write_text(f"[127.0.0.1]:{self.ssh_port} {host_public}\n")
         self._record_vm()
-        self._say("VM of %s booting (run %s, SSH on 127.0.0.1:%d%s)", self.base.name, files.id, self.ssh_port,
+        self.say("VM of %s booting (run %s, SSH on 127.0.0.1:%d%s)", self.base.name, files.id, self.ssh_port,
                   self._forwards_text())
         self._wait("boot: SSH port answers", lambda: ssh_banner(self.ssh_port))
         self._wait("ssh: login with the run's key", lambda: self._ssh_ok("true", 30))
@@ -669,7 +669,7 @@ class Machine:
 
     def _build_warm_set(self, manifest: Manifest, version: str) -> WarmSet:
         assert self.base is not None
-        self._say("no warm state of %s for this QEMU setup yet: booting it once to save one", self.base.name)
+        self.say("no warm state of %s for this QEMU setup yet: booting it once to save one", self.base.name)
         builder = Machine(self.pipeline, self.paths, label="warm", warm=False, prepare_guest=False)
         builder.start()
         try:
@@ -690,7 +690,7 @@ class Machine:
                              builder.files.client_key, state, record)
         finally:
             builder.close()
-        self._say("saved the warm state of %s: %s (guest RAM %s) in %.1f s", self.base.name,
+        self.say("saved the warm state of %s: %s (guest RAM %s) in %.1f s", self.base.name,
                   human_bytes(record["state_bytes"]), human_bytes(record["memory_bytes"]), save_s)
         return warm
 
@@ -726,7 +726,7 @@ class Machine:
         self._stack.enter_context(booting)
         self.warm_set = warm
         self._record_vm()
-        self._say("VM of %s resumed warm in %.1f s (state loaded in %.1f s; run %s, SSH on 127.0.0.1:%d%s)",
+        self.say("VM of %s resumed warm in %.1f s (state loaded in %.1f s; run %s, SSH on 127.0.0.1:%d%s)",
                   self.base.name, time.monotonic() - started, load_s, files.id, port, self._forwards_text())
         return True
 
@@ -931,10 +931,10 @@ class Machine:
             return
         root, names = selection
         if not names:
-            self._say("test.upload selects no files in %s: nothing uploaded", root)
+            self.say("test.upload selects no files in %s: nothing uploaded", root)
             return
         total = sum(os.lstat(root / name).st_size for name in names if not os.path.isdir(root / name))
-        self._say("uploading %d path(s), %s, from %s into %s", len(names), human_bytes(total), root,
+        self.say("uploading %d path(s), %s, from %s into %s", len(names), human_bytes(total), root,
                   self.pipeline.test.workdir)
         self.upload_tree(root, names)
 
@@ -961,7 +961,8 @@ class Machine:
             return self.timeout_s
         return max(at_least, self.deadline.left())
 
-    def _say(self, message: str, *args: Any) -> None:
+    def say(self, message: str, *args: Any) -> None:
+        """A log line of this VM, prefixed with its run index when several run at once."""
         log.info((f"{self.output_prefix} " if self.output_prefix else "") + message, *args)
 
     def _wait(self, stage: str, check: Callable[[], bool], poll_s: float = 1.0) -> None:

@@ -100,11 +100,9 @@ def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None,
     if keep and runs > 1:
         raise PipelineError("--keep keeps one VM; it cannot be combined with several runs",
                             hint="drop -j/test.shards, or use cloudbake up for VMs to keep")
+    check_memory(pipeline, at_once)
     try:
-        check_memory(pipeline, at_once)
         base, _ = current_base(pipeline, paths)
-    except MachineryError:
-        raise
     except PipelineError as err:
         raise MachineryError.from_error("base image", err) from None
     clean_leftovers(base)
@@ -147,11 +145,11 @@ def _one_run(pipeline: Pipeline, paths: Paths, command: str, index: int, runs: i
         with machine:
             artifacts_dir = artifacts_dir / machine.id
             machine.upload_project()
-            machine._say("running: %s", command)
+            machine.say("running: %s", command)
             status = machine.run(command, capture=False).status
             artifacts = machine.fetch_artifacts(pipeline.test.artifacts, artifacts_dir)
             if artifacts:
-                machine._say("copied %d artifact(s) into %s", len(artifacts), artifacts_dir)
+                machine.say("copied %d artifact(s) into %s", len(artifacts), artifacts_dir)
             if keep:
                 machine.detach()
                 _say_how_to_reach(machine)
