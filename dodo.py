@@ -13,6 +13,7 @@ from tasks.context import doit_config
 from tasks.docs import task_docs  # noqa: F401
 from tasks.fetch import task_fetch, task_update  # noqa: F401
 from tasks.inspect import task_prune_downloads, task_status, task_validate  # noqa: F401
+from tasks.registry import task_pull, task_push  # noqa: F401
 from tasks.seed import task_seed  # noqa: F401
 from tasks.testrun import task_console, task_test_image  # noqa: F401
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import alternate, report
-from cloudbake.http import HttpSettings, _session, download
+from cloudbake.http import HttpSettings, download, make_session
 from tests.fixture.server import MirrorServer
 
 
@@ -45,7 +45,7 @@ def main() -> None:
                 dest = out / "cb.img"
                 for leftover in out.glob("cb.img*"):
                     leftover.unlink()
-                with _session() as session:
+                with make_session() as session:
                     download(session, url, dest, sha, HttpSettings())
 
             def curl() -> None:

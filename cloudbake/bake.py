@@ -31,6 +31,7 @@ from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
 from cloudbake.qemu import VmSpec
+from cloudbake.registry import pull_before_bake, share_after_bake
 from cloudbake.runner import require_tool, run
 from cloudbake.seed import (
     GENERALIZED_MARKER,
@@ -198,6 +199,10 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
             done = _already_baked(build, paths)  # another process may have baked it while we waited
             if done is not None:
                 return done
+        if build is not None and not force:
+            pulled = pull_before_bake(pipeline, paths, build.key)
+            if pulled is not None:
+                return pulled
         # Under the bake lock no other writer of this pipeline's work folder or published
         # images is alive: their temps are a killed bake's. Elsewhere, only old ones.
         sweep_temps(paths.work_dir, older_than_s=0)
@@ -213,7 +218,9 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
             build = resolve_build(pipeline, paths)
         dest = build.published(paths)
         log.info("baking %s (key %s)", dest.name, build.key)
-        return _bake(pipeline, paths, upstream, build.lock, build.seed, build.inputs, build.key, dest, timer)
+        baked = _bake(pipeline, paths, upstream, build.lock, build.seed, build.inputs, build.key, dest, timer)
+    share_after_bake(pipeline, baked)
+    return baked
 
 
 def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: SeedFiles, inputs: dict[str, Any],

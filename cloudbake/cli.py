@@ -23,7 +23,7 @@ from doit.doit_cmd import DoitMain
 
 from cloudbake import commands
 
-TASK_MODULES = ("fetch", "seed", "bake", "testrun", "inspect")
+TASK_MODULES = ("fetch", "seed", "bake", "testrun", "inspect", "registry")
 USAGE = "usage: cloudbake [-p PIPELINE] [doit command] [task] [options]   (cloudbake help: doit's help)"
 
 

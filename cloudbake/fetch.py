@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cloudbake.errors import PipelineError
 from cloudbake.files import is_verified
-from cloudbake.http import HttpSettings, _session, download
+from cloudbake.http import HttpSettings, download, make_session
 from cloudbake.lock import Lock, check_not_older, lock_source, read_lock, with_mirror_credentials, write_lock
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
@@ -50,7 +50,7 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
             log.info("cached: %s (pinned by %s)", image, paths.lock_file.name)
             return image, lock
         log.info("downloading the image pinned by %s", paths.lock_file.name)
-        with _session() as session:
+        with make_session() as session:
             try:
                 download(session, with_mirror_credentials(lock.url, pipeline.source.mirror), image, lock.sha256,
                          http, expected_size=lock.size if lock.size > 0 else None)
@@ -61,7 +61,7 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
                         from None
                 raise
         return image, lock
-    with _session() as session:
+    with make_session() as session:
         resolved = resolve_and_verify(pipeline, paths, session, http)
         check_not_older(lock, resolved, allow_downgrade)
         upstream_url = with_mirror_credentials(resolved.url, pipeline.source.mirror)

@@ -54,8 +54,23 @@ class HttpSettings:
     rate_window_s: float = 60.0
 
 
-def _session() -> requests.Session:
-    session = requests.Session()
+class _Session(requests.Session):
+    """A session whose own ``verify`` (a CA file, for a registry's private CA) is kept.
+
+    requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override a session's ``verify`` for
+    every request that does not pass one; CI images often set those variables.
+    """
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None and self.verify is not True:
+            settings["verify"] = self.verify
+        return settings
+
+
+def make_session(verify: bool | str = True) -> requests.Session:
+    session = _Session()
+    session.verify = verify
     session.headers["User-Agent"] = f"cloudbake/{__version__}"
     return session
 
@@ -103,7 +118,7 @@ def fetch_small(session: requests.Session, url: str, max_bytes: int, http: HttpS
         with session.get(url, stream=True, timeout=(http.connect_timeout_s, http.read_timeout_s)) as response:
             _check_status(response, url)
             if response.status_code >= 500:
-                raise _ServerError(f"{url} answered {response.status_code} {response.reason}")
+                raise ServerError(f"{url} answered {response.status_code} {response.reason}")
             data = b""
             for chunk in response.iter_content(64 << 10):
                 data += chunk
@@ -129,7 +144,7 @@ def with_retries(attempt: Callable[[], T], url: str, http: HttpSettings,
             if not _is_retryable(err):
                 raise PipelineError(_describe(err, url, http)) from None
             last = _describe(err, url, http)
-        except _ServerError as err:
+        except ServerError as err:
             last = str(err)
         if number + 1 < http.attempts:
             log.info("%s; retrying (%d/%d)", last, number + 2, http.attempts)
@@ -138,18 +153,19 @@ def with_retries(attempt: Callable[[], T], url: str, http: HttpSettings,
                         hint="check the network and the mirror")
 
 
-class _Progress:
+class Progress:
     """A progress bar on a terminal; otherwise a log line every 10 % or 30 s."""
 
-    def __init__(self, name: str, total: int | None, start: int) -> None:
+    def __init__(self, name: str, total: int | None, start: int, stage: str = "fetch") -> None:
         self.name, self.total, self.done = name, total, start
+        self.log = stage_logger(stage)
         self.bar: Any = None
         self.next_percent, self.last_log = 10, time.monotonic()
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=f"[fetch] {name}", leave=False, dynamic_ncols=True)
+                            desc=f"[{stage}] {name}", leave=False, dynamic_ncols=True)
 
     def update(self, count: int) -> None:
         self.done += count
@@ -159,7 +175,7 @@ class _Progress:
         now = time.monotonic()
         percent = int(self.done * 100 / self.total) if self.total else 0
         if percent >= self.next_percent or now - self.last_log >= 30:
-            log.info("%s: %s%s", self.name, human_bytes(self.done),
+            self.log.info("%s: %s%s", self.name, human_bytes(self.done),
                      f" of {human_bytes(self.total)} ({percent} %)" if self.total else "")
             self.next_percent = (percent // 10 + 1) * 10
             self.last_log = now
@@ -227,8 +243,8 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str, http:
         return dest
 
 
-class _ServerError(Exception):
-    pass
+class ServerError(Exception):
+    """A 5xx, a 429 or a cut-off: worth another attempt (the retry loop's kind of error)."""
 
 
 # The running digest of the partial file, kept between attempts so a resume hashes only new bytes.
@@ -304,9 +320,9 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         if response.status_code == 416:
             part.unlink(missing_ok=True)
             validator_file.unlink(missing_ok=True)
-            raise _ServerError(f"{url}: the partial download no longer fits the file on the server; restarting")
+            raise ServerError(f"{url}: the partial download no longer fits the file on the server; restarting")
         if response.status_code >= 500:
-            raise _ServerError(f"{url} answered {response.status_code} {response.reason}")
+            raise ServerError(f"{url} answered {response.status_code} {response.reason}")
         if response.status_code == 206 and have:
             digest, size = _hash_existing_cached(part)
             mode = "ab"
@@ -329,7 +345,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         write_atomically(validator_file, json.dumps({"url": url, "validator": new_validator}).encode())
         total = size + length if length is not None else expected_size
-        progress = _Progress(part.name.removesuffix(".part"), total, size)
+        progress = Progress(part.name.removesuffix(".part"), total, size)
         _running.pop(part, None)
         hasher = BackgroundHasher(digest)
         try:
@@ -347,7 +363,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
                     elapsed = time.monotonic() - window_start
                     if elapsed >= http.rate_window_s:
                         if window_bytes < http.min_rate_bytes_s * elapsed:
-                            raise _ServerError(f"{url}: {human_bytes(window_bytes)} in {elapsed:.0f} s, slower than "
+                            raise ServerError(f"{url}: {human_bytes(window_bytes)} in {elapsed:.0f} s, slower than "
                                                f"{human_bytes(http.min_rate_bytes_s)}/s; cut off")
                         window_start, window_bytes = time.monotonic(), 0
         finally:

@@ -125,6 +125,28 @@ class TestSettings:
 
 
 @dataclass(frozen=True)
+class RemoteCache:
+    """``cache.remote``: an OCI registry repository holding baked images tagged with their key."""
+
+    registry: str           # host[:port], as the registry's API and credential stores name it
+    repository: str         # path inside the registry, e.g. "acme/images"
+    push: bool
+    tag_latest: bool
+    plain_http: bool
+    ca_file: Path | None
+
+    @property
+    def url(self) -> str:
+        return f"oci://{self.registry}/{self.repository}"
+
+
+def parse_remote(url: str) -> tuple[str, str]:
+    """``oci://host[:port]/repo/sitory`` (as the schema admits it) -> (registry, repository)."""
+    registry, _, repository = url.removeprefix("oci://").partition("/")
+    return registry.lower(), repository
+
+
+@dataclass(frozen=True)
 class Pipeline:
     """A validated pipeline; every path is absolute."""
 
@@ -139,6 +161,7 @@ class Pipeline:
     output_keep: int
     build_dir: Path
     cache_dir: Path
+    remote: RemoteCache | None
     raw: dict[str, Any]  # the validated document with defaults, for hashing and manifests
 
 
@@ -549,6 +572,16 @@ def parse_forward(item: int | str) -> Forward:
     return Forward(int(host) if host else 0, int(guest))
 
 
+def freeze_remote(cache: dict[str, Any], base: Path) -> RemoteCache | None:
+    if not cache["remote"]:
+        return None
+    registry, repository = parse_remote(cache["remote"])
+    # CI turns pushing on for one branch without a second pipeline file.
+    push = cache["push"] or os.environ.get("CLOUDBAKE_PUSH", "").strip().lower() in ("1", "true", "yes")
+    return RemoteCache(registry=registry, repository=repository, push=push, tag_latest=cache["tag_latest"],
+                       plain_http=cache["plain_http"], ca_file=_resolve(base, cache["ca_file"]))
+
+
 def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
     base = file.resolve().parent
     src, ver, disk, vm, ci, test = (doc["source"], doc["source"]["verify"], doc["disk"], doc["vm"],
@@ -611,5 +644,6 @@ def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
         output_keep=doc["output"]["keep"],
         build_dir=build_dir,
         cache_dir=cache_dir,
+        remote=freeze_remote(doc["cache"], base),
         raw=doc,
     )

@@ -72,16 +72,25 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
         manifest["image"]["virtual_size"] = info["virtual-size"]
         manifest["image"]["file_size"] = tmp.stat().st_size
         manifest["image"]["sha256"] = sha256_file(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         # The manifest is written inside this step: record it up to here (the rest is two renames).
         manifest.setdefault("durations_s", {})["publish"] = round(time.monotonic() - started, 2)
-        os.replace(tmp, dest)
-        # The manifest last: until it is there, readers do not count the image as published.
-        write_atomically(manifest_path(dest), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        record_verified(dest, manifest["image"]["sha256"])
+        install(tmp, dest, manifest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def install(tmp: Path, dest: Path, manifest: dict[str, Any]) -> None:
+    """Move a complete, checked image from ``tmp`` (same folder) to ``dest`` and publish its manifest.
+
+    The one way an image enters the store (a bake, a pull): the image first, the manifest
+    last (until it is there, readers do not count the image as published), then the
+    ``<name>.qcow2`` pointer.
+    """
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    write_atomically(manifest_path(dest), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    record_verified(dest, manifest["image"]["sha256"])
     pointer = dest.parent / f"{manifest['name']}.qcow2"
     tmp_pointer = dest.parent / f".{manifest['name']}.qcow2.tmp"
     tmp_pointer.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from cloudbake.fetch import cached_upstream, run_fetch, run_update
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
+from cloudbake.registry import pull_before_bake
 from cloudbake.store import is_published, published_image
 
 from .context import current, flag
@@ -37,6 +38,11 @@ def fetch_action(pipeline: Pipeline, paths: Paths) -> None:
     if fetch_is_current(pipeline, paths):
         log.info("nothing to fetch: %s", "the pinned image is cached" if cached_upstream(pipeline, paths)
                  else "the image baked from it is published")
+        return
+    # With a remote cache, the baked image may be a pull away: then the upstream image is never needed.
+    remote = pipeline.remote
+    if remote and paths.lock_file.exists() and pull_before_bake(pipeline, paths, resolve_key(pipeline, paths)[0]):
+        log.info("nothing to fetch: the image baked from it was pulled from %s", remote.url)
         return
     run_fetch(pipeline, paths)
 

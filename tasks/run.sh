@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 RUNTIME_PACKAGES=(qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 gpgv gnupg openssh-client
                   python3 python3-venv ca-certificates)
 TEST_PACKAGES=(mmdebstrap grub-efi-amd64-bin grub-common mtools dosfstools fdisk e2fsprogs genisoimage
-               cloud-image-utils curl qemu-user-static binfmt-support arch-test)
+               cloud-image-utils curl qemu-user-static binfmt-support arch-test docker-registry apache2-utils
+               openssl)
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
