@@ -288,7 +288,7 @@ class BackgroundHasher:
         self._thread.join()
 
 
-def _body_chunks(response: requests.Response) -> Iterator[bytes]:
+def body_chunks(response: requests.Response) -> Iterator[bytes]:
     """The body as it arrives; unlike iter_content, bytes received before a drop are not lost in a buffer."""
     import urllib3
 
@@ -351,7 +351,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         try:
             window_start, window_bytes = time.monotonic(), 0
             with open(part, mode) as out:
-                for chunk in _body_chunks(response):
+                for chunk in body_chunks(response):
                     if size + len(chunk) > limit:
                         pinned = " (the size the lock pins)" if limit == expected_size else ""
                         raise _TooLargeError(f"{url}: the server sent more than {human_bytes(limit)}{pinned}; refused")

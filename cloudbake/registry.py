@@ -42,8 +42,8 @@ from typing import Any
 import requests
 
 from cloudbake.errors import PipelineError
-from cloudbake.files import file_lock
-from cloudbake.http import HttpSettings, Progress, ServerError, download, make_session, with_retries
+from cloudbake.files import file_lock, sha256_file, write_atomically
+from cloudbake.http import HttpSettings, Progress, ServerError, body_chunks, make_session, with_retries
 from cloudbake.log import stage_logger, strip_credentials
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline, RemoteCache
@@ -456,10 +456,11 @@ class Registry:
                                 hint="the registry holds a corrupted copy: push the image again")
         return body
 
-    def upload(self, blob: Blob) -> bool:
+    def upload(self, blob: Blob, progress: Progress) -> bool:
         """Upload ``blob`` unless the registry has it; True when bytes went up."""
         if self.has_blob(blob):
             log.info("%s: already in the registry", blob.title or blob.digest[:19])
+            progress.update(blob.size)
             return False
         if blob.size <= self.settings.upload_chunk_bytes:
             def whole() -> None:
@@ -468,8 +469,9 @@ class Registry:
                              (201,), data=blob.read(0, blob.size),
                              headers={"Content-Type": "application/octet-stream"}).close()
             with_retries(whole, self.remote.url, self.http)
+            progress.update(blob.size)
             return True
-        self._upload_chunked(blob)
+        self._upload_chunked(blob, progress)
         return True
 
     def _start_upload(self) -> str:
@@ -489,10 +491,9 @@ class Registry:
         match = re.fullmatch(r"(?:bytes=)?0-(\d+)", response.headers.get("Range", "").strip())
         return int(match.group(1)) + 1 if match else 0
 
-    def _upload_chunked(self, blob: Blob) -> None:
+    def _upload_chunked(self, blob: Blob, progress: Progress) -> None:
         """PATCH the blob in chunks; after a drop, ask the registry how far it got and go on from there."""
         state: dict[str, Any] = {"location": None, "offset": 0}
-        progress = Progress(blob.title or blob.digest[:19], blob.size, 0, stage="registry")
 
         def attempt() -> None:
             if state["location"] is not None:
@@ -521,10 +522,7 @@ class Registry:
             self.request("PUT", _with_digest(state["location"], blob.digest), f"completing {blob.title}", (201,),
                          headers={"Content-Length": "0"}).close()
 
-        try:
-            with_retries(attempt, f"{self.remote.url} (upload of {blob.title})", self.http)
-        finally:
-            progress.close()
+        with_retries(attempt, f"{self.remote.url} (upload of {blob.title})", self.http)
 
     def put_manifest(self, reference: str, body: bytes) -> None:
         self.request("PUT", f"{self.api}/manifests/{reference}", f"tagging {reference}", (201,), data=body,
@@ -660,7 +658,11 @@ def push_image(remote: RemoteCache, image: Path, settings: RegistrySettings | No
     started = time.monotonic()
     log.info("pushing %s (%s in %d layer%s) to %s:%s", image.name, human_bytes(image.stat().st_size), len(layers),
              "" if len(layers) == 1 else "s", remote.url, manifest.key)
-    sent = sum(blob.size for blob in (config, *layers) if registry.upload(blob))
+    progress = Progress(f"push of {image.name}", config.size + sum(b.size for b in layers), 0, stage="registry")
+    try:
+        sent = sum(blob.size for blob in (config, *layers) if registry.upload(blob, progress))
+    finally:
+        progress.close()
     doc = manifest.document
     annotations = {
         "org.opencontainers.image.created": str(doc.get("created") or ""),
@@ -719,13 +721,52 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
         started = time.monotonic()
         log.info("pulling %s (%s in %d layer%s) from %s", dest.name, human_bytes(total), len(artifact.layers),
                  "" if len(artifact.layers) == 1 else "s", where)
-        parts = paths.output_dir / f".{dest.name}.pull"
-        parts.mkdir(parents=True, exist_ok=True)
-        files = [parts / f"{index:04d}" for index in range(len(artifact.layers))]
+        work = paths.output_dir / f".{dest.name}.pull"
+        fetch_layers(registry, artifact, work, settings)
+        image = work / "image"
+        if sha256_file(image) != manifest.image_sha256:
+            shutil.rmtree(work, ignore_errors=True)
+            raise PipelineError(f"{dest.name}: the pulled image does not match the SHA-256 its manifest records; "
+                                "refused", hint="push the image again")
+        install(image, dest, manifest.document)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("pulled %s in %.1f s", dest.name, time.monotonic() - started)
+        return dest
+
+
+def fetch_layers(registry: Registry, artifact: Artifact, work: Path, settings: RegistrySettings) -> None:
+    """Every layer into its place in ``work/image``, several at once, each checked against its digest.
+
+    No joining copy: each layer is written at its offset. A dropped connection resumes the
+    layer with Range; a later pull (after Ctrl-C, a crash) keeps the layers ``work/done.json``
+    lists and fetches the rest.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    image, record = work / "image", work / "done.json"
+    layers = artifact.layers
+    try:
+        done = set(json.loads(record.read_text())) if image.exists() else set()
+    except (OSError, ValueError, TypeError):
+        done = set()
+    offsets = [sum(size for _, size in layers[:index]) for index in range(len(layers))]
+    total = sum(size for _, size in layers)
+    progress = Progress(f"pull of {registry.remote.url}", total,
+                        sum(size for index, (_, size) in enumerate(layers) if index in done), stage="registry")
+    lock = threading.Lock()
+    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.truncate(fd, total)
+
+        def one(index: int) -> None:
+            digest, size = layers[index]
+            fetch_layer(registry, digest, size, fd, offsets[index], settings.http, progress)
+            with lock:
+                done.add(index)
+                write_atomically(record, json.dumps(sorted(done)).encode())
+
+        todo = [index for index in range(len(layers)) if index not in done]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, settings.pull_parallel)) as pool:
-            jobs = [pool.submit(download, registry.session, registry.blob_url(digest), file,
-                                digest.removeprefix("sha256:"), settings.http, size)
-                    for file, (digest, size) in zip(files, artifact.layers, strict=True)]
+            jobs = [pool.submit(one, index) for index in todo]
             try:
                 for job in concurrent.futures.as_completed(jobs):
                     job.result()
@@ -733,31 +774,43 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
                 for job in jobs:
                     job.cancel()
                 raise
-        join_layers(files, dest, manifest)
-        shutil.rmtree(parts, ignore_errors=True)
-        log.info("pulled %s in %.1f s", dest.name, time.monotonic() - started)
-        return dest
-
-
-def join_layers(files: list[Path], dest: Path, manifest: Manifest) -> None:
-    """Concatenate the verified layers into the image, check it against the manifest, and install it."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as out:
-            for file in files:
-                with open(file, "rb") as part:
-                    while chunk := part.read(16 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-        if digest.hexdigest() != manifest.image_sha256:
-            for file in files:
-                file.unlink(missing_ok=True)
-            raise PipelineError(f"{dest.name}: the pulled image does not match the SHA-256 its manifest records; "
-                                "refused", hint="push the image again")
-        install(tmp, dest, manifest.document)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
+        progress.close()
+
+
+def fetch_layer(registry: Registry, digest: str, size: int, fd: int, offset: int, http: HttpSettings,
+                progress: Progress) -> None:
+    """One blob into ``fd`` at ``offset``, hashed as it streams; a drop resumes with Range from the bytes kept."""
+    url = registry.blob_url(digest)
+    have, hasher = 0, hashlib.sha256()
+
+    def attempt() -> None:
+        nonlocal have, hasher
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+        with registry.session.get(url, stream=True, headers=headers, timeout=(http.connect_timeout_s,
+                                                                              http.read_timeout_s)) as response:
+            if response.status_code == 200 and have:
+                progress.update(-have)
+                have, hasher = 0, hashlib.sha256()   # no range support: from the start
+            elif response.status_code not in (200, 206):
+                registry.fail(response, f"blob {digest[:19]}")
+            for chunk in body_chunks(response):
+                if have + len(chunk) > size:
+                    raise PipelineError(f"{url}: the registry sent more than the {human_bytes(size)} the manifest "
+                                        "announces; refused")
+                os.pwrite(fd, chunk, offset + have)
+                hasher.update(chunk)
+                have += len(chunk)
+                progress.update(len(chunk))
+        if have < size:
+            raise requests.exceptions.ChunkedEncodingError(f"connection closed after {human_bytes(have)}")
+
+    with_retries(attempt, url, http)
+    actual = "sha256:" + hasher.hexdigest()
+    if actual != digest:
+        raise PipelineError(f"{url}: SHA-256 mismatch: the blob's bytes hash to {actual[:19]}…; refused",
+                            hint="the registry holds a corrupted copy: push the image again")
 
 
 def try_pull(remote: RemoteCache, paths: Paths, name: str, key: str,

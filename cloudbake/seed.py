@@ -248,9 +248,10 @@ def bake_finish_script(generalize: bool) -> str:
     It reports cloud-init's status and result on the console behind markers the bake
     parses, then generalizes the guest so every clone is a new machine.
     """
+    # No `cloud-init status` here: the status and result files say the same, and every start of
+    # cloud-init's Python costs seconds under TCG (docs/how-it-works.md, "Bake time").
     lines = [
         "exec >/dev/console 2>&1",
-        "cloud-init status --long || true",
         f'echo "{STATUS_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/status.json 2>/dev/null)"',
         f'echo "{RESULT_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/result.json 2>/dev/null)"',
     ]

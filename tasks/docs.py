@@ -1,4 +1,5 @@
-"""docs/configuration.md, generated from the schema (a test fails when it is stale)."""
+"""Generated docs: docs/configuration.md from the schema, and the walk-throughs in docs/guide.md from the
+argv builder (tests fail when either is stale)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cloudbake.schemas import pipeline_schema_path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 REFERENCE = PROJECT_ROOT / "docs" / "configuration.md"
+GUIDE = PROJECT_ROOT / "docs" / "guide.md"
 
 
 def _type_of(node: dict[str, Any]) -> str:
@@ -66,10 +68,17 @@ def write_configuration_reference(dest: Path = REFERENCE) -> None:
     dest.write_text(render_configuration_reference(), encoding="utf-8")
 
 
+def write_guide(dest: Path = GUIDE) -> None:
+    from cloudbake.explain import fill_generated
+
+    dest.write_text(fill_generated(dest.read_text(encoding="utf-8")), encoding="utf-8")
+
+
 def task_docs() -> dict[str, Any]:
     return {
-        "doc": "Regenerate docs/configuration.md from the schema",
+        "doc": "Regenerate docs/configuration.md from the schema and the generated parts of docs/guide.md",
         "file_dep": [str(pipeline_schema_path())],
         "targets": [str(REFERENCE)],
-        "actions": [write_configuration_reference],
+        "actions": [write_configuration_reference, write_guide],
+        "uptodate": [False],
     }

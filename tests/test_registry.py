@@ -289,6 +289,24 @@ def test_a_pull_cut_off_half_way_resumes(registry, published: Path, tmp_path: Pa
     assert ranged == [f"bytes={300 << 10}-"]
 
 
+def test_a_pull_killed_part_way_keeps_its_finished_layers(registry, published: Path, tmp_path: Path) -> None:
+    push_image(remote_for(registry.address), published, SMALL)
+    once = replace(SMALL, pull_parallel=1, http=replace(SMALL.http, attempts=1))
+    paths = store_at(tmp_path)
+    with FaultProxy(registry.address, Faults(cut_blob_get_after=100 << 10, cut_skip=2)) as proxy, \
+            pytest.raises(PipelineError):
+        pull_image(remote_for(proxy.address), paths, "img", KEY, once)
+    assert not published_image(paths, "img", KEY).exists()
+    kept = json.loads((paths.output_dir / f".{published.name}.pull" / "done.json").read_text())
+    assert {0, 1} <= set(kept) and 2 not in kept    # the first two arrived whole; the third was cut
+    faults = Faults()
+    with FaultProxy(registry.address, faults) as proxy:
+        pulled = pull_image(remote_for(proxy.address), paths, "img", KEY, once)
+    assert pulled is not None and image_sha(pulled) == image_sha(published)
+    layers = len(json.loads(Registry(remote_for(registry.address), SMALL).manifest(KEY) or b"")["layers"])
+    assert len(faults.seen("GET", "/blobs/sha256:")) == 1 + layers - len(kept)   # the config, and the rest
+
+
 def test_a_corrupt_blob_never_reaches_the_store(tmp_path: Path) -> None:
     image = make_published(tmp_path / "baker")
     with RegistryServer(tmp_path / "registry") as server:
