@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -583,7 +582,10 @@ def provenance(pipeline_dir: Path, env: Mapping[str, str] | None = None) -> dict
                        ("org.opencontainers.image.revision", ["git", "rev-parse", "HEAD"])):
         if name in found or shutil.which("git") is None:
             continue
-        done = subprocess.run(argv, cwd=pipeline_dir, capture_output=True, text=True, timeout=30, check=False)
+        try:
+            done = run(argv, stage="registry", timeout=30, check=False, cwd=pipeline_dir)
+        except PipelineError:
+            continue
         if done.returncode == 0 and done.stdout.strip():
             found[name] = strip_credentials(done.stdout.strip())
     return found
