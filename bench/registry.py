@@ -154,7 +154,16 @@ def main() -> None:
             curl("-o", str(out), f"http://{registry.address}/v2/pull/bench/blobs/{digest}")
             out.unlink()
 
-        pulls = alternate(args.rounds, cloudbake=cloudbake_pull, curl=curl_pull)
+        def curl_checked_pull() -> None:
+            """The like-for-like baseline: what cloudbake also does with the bytes (hash them, fsync them)."""
+            out = work / "curl.out"
+            curl("-o", str(out), f"http://{registry.address}/v2/pull/bench/blobs/{digest}")
+            assert sha256_of(out) == digest
+            with open(out, "rb") as f:
+                os.fsync(f.fileno())
+            out.unlink()
+
+        pulls = alternate(args.rounds, cloudbake=cloudbake_pull, curl=curl_pull, checked=curl_checked_pull)
         mib = size / (1 << 20)
         rows = [
             ("image", f"{mib:.0f} MiB (incompressible), median of {args.rounds} alternating rounds"),
@@ -164,6 +173,8 @@ def main() -> None:
             ("pull: cloudbake", f"{pulls['cloudbake']:.2f} s ({mib / pulls['cloudbake']:.0f} MiB/s)"),
             ("pull: curl", f"{pulls['curl']:.2f} s ({mib / pulls['curl']:.0f} MiB/s)"),
             ("pull throughput vs curl", f"{pulls['curl'] / pulls['cloudbake']:.2f}x (goal >= 0.9x)"),
+            ("pull: curl + sha256 + fsync", f"{pulls['checked']:.2f} s ({mib / pulls['checked']:.0f} MiB/s)"),
+            ("pull vs curl + sha256 + fsync", f"{pulls['checked'] / pulls['cloudbake']:.2f}x"),
         ]
         report("registry cache against curl", rows)
         rows = []

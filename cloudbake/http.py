@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -159,6 +160,7 @@ class Progress:
     def __init__(self, name: str, total: int | None, start: int, stage: str = "fetch") -> None:
         self.name, self.total, self.done = name, total, start
         self.log = stage_logger(stage)
+        self.lock = threading.Lock()
         self.bar: Any = None
         self.next_percent, self.last_log = 10, time.monotonic()
         if sys.stderr.isatty():
@@ -168,6 +170,10 @@ class Progress:
                             desc=f"[{stage}] {name}", leave=False, dynamic_ncols=True)
 
     def update(self, count: int) -> None:
+        with self.lock:   # transfers of several parts report into one line
+            self._update(count)
+
+    def _update(self, count: int) -> None:
         self.done += count
         if self.bar is not None:
             self.bar.update(count)

@@ -77,7 +77,7 @@ class RegistrySettings:
     # A blob up to this size is uploaded in one PUT; a larger one in PATCH chunks of this size,
     # resumable from what the registry says it has.
     upload_chunk_bytes: int = 16 << 20
-    pull_parallel: int = 4
+    pull_parallel: int = 4   # layers moved at once, pushing and pulling
     http: HttpSettings = field(default_factory=HttpSettings)
 
 
@@ -662,7 +662,11 @@ def push_image(remote: RemoteCache, image: Path, settings: RegistrySettings | No
              "" if len(layers) == 1 else "s", remote.url, manifest.key)
     progress = Progress(f"push of {image.name}", config.size + sum(b.size for b in layers), 0, stage="registry")
     try:
-        sent = sum(blob.size for blob in (config, *layers) if registry.upload(blob, progress))
+        sent = config.size if registry.upload(config, progress) else 0
+        # Layers go up several at once, like a pull fetches them: one stream rarely fills the link.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, settings.pull_parallel)) as pool:
+            sent += sum(blob.size for blob, went in zip(layers, pool.map(lambda b: registry.upload(b, progress),
+                                                                        layers), strict=True) if went)
     finally:
         progress.close()
     doc = manifest.document
