@@ -348,8 +348,11 @@ def _registry_errors(response: requests.Response) -> str:
     try:
         body = json.loads(response.raw.read(64 << 10, decode_content=True) if response.raw else b"")
         errors = body.get("errors") if isinstance(body, dict) else None
-        return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}"[:200] for e in errors[:3]
-                         if isinstance(e, dict)) if isinstance(errors, list) else ""
+        if not isinstance(errors, list):
+            return ""
+        text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}"[:200] for e in errors[:3]
+                         if isinstance(e, dict))
+        return "".join(c for c in text if c.isprintable())   # a registry's words, never its escape sequences
     except (ValueError, AttributeError, requests.RequestException):
         return ""
 

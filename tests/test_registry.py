@@ -375,6 +375,20 @@ def test_two_machines_pushing_the_same_key_leave_one_complete_artifact(registry,
     assert pulled is not None and image_sha(pulled) in {image_sha(i) for i in images}
 
 
+def test_a_read_only_credential_is_told_apart_and_5xx_is_retried(registry, published: Path, tmp_path: Path) -> None:
+    push_image(remote_for(registry.address), published, SMALL)
+    other = make_published(tmp_path / "other", key="3" * 16)
+    with FaultProxy(registry.address, Faults(deny_writes=True)) as proxy, pytest.raises(PipelineError) as err:
+        push_image(remote_for(proxy.address), other, SMALL)
+    assert "denied" in err.value.message and "403" in err.value.message and "DENIED" in err.value.message
+    assert "\x1b" not in str(err.value)            # the registry's words, without its control characters
+    assert "may read but not write" in str(err.value.hint)
+    faults = Faults(unavailable=2)
+    with FaultProxy(registry.address, faults) as proxy:
+        pulled = pull_image(remote_for(proxy.address), store_at(tmp_path / "clone"), "img", KEY, SMALL)
+    assert pulled is not None and image_sha(pulled) == image_sha(published)
+
+
 def test_a_registry_that_is_down_is_a_warning_before_a_bake(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from tests.fixture.registry import free_port
 
