@@ -731,9 +731,14 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
         log.info("pulling %s (%s in %d layer%s) from %s", dest.name, human_bytes(total), len(artifact.layers),
                  "" if len(artifact.layers) == 1 else "s", where)
         work = paths.output_dir / f".{dest.name}.pull"
-        fetch_layers(registry, artifact, work, settings)
         image = work / "image"
-        if sha256_file(image) != manifest.image_sha256:
+        try:
+            fetch_layers(registry, artifact, work, settings)
+            matches = sha256_file(image) == manifest.image_sha256
+        except OSError as err:
+            raise PipelineError(f"cannot write the pulled image under {work}: {err.strerror or err}",
+                                hint="free space in output.dir (the pull keeps what it has for the next try)") from None
+        if not matches:
             shutil.rmtree(work, ignore_errors=True)
             raise PipelineError(f"{dest.name}: the pulled image does not match the SHA-256 its manifest records; "
                                 "refused", hint="push the image again")

@@ -33,6 +33,7 @@ ensure_packages() {
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
+    INSTALLED_NOW="${missing[*]}"
     local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}")
     if [ "$(id -u)" -eq 0 ]; then
         say "installing ${missing[*]}"
@@ -66,6 +67,22 @@ ensure_brew_packages() {
     fi
 }
 
+INSTALLED_NOW=""
+
+quiet_registry_service() {
+    # Debian's docker-registry package enables a registry open to the network on :5000; the
+    # tests only need the program (they start their own on 127.0.0.1), so a service this
+    # script just installed is stopped and disabled again.
+    case " $INSTALLED_NOW " in *" docker-registry "*) ;; *) return 0 ;; esac
+    command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] || return 0
+    say "disabling the docker-registry service its package started (the tests run their own registry)"
+    if [ "$(id -u)" -eq 0 ]; then
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    else
+        sudo -n systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
+}
+
 ensure_system() {
     if [ "$OS" = Darwin ]; then
         if [ "${1:-}" = test ]; then
@@ -75,6 +92,7 @@ ensure_system() {
         fi
     elif [ "${1:-}" = test ]; then
         ensure_packages "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
+        quiet_registry_service
     else
         ensure_packages "${RUNTIME_PACKAGES[@]}"
     fi

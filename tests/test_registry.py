@@ -307,6 +307,16 @@ def test_a_pull_killed_part_way_keeps_its_finished_layers(registry, published: P
     assert len(faults.seen("GET", "/blobs/sha256:")) == 1 + layers - len(kept)   # the config, and the rest
 
 
+def test_a_store_that_cannot_be_written_is_an_error_not_a_traceback(registry, published: Path,
+                                                                     tmp_path: Path) -> None:
+    push_image(remote_for(registry.address), published, SMALL)
+    paths = store_at(tmp_path)
+    paths.output_dir.mkdir(parents=True)
+    (paths.output_dir / f".{published.name}.pull").write_text("in the way")
+    with pytest.raises(PipelineError, match="cannot write the pulled image"):
+        pull_image(remote_for(registry.address), paths, "img", KEY, SMALL)
+
+
 def test_a_corrupt_blob_never_reaches_the_store(tmp_path: Path) -> None:
     image = make_published(tmp_path / "baker")
     with RegistryServer(tmp_path / "registry") as server:

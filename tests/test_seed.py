@@ -67,8 +67,17 @@ def test_users_own_entry_wins_and_gets_the_keys(make_pipeline):
 
 def test_generalize_off_leaves_identity(make_pipeline):
     pipeline = load_pipeline(make_pipeline("cloud_init: {generalize: false}\n"))
-    script = _user_data(build_seed_files(pipeline))["power_state"]["condition"][2]
-    assert "cloud-init clean" not in script
+    doc = _user_data(build_seed_files(pipeline))
+    assert "cloud-init clean" not in doc["power_state"]["condition"][2]
+    assert "ssh_genkeytypes" not in doc   # the image keeps the host keys the bake makes
+
+
+def test_a_generalizing_bake_makes_no_host_keys_that_it_would_delete(make_pipeline):
+    pipeline = load_pipeline(make_pipeline("name: keys\n"))
+    assert _user_data(build_seed_files(pipeline))["ssh_genkeytypes"] == []
+    assert "ssh_genkeytypes" not in _user_data(build_seed_files(pipeline, for_bake=False))
+    own = load_pipeline(make_pipeline("name: keys\n", user_data="#cloud-config\nssh_genkeytypes: [ed25519]\n"))
+    assert _user_data(build_seed_files(own))["ssh_genkeytypes"] == ["ed25519"]
 
 
 def test_users_power_state_keeps_its_delay(make_pipeline):
