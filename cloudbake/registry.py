@@ -482,8 +482,12 @@ class Registry:
         response.close()
         return _location(response)
 
-    def _upload_status(self, location: str) -> int | None:
-        """How many bytes the registry holds of an unfinished upload; None if it forgot the upload."""
+    def _upload_status(self, location: str, confirmed: int) -> int | None:
+        """How many bytes the registry holds of an unfinished upload; None if it forgot the upload.
+
+        ``confirmed`` is what its answers to our PATCHes acknowledged: distribution says
+        ``Range: 0-0`` both for nothing and for one byte, so with nothing confirmed it means nothing.
+        """
         response = self.session.get(location, timeout=self._timeout(), stream=True)
         response.close()
         if response.status_code == 404:
@@ -491,7 +495,9 @@ class Registry:
         if response.status_code != 204:
             self.fail(response, "checking an unfinished upload")
         match = re.fullmatch(r"(?:bytes=)?0-(\d+)", response.headers.get("Range", "").strip())
-        return int(match.group(1)) + 1 if match else 0
+        if not match or (match.group(1) == "0" and confirmed == 0):
+            return 0
+        return int(match.group(1)) + 1
 
     def _upload_chunked(self, blob: Blob, progress: Progress) -> None:
         """PATCH the blob in chunks; after a drop, ask the registry how far it got and go on from there."""
@@ -499,7 +505,7 @@ class Registry:
 
         def attempt() -> None:
             if state["location"] is not None:
-                have = self._upload_status(state["location"])
+                have = self._upload_status(state["location"], state["offset"])
                 if have is None:
                     state["location"] = None
                 elif have != state["offset"]:

@@ -250,8 +250,11 @@ def bake_finish_script(generalize: bool) -> str:
     """
     # No `cloud-init status` here: the status and result files say the same, and every start of
     # cloud-init's Python costs seconds under TCG (docs/how-it-works.md, "Bake time").
+    # CLOUDBAKE-STEP lines carry the guest's uptime, so the console shows what each step cost.
+    step = 'echo "CLOUDBAKE-STEP {} $(cut -d" " -f1 /proc/uptime)"'.format
     lines = [
         "exec >/dev/console 2>&1",
+        step("start"),
         f'echo "{STATUS_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/status.json 2>/dev/null)"',
         f'echo "{RESULT_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/result.json 2>/dev/null)"',
     ]
@@ -262,9 +265,10 @@ def bake_finish_script(generalize: bool) -> str:
             "cloud-init clean --logs --machine-id || { cloud-init clean --logs; : > /etc/machine-id; }",
             "rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub",
             f'echo "{GENERALIZED_MARKER} {BOOT_NONCE_PLACEHOLDER}"',
+            step("generalized"),
         ]
     # Free blocks reach the host as discards, so the published image stays compact.
-    lines += ["fstrim -a >/dev/null 2>&1 || true", "sync", "exit 0"]
+    lines += ["fstrim -a >/dev/null 2>&1 || true", step("trimmed"), "sync", step("synced"), "exit 0"]
     return "\n".join(lines) + "\n"
 
 

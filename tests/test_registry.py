@@ -351,18 +351,20 @@ def test_a_registry_killed_mid_push_leaves_no_tag_and_a_retry_succeeds(tmp_path:
         server.stop()
 
 
-def test_a_chunked_upload_resumes_where_the_registry_stopped(registry, tmp_path: Path) -> None:
-    """A dropped PATCH: the next attempt asks the registry how far it got and goes on from there."""
-    image = make_published(tmp_path / "baker", key="1" * 16)
+@pytest.mark.parametrize("after", [1, 1 << 20], ids=["first-patch", "a-later-patch"])
+def test_a_chunked_upload_resumes_where_the_registry_stopped(registry, tmp_path: Path, after: int) -> None:
+    """A dropped PATCH: the next attempt asks the registry how far it got and goes on from there (a drop
+    of an upload's first PATCH leaves distribution saying `Range: 0-0`, which is nothing, not one byte)."""
+    image = make_published(tmp_path / "baker", key=f"{after:016x}")
 
     def drop() -> None:
         raise ConnectionResetError("dropped by the test")
 
-    faults = Faults(on_patch_bytes=(1 << 20, drop))
+    faults = Faults(on_patch_bytes=(after, drop))
     with FaultProxy(registry.address, faults) as proxy:
         push_image(remote_for(proxy.address), image, SMALL)
     assert faults.seen("GET", "/blobs/uploads/")   # the upload's status was asked for
-    pulled = pull_image(remote_for(registry.address), store_at(tmp_path / "clone"), "img", "1" * 16, SMALL)
+    pulled = pull_image(remote_for(registry.address), store_at(tmp_path / "clone"), "img", f"{after:016x}", SMALL)
     assert pulled is not None and image_sha(pulled) == image_sha(image)
 
 
