@@ -489,11 +489,12 @@ class Registry:
         ``Range: 0-0`` both for nothing and for one byte, so with nothing confirmed it means nothing.
         """
         response = self.session.get(location, timeout=self._timeout(), stream=True)
-        response.close()
         if response.status_code == 404:
+            response.close()
             return None
         if response.status_code != 204:
             self.fail(response, "checking an unfinished upload")
+        response.close()
         match = re.fullmatch(r"(?:bytes=)?0-(\d+)", response.headers.get("Range", "").strip())
         if not match or (match.group(1) == "0" and confirmed == 0):
             return 0
@@ -521,9 +522,9 @@ class Registry:
                                               timeout=self._timeout(), stream=True, headers={
                                                   "Content-Type": "application/octet-stream",
                                                   "Content-Range": f"{start}-{start + length - 1}"})
-                response.close()
                 if response.status_code != 202:
-                    self.fail(response, f"upload of {blob.title}")
+                    self.fail(response, f"upload of {blob.title}")   # reads the registry's reason, then closes
+                response.close()
                 state["location"] = _location(response)
                 state["offset"] = start + length
                 progress.update(length)
