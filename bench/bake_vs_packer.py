@@ -72,7 +72,9 @@ class SerialWatch(threading.Thread):
 
 
 def packer_user_data(project: BenchProject) -> bytes:
-    """cloudbake's rendered user-data with the bake's finish script swapped for a plain power-off."""
+    """What a Packer user would write: cloudbake's rendered user-data (the same user and keys) with the
+    bake's finish script swapped for a plain power-off, and without cloudbake's bake-only shortcuts
+    (``ssh_genkeytypes: []``): those are cloudbake's to claim, not the baseline's."""
     from cloudbake.build import resolve_build
     from cloudbake.paths import resolve_paths
     from cloudbake.pipeline import load_pipeline
@@ -81,6 +83,7 @@ def packer_user_data(project: BenchProject) -> bytes:
     build = resolve_build(pipeline, resolve_paths(pipeline))
     document = yaml.safe_load(build.seed.user_data)
     document["power_state"] = {"mode": "poweroff", "delay": "now", "timeout": 120, "condition": True}
+    document.pop("ssh_genkeytypes", None)
     return b"#cloud-config\n" + yaml.safe_dump(document).encode()
 
 
