@@ -429,22 +429,20 @@ class Registry:
     def manifest(self, reference: str) -> bytes | None:
         """The manifest tagged ``reference``, or None when there is none."""
         url = f"{self.api}/manifests/{reference}"
-        def attempt() -> bytes | None:
-            response = self.request("GET", url, f"the manifest {reference}", (200, 404),
-                                    headers={"Accept": MANIFEST_TYPE}, stream=True)
-            with response:
-                if response.status_code == 404:
-                    return None
-                body = response.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
-            if len(body) > MAX_MANIFEST_BYTES:
-                raise PipelineError(f"{self.remote.url}: the manifest {reference} is larger than "
-                                    f"{human_bytes(MAX_MANIFEST_BYTES)}; refused")
-            sent = response.headers.get("Docker-Content-Digest")
-            if sent and DIGEST.fullmatch(sent) and sent != "sha256:" + hashlib.sha256(body).hexdigest():
-                raise PipelineError(f"{self.remote.url}: the manifest {reference} does not match the digest the "
-                                    "registry announces; refused")
-            return body
-        return attempt()
+        response = self.request("GET", url, f"the manifest {reference}", (200, 404),
+                                headers={"Accept": MANIFEST_TYPE}, stream=True)
+        with response:
+            if response.status_code == 404:
+                return None
+            body = response.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise PipelineError(f"{self.remote.url}: the manifest {reference} is larger than "
+                                f"{human_bytes(MAX_MANIFEST_BYTES)}; refused")
+        sent = response.headers.get("Docker-Content-Digest")
+        if sent and DIGEST.fullmatch(sent) and sent != "sha256:" + hashlib.sha256(body).hexdigest():
+            raise PipelineError(f"{self.remote.url}: the manifest {reference} does not match the digest the "
+                                "registry announces; refused")
+        return body
 
     def small_blob(self, digest: str, size: int, limit: int) -> bytes:
         if size > limit:
