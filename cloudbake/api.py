@@ -26,7 +26,8 @@ from cloudbake.pipeline import Pipeline, load_pipeline
 
 @contextlib.contextmanager
 def vm(pipeline: str | Path | Pipeline = "pipeline.yaml", *, upload: bool = True, env: dict[str, str] | None = None,
-       timeout: float | None = None, warm: bool | None = None, label: str = "api") -> Iterator[Machine]:
+       timeout: float | None = None, warm: bool | None = None, label: str = "api",
+       image: str | None = None) -> Iterator[Machine]:
     """Boot a throwaway VM of the pipeline's baked image and yield it ready; it is gone when the block ends.
 
     pipeline: the pipeline file (or a loaded Pipeline). The image must be baked already
@@ -37,12 +38,13 @@ def vm(pipeline: str | Path | Pipeline = "pipeline.yaml", *, upload: bool = True
     timeout: seconds for the boot and, separately, for each command or copy (default test.timeout).
     warm: resume from the image's saved state instead of booting (default test.warm, normally
         True); the first warm VM of an image saves that state (one boot).
+    image: which image, when the pipeline file describes several (``matrix:``, ``images:``).
 
     Raises MachineryError (a PipelineError) naming the stage when the machinery fails; a
     command's failure is its status in ``vm.run(...)``'s result, or CommandFailedError with
     ``check=True``.
     """
-    loaded = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(Path(pipeline))
+    loaded = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(Path(pipeline), image)
     machine = Machine(loaded, resolve_paths(loaded), label=label, timeout_s=timeout, env=env, timeout_per_step=True,
                       warm=warm)
     with machine:

@@ -26,10 +26,9 @@ from cloudbake.fetch import ensure_image
 from cloudbake.files import file_lock, sweep_temps
 from cloudbake.firmware import resolve_firmware, with_uefi
 from cloudbake.host import detect_host, qemu_binary, qemu_version, resolve_accel
-from cloudbake.lock import Lock
 from cloudbake.log import stage_logger
-from cloudbake.paths import Paths
-from cloudbake.pipeline import Pipeline
+from cloudbake.paths import Paths, resolve_paths
+from cloudbake.pipeline import Firmware, Pipeline
 from cloudbake.qemu import VmSpec
 from cloudbake.registry import pull_before_bake, share_after_bake
 from cloudbake.runner import require_tool, run
@@ -37,7 +36,6 @@ from cloudbake.seed import (
     GENERALIZED_MARKER,
     RESULT_MARKER,
     STATUS_MARKER,
-    SeedFiles,
     build_seed_iso,
     with_boot_nonce,
 )
@@ -47,7 +45,8 @@ from cloudbake.store import (
     publish,
     published_image,
     qemu_img_info,
-    verify_published,
+    read_manifest,
+    verify_chain,
 )
 from cloudbake.units import format_size, human_bytes
 from cloudbake.vmrun import boot_with_fallback, serial_tail
@@ -172,14 +171,41 @@ def make_work_disk(upstream: Path, dest: Path, pipeline: Pipeline) -> int:
     return target
 
 
+def make_layer_disk(parent_image: Path, parent_size: int, dest: Path, pipeline: Pipeline) -> int:
+    """A qcow2 overlay of the parent's published image (never written); returns its size.
+
+    disk.size counts only when the image sets it differently from its parent: an inherited
+    ``+20G`` must not grow the disk once more per layer. ``+N`` then grows the parent's disk.
+    """
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    assert pipeline.parent is not None
+    target = parent_size
+    if pipeline.disk.size != pipeline.parent.disk.size:
+        target = pipeline.disk.size.resolve(parent_size)
+    if target < parent_size:
+        raise PipelineError(f"disk.size {pipeline.disk.size} would shrink {pipeline.parent.name}'s disk from "
+                            f"{format_size(parent_size)} to {format_size(target)}",
+                            hint=f"use +N growth or at least {format_size(parent_size)}")
+    dest.unlink(missing_ok=True)
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", parent_image.resolve(), dest, str(target)],
+        stage="bake", timeout=60)
+    log.info("work disk %s: overlay of %s, %s", dest.name, parent_image.name, human_bytes(target))
+    return target
+
+
 def _already_baked(build: Build, paths: Paths) -> Path | None:
     """The published image for the build's key, checked against its manifest; None when not published."""
     dest = build.published(paths)
     if not is_published(dest):
         return None
-    verify_published(dest)
+    verify_chain(dest)
     log.info("up to date: %s", dest)
     return dest
+
+
+def is_shareable(pipeline: Pipeline) -> bool:
+    """Whether the registry cache may hold the image: a layer (disk.flatten: false) is not self-contained."""
+    return pipeline.parent is None or pipeline.disk.flatten
 
 
 def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
@@ -188,7 +214,10 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
     ``force`` bakes again even then (``doit -a bake``, ``doit bake --force``), except when
     another process finished the same bake while this one waited for the lock. The build is
     resolved once (once more only when this bake had to pin the upstream image first).
+
+    A layered image (``from:``) bakes its parent first, unless that is published already.
     """
+    parent_image = run_bake(pipeline.parent, resolve_paths(pipeline.parent)) if pipeline.parent else None
     build = resolve_build(pipeline, paths) if paths.lock_file.exists() else None
     if build is not None and not force:
         done = _already_baked(build, paths)
@@ -199,7 +228,7 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
             done = _already_baked(build, paths)  # another process may have baked it while we waited
             if done is not None:
                 return done
-        if build is not None and not force:
+        if build is not None and not force and is_shareable(pipeline):
             pulled = pull_before_bake(pipeline, paths, build.key)
             if pulled is not None:
                 return pulled
@@ -212,27 +241,44 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
                        paths.cache_dir / "firmware"):
             sweep_temps(folder, older_than_s=STALE_TEMP_S)
         timer = _Timer()
-        with timer.step("fetch"):
-            upstream, lock = ensure_image(pipeline, paths)
+        lock = build.lock if build is not None else None
+        if parent_image is not None:
+            upstream = parent_image
+        else:
+            with timer.step("fetch"):
+                upstream, lock = ensure_image(pipeline, paths)
         if build is None or build.lock != lock:
             build = resolve_build(pipeline, paths)
         dest = build.published(paths)
-        log.info("baking %s (key %s)", dest.name, build.key)
-        baked = _bake(pipeline, paths, upstream, build.lock, build.seed, build.inputs, build.key, dest, timer)
-    share_after_bake(pipeline, baked)
+        log.info("baking %s (key %s)%s", dest.name, build.key,
+                 f" on {upstream.name}" if parent_image is not None else "")
+        baked = _bake(build, paths, upstream, dest, timer)
+    if not is_shareable(pipeline):
+        log.info("not shared through cache.remote: %s is a layer over %s (disk.flatten: false)", baked.name,
+                 upstream.name)
+    else:
+        share_after_bake(pipeline, baked)
     return baked
 
 
-def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: SeedFiles, inputs: dict[str, Any],
-          key: str, dest: Path, timer: _Timer) -> Path:
+def _bake(build: Build, paths: Paths, upstream: Path, dest: Path, timer: _Timer) -> Path:
+    """Boot ``upstream`` (the cached upstream image, or the parent's published one) with the seed; publish."""
+    pipeline, lock, seed, inputs, key = build.pipeline, build.lock, build.seed, build.inputs, build.key
+    parent = read_manifest(upstream) if build.parent is not None else None
     started = time.time()
     binary = qemu_binary(pipeline.source.arch)
     nonce = secrets.token_hex(16)
     with timer.step("seed"):
         seed_digest = build_seed_iso(with_boot_nonce(seed, nonce), paths.seed_iso)
     with timer.step("work_disk"):
-        make_work_disk(upstream, paths.work_disk, pipeline)
-    firmware = resolve_firmware(pipeline.vm.firmware, pipeline.source.arch, upstream)
+        if parent is not None:
+            make_layer_disk(upstream, int(parent.document["image"]["virtual_size"]), paths.work_disk, pipeline)
+        else:
+            make_work_disk(upstream, paths.work_disk, pipeline)
+    if parent is not None and pipeline.vm.firmware is Firmware.auto:
+        firmware = parent.firmware  # the parent booted this disk already
+    else:
+        firmware = resolve_firmware(pipeline.vm.firmware, pipeline.source.arch, upstream)
     host = detect_host()
     choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, host, paths.cache_dir)
     spec = VmSpec(
@@ -285,8 +331,14 @@ def _bake(pipeline: Pipeline, paths: Paths, upstream: Path, lock: Lock, seed: Se
         "durations_s": timer.steps,
         "image": {"file": dest.name, "compression": str(pipeline.disk.compression)},
     }
+    backing = None
+    if parent is not None:
+        manifest["parent"] = {"name": parent.name, "key": parent.key, "file": parent.image_file,
+                              "sha256": parent.image_sha256}
+        if not pipeline.disk.flatten:
+            backing = upstream
     with timer.step("publish"):
-        publish(paths.work_disk, dest, manifest, pipeline.disk.compression)
+        publish(paths.work_disk, dest, manifest, pipeline.disk.compression, backing=backing)
     paths.work_disk.unlink(missing_ok=True)
     log.info("published %s (%s) in %.0f s", dest, human_bytes(dest.stat().st_size), time.time() - started)
     return dest

@@ -17,7 +17,7 @@ from typing import Any
 from cloudbake.errors import PipelineError
 from cloudbake.lock import Lock, read_lock
 from cloudbake.log import stage_logger
-from cloudbake.paths import Paths
+from cloudbake.paths import Paths, resolve_paths
 from cloudbake.pipeline import Pipeline
 from cloudbake.seed import SeedFiles, build_seed_files
 from cloudbake.store import KEY_HEX_DIGITS, published_image
@@ -46,13 +46,18 @@ def image_settings(pipeline: Pipeline) -> dict[str, Any]:
         "firmware": str(pipeline.vm.firmware),
         "bake_qemu_args": list(pipeline.vm.bake_qemu_args),
         "generalize": pipeline.cloud_init.generalize,
+        # Only a layered image can be published as a layer (an upstream-based one is always flattened).
+        **({"flatten": pipeline.disk.flatten} if pipeline.parent is not None else {}),
     }
 
 
-def key_inputs(pipeline: Pipeline, lock: Lock, seed: SeedFiles) -> dict[str, Any]:
+def key_inputs(pipeline: Pipeline, lock: Lock, seed: SeedFiles, parent_key: str | None = None) -> dict[str, Any]:
+    """A layered image's key covers its parent's key (so a changed base rebakes its children), not the
+    upstream digest: the parent's key covers that already."""
+    start = {"parent_key": parent_key} if parent_key is not None else {"upstream_sha256": lock.sha256}
     return {
         "recipe": RECIPE_VERSION,
-        "upstream_sha256": lock.sha256,
+        **start,
         "settings": image_settings(pipeline),
         "seed": {name: hashlib.sha256(data).hexdigest() for name, data in seed.items()},
     }
@@ -84,17 +89,22 @@ class Build:
     seed: SeedFiles          # as the key sees them (the boot nonce is a placeholder)
     inputs: dict[str, Any]   # what the key is a hash of (digests, settings), also recorded in the manifest
     key: str
+    parent: Build | None = None   # the build of the image this one is built on (from:)
 
     def published(self, paths: Paths) -> Path:
         return published_image(paths, self.pipeline.name, self.key)
 
 
 def resolve_build(pipeline: Pipeline, paths: Paths) -> Build:
-    """The build for the pipeline as it is now: offline, no boot, a few milliseconds. Validates the seed."""
-    lock = require_lock(paths, pipeline)
+    """The build for the pipeline as it is now: offline, no boot, a few milliseconds. Validates the seed.
+
+    A layered image's build holds its parent's, resolved the same way (the lock is the root's).
+    """
+    parent = resolve_build(pipeline.parent, resolve_paths(pipeline.parent)) if pipeline.parent else None
+    lock = parent.lock if parent is not None else require_lock(paths, pipeline)
     seed = build_seed_files(pipeline, for_bake=True)
-    inputs = key_inputs(pipeline, lock, seed)
-    return Build(pipeline, lock, seed, inputs, compute_key(inputs))
+    inputs = key_inputs(pipeline, lock, seed, parent.key if parent is not None else None)
+    return Build(pipeline, lock, seed, inputs, compute_key(inputs), parent)
 
 
 def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], SeedFiles, Lock]:
@@ -103,8 +113,9 @@ def resolve_key(pipeline: Pipeline, paths: Paths) -> tuple[str, dict[str, Any], 
     return build.key, build.inputs, build.seed, build.lock
 
 
-def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:
-    """Print the key on stdout; on failure, the reason on stderr whatever doit's reporter.
+def run_cache_key(pipeline: Pipeline, paths: Paths, named: bool = False) -> None:
+    """Print the key on stdout (``named``: ``<key>  <image>``, one line per image of a file of several,
+    as sha256sum does); on failure, the reason on stderr whatever doit's reporter.
 
     CI reads stdout (``doit -r zero cache-key``); the zero reporter prints no failures, so an
     error would otherwise leave CI with an empty key and no word why.
@@ -117,4 +128,4 @@ def run_cache_key(pipeline: Pipeline, paths: Paths) -> None:
     except PipelineError as err:
         print(f"cloudbake: cache-key: {redact(str(err))}", file=sys.stderr, flush=True)
         raise
-    print(key, flush=True)
+    print(f"{key}  {pipeline.name}" if named else key, flush=True)

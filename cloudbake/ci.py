@@ -1,7 +1,10 @@
 """What the CI workflow asks of cloudbake besides doit's tasks: the folders to cache, and a job summary.
 
-    python -m cloudbake.ci outputs PIPELINE          lines for $GITHUB_OUTPUT: dist, downloads, upstream
-    python -m cloudbake.ci summary PIPELINE [--image-cache-hit true|false|""] [--lock-fetched true|false]
+    python -m cloudbake.ci outputs PIPELINE [--image NAME]    lines for $GITHUB_OUTPUT: dist, downloads, upstream
+    python -m cloudbake.ci summary PIPELINE [--image NAME] [--image-cache-hit true|false|""] [--lock-fetched ...]
+    python -m cloudbake.ci images PIPELINE                    JSON: every image's name and key, for a job matrix
+
+``--image`` names one image of a file that describes several (matrix:, images:).
 
 Both read the pipeline and its lock offline; neither boots nor downloads anything.
 """
@@ -9,6 +12,7 @@ Both read the pipeline and its lock offline; neither boots nor downloads anythin
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -16,14 +20,23 @@ from cloudbake.build import resolve_key
 from cloudbake.errors import PipelineError
 from cloudbake.lock import read_lock
 from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import load_pipeline
+from cloudbake.pipeline import load_images, load_pipeline
 from cloudbake.store import Manifest, published_image, read_manifest
 from cloudbake.units import human_bytes
 
 
-def ci_outputs(pipeline_file: Path) -> dict[str, str]:
+def ci_images(pipeline_file: Path) -> list[dict[str, str]]:
+    """Every image of the file, parents first, with its key: ``strategy.matrix.include`` for one job per image."""
+    images = []
+    for pipeline in load_images(pipeline_file):
+        key = resolve_key(pipeline, resolve_paths(pipeline))[0]
+        images.append({"image": pipeline.name, "key": key, "parent": pipeline.parent.name if pipeline.parent else ""})
+    return images
+
+
+def ci_outputs(pipeline_file: Path, image: str | None = None) -> dict[str, str]:
     """Folders the workflow caches (absolute), and the upstream digest that keys the download cache."""
-    pipeline = load_pipeline(pipeline_file)
+    pipeline = load_pipeline(pipeline_file, image)
     paths = resolve_paths(pipeline)
     lock = read_lock(paths.lock_file)
     return {
@@ -33,11 +46,11 @@ def ci_outputs(pipeline_file: Path) -> dict[str, str]:
     }
 
 
-def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool) -> str:
+def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool, image_name: str | None = None) -> str:
     """Markdown for $GITHUB_STEP_SUMMARY: key, cache hit or miss, stage durations, image size, accelerator."""
-    lines = ["## cloudbake", ""]
+    lines = ["## cloudbake" + (f": {image_name}" if image_name else ""), ""]
     try:
-        pipeline = load_pipeline(pipeline_file)
+        pipeline = load_pipeline(pipeline_file, image_name)
         paths = resolve_paths(pipeline)
         key = resolve_key(pipeline, paths)[0]
     except PipelineError as err:
@@ -71,21 +84,25 @@ def _manifest(image: Path) -> Manifest | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloudbake.ci")
-    parser.add_argument("command", choices=["outputs", "summary"])
+    parser.add_argument("command", choices=["outputs", "summary", "images"])
     parser.add_argument("pipeline", type=Path)
+    parser.add_argument("--image", default=None, help="one image of a file that describes several")
     parser.add_argument("--image-cache-hit", default="", help="actions/cache's cache-hit output")
     parser.add_argument("--lock-fetched", default="false")
     args = parser.parse_args(argv)
-    if args.command == "outputs":
+    if args.command in ("outputs", "images"):
         try:
-            outputs = ci_outputs(args.pipeline)
+            if args.command == "images":
+                print(json.dumps(ci_images(args.pipeline)))
+                return 0
+            outputs = ci_outputs(args.pipeline, args.image)
         except PipelineError as err:
             print(f"cloudbake: {err}", file=sys.stderr)
             return 1
         print("\n".join(f"{name}={value}" for name, value in outputs.items()))
         return 0
     image_cache = "hit" if args.image_cache_hit == "true" else "miss"
-    print(job_summary(args.pipeline, image_cache, args.lock_fetched == "true"), end="")
+    print(job_summary(args.pipeline, image_cache, args.lock_fetched == "true", args.image), end="")
     return 0
 
 

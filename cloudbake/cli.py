@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline, _ = split_pipeline_option(args[:command_at])
         if pipeline is not None:
             context.set_default_pipeline(pipeline)
-        return commands.main(args[command_at:], pipeline, lambda: doit(["bake"]))
+        return commands.main(args[command_at:], pipeline, lambda task: doit([task]))
     pipeline, doit_argv = split_pipeline_option(args)
     if pipeline is not None:
         context.set_default_pipeline(pipeline)

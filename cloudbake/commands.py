@@ -25,7 +25,7 @@ from cloudbake.errors import Interrupted, PipelineError, stop_signals_unwind
 from cloudbake.log import redact, stage_logger
 from cloudbake.machine import Machine, MachineryError, RunInfo, list_runs, ssh_argv, stop_run
 from cloudbake.paths import Paths, resolve_paths
-from cloudbake.pipeline import Pipeline, load_pipeline
+from cloudbake.pipeline import Pipeline, load_images, select_image
 from cloudbake.testrun import EXIT_MACHINERY, run_test_image
 
 COMMANDS = ("test-image", "up", "ssh", "ps", "down")
@@ -37,33 +37,39 @@ log = stage_logger("cloudbake")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloudbake", description="Throwaway VMs of the baked image.")
     sub = parser.add_subparsers(dest="command", required=True)
-    test = sub.add_parser("test-image", help="run the tests in throwaway VMs; exits with the command's status")
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--image", help="the image, in a pipeline file that describes several (matrix:, images:)")
+    test = sub.add_parser("test-image", parents=[which],
+                          help="run the tests in throwaway VMs; exits with the command's status")
     test.add_argument("--cmd", help="command to run instead of test.command")
     test.add_argument("-j", "--jobs", type=int, help="VMs at once (test.parallel)")
     test.add_argument("--keep", action="store_true", help="keep the VM running afterwards (cloudbake down ends it)")
     test.add_argument("--no-bake", action="store_true", help="do not bake first; fail when no image is baked")
-    up = sub.add_parser("up", help="start a throwaway VM and print how to reach it")
+    up = sub.add_parser("up", parents=[which], help="start a throwaway VM and print how to reach it")
     up.add_argument("--json", action="store_true", help="print the VM as JSON")
-    ssh = sub.add_parser("ssh", help="a shell, or a command, in a VM that is up")
+    ssh = sub.add_parser("ssh", parents=[which], help="a shell, or a command, in a VM that is up")
     ssh.add_argument("run", nargs="?", help="the run id (cloudbake ps); optional when one VM is up")
     ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run instead of a shell")
-    ps = sub.add_parser("ps", help="the VMs that are up")
+    ps = sub.add_parser("ps", parents=[which], help="the VMs that are up")
     ps.add_argument("--json", action="store_true")
-    down = sub.add_parser("down", help="stop VMs and delete their overlays and keys")
+    down = sub.add_parser("down", parents=[which], help="stop VMs and delete their overlays and keys")
     down.add_argument("runs", nargs="*", help="run ids (cloudbake ps)")
     down.add_argument("--all", action="store_true", help="every VM of this pipeline")
     return parser
 
 
-def main(argv: list[str], pipeline_file: str | None, bake: Callable[[], int]) -> int:
-    """Run one of COMMANDS; ``bake`` runs doit's bake task and returns its status."""
+def main(argv: list[str], pipeline_file: str | None, bake: Callable[[str], int]) -> int:
+    """Run one of COMMANDS; ``bake(task)`` runs doit's bake task (``bake`` or ``bake:<image>``), returns its status."""
     args = _parser().parse_args(argv)
     try:
         with stop_signals_unwind():
-            pipeline = load_pipeline(Path(pipeline_file or "pipeline.yaml"))
+            file = Path(pipeline_file or "pipeline.yaml")
+            images = load_images(file)
+            pipeline = select_image(images, args.image, file)
             paths = resolve_paths(pipeline)
             if args.command == "test-image":
-                return _test_image(pipeline, paths, args, bake)
+                task = f"bake:{pipeline.name}" if len(images) > 1 else "bake"
+                return _test_image(pipeline, paths, args, lambda: bake(task))
             if args.command == "up":
                 return _up(pipeline, paths, args.json)
             if args.command == "ssh":

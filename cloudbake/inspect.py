@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -164,16 +165,18 @@ def run_status(pipeline: Pipeline, paths: Paths, as_json: bool = False) -> None:
     print("\n".join(lines), flush=True)
 
 
-def run_prune_downloads(pipeline: Pipeline, paths: Paths) -> None:
-    """Delete downloaded upstream images other than the one the lock pins (and their records)."""
-    keep = cached_upstream(pipeline, paths)
+def run_prune_downloads(images: Sequence[tuple[Pipeline, Paths]]) -> None:
+    """Delete downloaded upstream images other than the ones the file's locks pin (and their records)."""
+    kept = [found for pipeline, paths in images if pipeline.parent is None
+            for found in [cached_upstream(pipeline, paths)] if found is not None]
+    paths = images[0][1]
     removed = 0
     if paths.images_cache.is_dir():
         for file in sorted(paths.images_cache.iterdir()):
-            if keep is not None and file.name.startswith(keep.name):
+            if any(file.name.startswith(keep.name) for keep in kept):
                 continue
             if file.is_file():
                 removed += file.stat().st_size
                 file.unlink()
     stage_logger("prune").info("removed %s of downloads%s", human_bytes(removed),
-                               f"; kept {keep.name}" if keep else "")
+                               f"; kept {', '.join(keep.name for keep in kept)}" if kept else "")

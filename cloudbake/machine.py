@@ -40,7 +40,7 @@ from cloudbake.pipeline import Forward, Pipeline
 from cloudbake.qemu import VmSpec
 from cloudbake.runner import Arg, CommandTimeoutError, require_tool, run, spawn, stop_process, tail
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
-from cloudbake.store import Manifest, published_image, verify_published
+from cloudbake.store import Manifest, published_image, verify_chain
 from cloudbake.units import human_bytes
 from cloudbake.vmrun import VmRun, boot_with_fallback, qmp_command
 from cloudbake.warm import (
@@ -518,7 +518,7 @@ def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, Manifest]:
     if not base.is_file():
         raise PipelineError(f"no baked image for the current key ({base.name})",
                             hint="run cloudbake bake (or doit bake) first")
-    return base, verify_published(base)
+    return base, verify_chain(base)
 
 
 def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel: str, version: str) -> str:

@@ -15,6 +15,7 @@ class Paths:
     cache_dir: Path      # downloads, shared between pipelines
     lock_file: Path      # pipeline.lock beside the pipeline file
     state_dir: Path      # the pipeline file's folder: doit's state lives there, as doit's own .doit.db does
+    family: str = ""     # the file's top-level name, shared by all its images (one doit state per file)
 
     @property
     def seed_iso(self) -> Path:
@@ -39,7 +40,7 @@ class Paths:
         SQLite, not doit's JSON file: that one is rewritten whole and in place at the end of
         every command, so commands running side by side read it half-written and crash.
         """
-        return self.state_dir / f".doit-{self.work_dir.name}.sqlite"
+        return self.state_dir / f".doit-{self.family or self.work_dir.name}.sqlite"
 
     @property
     def runs_dir(self) -> Path:
@@ -51,6 +52,7 @@ def resolve_paths(pipeline: Pipeline) -> Paths:
         work_dir=pipeline.build_dir / pipeline.name,
         output_dir=pipeline.output_dir,
         cache_dir=pipeline.cache_dir,
-        lock_file=pipeline.file.with_suffix(".lock"),
+        lock_file=pipeline.root.lock_file,
         state_dir=pipeline.file.parent,
+        family=pipeline.family,
     )

@@ -76,6 +76,7 @@ class Source:
 class Disk:
     size: DiskSize
     compression: Compression
+    flatten: bool      # a layered image: self-contained (True) or backed by its parent's image
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,17 @@ class Pipeline:
     cache_dir: Path
     remote: RemoteCache | None
     raw: dict[str, Any]  # the validated document with defaults, for hashing and manifests
+    # The image this one is built on (``from:``), baked first; None: built on the upstream image.
+    parent: Pipeline | None = None
+    # The top-level name: shared by every image of the file (one doit state per file).
+    family: str = ""
+    # The lock pinning the upstream image; a layered image shares its root ancestor's.
+    lock_file: Path = Path()
+
+    @property
+    def root(self) -> Pipeline:
+        """The ancestor built on the upstream image (self when not layered): its source and lock count."""
+        return self.parent.root if self.parent is not None else self
 
 
 # Ubuntu releases whose cloud images cloudbake knows how to find, version -> codename.
@@ -477,9 +489,7 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "cloudbake"
 
 
-def load_pipeline(file: Path | str) -> Pipeline:
-    """Read, validate and freeze a pipeline file. All problems are reported in one PipelineError."""
-    file = Path(file)
+def _read_document(file: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -495,20 +505,272 @@ def load_pipeline(file: Path | str) -> Pipeline:
         line, col = locate(root, [])
         raise PipelineError(f"{file}:{line}:{col}: the pipeline must be a mapping of keys (name:, source:, ...), "
                             f"not a {type(document).__name__}")
+    return document, root
+
+
+def _raise_problems(file: Path, problems: list[Problem]) -> None:
+    if problems:
+        rendered = list(dict.fromkeys(p.render(file) for p in problems))  # an override shared by images: once
+        count = f"{len(rendered)} problem{'s' if len(rendered) > 1 else ''}"
+        raise PipelineError(f"{file}: {count}:\n" + "\n".join(rendered),
+                            hint="every key is described in docs/configuration.md")
+
+
+def load_images(file: Path | str) -> tuple[Pipeline, ...]:
+    """Read, validate and freeze every image a pipeline file describes, parents before children.
+
+    A file without ``matrix:`` or ``images:`` describes one image. All problems are reported
+    in one PipelineError, each with its file, line and column (an override's own line).
+    """
+    file = Path(file)
+    document, root = _read_document(file)
     schema = load_schema()
     problems = schema_problems(document, root, schema)
+    _raise_problems(file, problems)
+    plans, problems = plan_images(document, root)
     base = file.resolve().parent
-    if not problems:
-        problems = _file_problems(document, root, base)
-    if problems:
-        lines = "\n".join(p.render(file) for p in problems)
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        raise PipelineError(f"{file}: {count}:\n{lines}",
-                            hint="every key is described in docs/configuration.md")
-    return freeze(fill_defaults(document, schema), file)
+    docs: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        where = plan.locator(root)
+        merged = plan.document
+        found = [replace_position(p, where(_parse_dotted(p.path))) for p in schema_problems(merged, None, schema)]
+        if not found:
+            found = _file_problems(merged, where, base)
+        if not found and plan.parent in docs:
+            found = _parent_problems(plan, docs[plan.parent], where)
+        problems += [Problem(p.line, p.col, p.path, f"{p.message} (image {plan.name})" if len(plans) > 1
+                             else p.message) for p in found]
+        docs[plan.name] = fill_defaults(merged, schema)
+    _raise_problems(file, problems)
+    family = str(fill_defaults(document, schema)["name"])
+    frozen: dict[str, Pipeline] = {}
+    for plan in plans:
+        parent = frozen[plan.parent] if plan.parent is not None else None
+        if parent is not None:
+            lock_file = parent.lock_file
+        elif len(plans) == 1:
+            lock_file = file.resolve().with_suffix(".lock")
+        else:
+            lock_file = file.resolve().with_name(f"{file.stem}.{plan.name}.lock")
+        frozen[plan.name] = freeze(docs[plan.name], file, parent=parent, family=family, lock_file=lock_file)
+    return tuple(frozen.values())
 
 
-def _file_problems(document: dict[str, Any], root: yaml.Node | None, base: Path) -> list[Problem]:
+def load_pipeline(file: Path | str, image: str | None = None) -> Pipeline:
+    """The one image of a pipeline file, or the one named ``image`` in a file that describes several."""
+    return select_image(load_images(file), image, file)
+
+
+def select_image(images: tuple[Pipeline, ...], image: str | None, file: Path | str) -> Pipeline:
+    names = [pipeline.name for pipeline in images]
+    if image is None:
+        if len(images) == 1:
+            return images[0]
+        raise PipelineError(f"{file} describes {len(images)} images ({', '.join(names)}); name one",
+                            hint="pass --image NAME (cloudbake), or use the task of one image: "
+                                 f"doit bake:{names[0]}")
+    for pipeline in images:
+        if pipeline.name == image:
+            return pipeline
+    raise PipelineError(f"{file} has no image named {image!r}{suggest(image, names)}; its images: {', '.join(names)}")
+
+
+# --- many images: matrix and images -----------------------------------------------------
+
+
+# Matrix shorthands: the keys a matrix nearly always spans.
+MATRIX_SHORTHANDS = {"release": "source.release", "arch": "source.arch"}
+# Keys an image may not set for itself: the file's name and layout, shared by all its images.
+SHARED_ONLY = ("name", "matrix", "images", "output", "build", "cache")
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One image of a file before validation: its document and where each of its values was written."""
+
+    name: str
+    parent: str | None
+    document: dict[str, Any]
+    entry_index: int | None                      # images[i] whose overrides it carries
+    entry: dict[str, Any]                        # those overrides (without name and from)
+    cell: tuple[tuple[str, str, int], ...]       # matrix (key as written, dotted path, value index)
+
+    def locator(self, root: yaml.Node | None) -> Any:
+        """FILE positions for paths of the merged document: an override's line, a matrix value's, else the shared."""
+        def where(path: list[str | int]) -> tuple[int, int]:
+            if self.entry_index is not None and _has_path(self.entry, path):
+                return locate(root, ["images", self.entry_index, *path])
+            for written, dotted_path, index in self.cell:
+                parts = dotted_path.split(".")
+                if path[:len(parts)] == parts:
+                    return locate(root, ["matrix", written, index])
+            return locate(root, path)
+        return where
+
+
+def _has_path(document: Any, path: list[str | int]) -> bool:
+    for part in path[:1]:
+        return isinstance(document, dict) and part in document and (len(path) == 1 or
+                                                                     _has_path(document[part], path[1:]))
+    return False
+
+
+def _parse_dotted(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        parts.append(int(index) if index else name)
+    return parts
+
+
+def replace_position(problem: Problem, position: tuple[int, int]) -> Problem:
+    return Problem(position[0], position[1], problem.path, problem.message)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(document: dict[str, Any], dotted_path: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted_path.partition(".")
+    found = document.get(head)
+    inner: dict[str, Any] = found if isinstance(found, dict) else {}
+    return {**document, head: _set_dotted(inner, rest, value) if rest else value}
+
+
+def _schema_has(dotted_path: str) -> bool:
+    node: dict[str, Any] = load_schema()
+    for part in dotted_path.split("."):
+        found = node.get("properties", {}).get(part)
+        if found is None:
+            return False
+        node = found
+    return True
+
+
+def _matrix_cells(matrix: dict[str, list[Any]], root: yaml.Node | None) -> tuple[list[tuple[tuple[str, str, int], ...]],
+                                                                                list[Problem]]:
+    """Every combination of the matrix's values, as (key as written, dotted path, value index) triples."""
+    problems = []
+    axes: list[list[tuple[str, str, int]]] = []
+    for written, values in matrix.items():
+        dotted_path = MATRIX_SHORTHANDS.get(written, written)
+        if dotted_path.split(".")[0] in SHARED_ONLY or not _schema_has(dotted_path):
+            line, col = locate(root, ["matrix", written], key=True)
+            choices = [*MATRIX_SHORTHANDS, *_leaf_paths(load_schema(), "")]
+            problems.append(Problem(line, col, f"matrix.{written}", f"not a pipeline key{suggest(written, choices)}; "
+                                    "a matrix spans pipeline keys (dotted, like vm.memory), or release and arch"))
+            continue
+        if len(set(map(str, values))) != len(values):
+            line, col = locate(root, ["matrix", written])
+            problems.append(Problem(line, col, f"matrix.{written}", "a value is listed twice"))
+        axes.append([(written, dotted_path, index) for index in range(len(values))])
+    cells: list[tuple[tuple[str, str, int], ...]] = [()]
+    for axis in axes:
+        cells = [(*cell, choice) for cell in cells for choice in axis]
+    return cells, problems
+
+
+def _leaf_paths(node: dict[str, Any], prefix: str) -> list[str]:
+    paths = []
+    for key, sub in node.get("properties", {}).items():
+        if key in SHARED_ONLY:
+            continue
+        paths += _leaf_paths(sub, f"{prefix}{key}.") if "properties" in sub else [f"{prefix}{key}"]
+    return paths
+
+
+def _name_part(value: Any) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", str(value).lower()).strip("-") or "x"
+
+
+def plan_images(document: dict[str, Any], root: yaml.Node | None) -> tuple[list[ImagePlan], list[Problem]]:
+    """The images a (schema-valid) document describes, parents first, and what is wrong with their structure:
+    unknown matrix keys, duplicate names, a ``from:`` naming no image or closing a cycle, keys only the
+    file as a whole may set."""
+    shared = {key: value for key, value in document.items() if key not in ("matrix", "images")}
+    family = str(fill_defaults(document, load_schema())["name"])
+    matrix = document.get("matrix") or {}
+    cells, problems = _matrix_cells(matrix, root)
+    entries = document.get("images") or [{"name": family}]
+    entry_names = [str(entry["name"]) for entry in entries]
+    plans: dict[str, ImagePlan] = {}
+    for index, entry in enumerate(entries):
+        entry_index = index if "images" in document else None
+        for key in entry:
+            if key in SHARED_ONLY and key != "name":
+                line, col = locate(root, ["images", index, key], key=True)
+                problems.append(Problem(line, col, f"images[{index}].{key}",
+                                        f"{key}: is shared by every image of the file; set it at the top level"))
+        parent = entry.get("from")
+        if parent is not None and parent not in entry_names:
+            line, col = locate(root, ["images", index, "from"])
+            problems.append(Problem(line, col, f"images[{index}].from",
+                                    f"no image named {parent!r} in this file{suggest(str(parent), entry_names)}; "
+                                    f"its images: {', '.join(entry_names)}"))
+            parent = None
+        overrides = {key: value for key, value in entry.items() if key not in ("name", "from")}
+        for cell in cells:
+            suffix = "".join(f"-{_name_part(matrix[written][i])}" for written, _, i in cell)
+            merged = shared
+            for written, dotted_path, i in cell:
+                merged = _set_dotted(merged, dotted_path, matrix[written][i])
+            merged = {**deep_merge(merged, overrides), "name": f"{entry['name']}{suffix}"}
+            name = merged["name"]
+            if name in plans:
+                line, col = locate(root, ["images", index, "name"] if entry_index is not None else ["name"])
+                problems.append(Problem(line, col, "images" if entry_index is not None else "name",
+                                        f"two images would be named {name!r}; give each entry its own name"))
+                continue
+            plans[name] = ImagePlan(name, f"{parent}{suffix}" if parent else None, merged, entry_index, overrides,
+                                    cell)
+    ordered, cycle_problems = _parents_first(plans, root)
+    return ordered, problems + cycle_problems
+
+
+def _parents_first(plans: dict[str, ImagePlan], root: yaml.Node | None) -> tuple[list[ImagePlan], list[Problem]]:
+    ordered: list[ImagePlan] = []
+    done: set[str] = set()
+    problems = []
+    for plan in plans.values():
+        chain: list[ImagePlan] = []
+        current: ImagePlan | None = plan
+        while current is not None and current.name not in done:
+            if current in chain:
+                cycle = " -> ".join(p.name for p in chain[chain.index(current):]) + f" -> {current.name}"
+                line, col = locate(root, ["images", current.entry_index or 0, "from"])
+                problems.append(Problem(line, col, f"images[{current.entry_index}].from",
+                                        f"from: makes a cycle ({cycle}); an image cannot be built on itself"))
+                return ordered, problems
+            chain.append(current)
+            current = plans.get(current.parent) if current.parent else None
+        for member in reversed(chain):
+            done.add(member.name)
+            ordered.append(member)
+    return ordered, problems
+
+
+def _parent_problems(plan: ImagePlan, parent: dict[str, Any], where: Any) -> list[Problem]:
+    """A child boots its parent's image: it must be the same OS on the same architecture."""
+    child = fill_defaults(plan.document, load_schema())
+    problems = []
+    for key in ("arch", "release"):
+        if str(child["source"][key]) != str(parent["source"][key]):
+            line, col = where(["source", key])
+            problems.append(Problem(line, col, f"source.{key}",
+                                    f"{child['source'][key]} differs from {parent['source'][key]} of {plan.parent!r}, "
+                                    "which this image is built from (from:); a layered image has its parent's "
+                                    "release and arch"))
+    return problems
+
+
+def _file_problems(document: dict[str, Any], where: Any, base: Path) -> list[Problem]:
     """Files the pipeline names must exist when it loads, not halfway through a bake."""
     filled = fill_defaults(document, load_schema())
     checks: list[tuple[list[str | int], str | None]] = [
@@ -526,12 +788,12 @@ def _file_problems(document: dict[str, Any], root: yaml.Node | None, base: Path)
         except OSError as err:  # a symlink loop (see _resolve)
             missing, reason = True, f"cannot follow this path: {err}"
         if missing:
-            line, col = locate(root, path)
+            line, col = where(path)
             problems.append(Problem(line, col, dotted(path), reason))
-    problems += _test_problems(filled["test"], root)
+    problems += _test_problems(filled["test"], where)
     release = str(filled["source"]["release"])
     if release not in RELEASES and release not in RELEASES.values():
-        line, col = locate(root, ["source", "release"])
+        line, col = where(["source", "release"])
         known = ", ".join(f"{codename} ({version})" for version, codename in RELEASES.items())
         problems.append(Problem(line, col, "source.release",
                                 f"unknown Ubuntu release {release!r}"
@@ -539,7 +801,7 @@ def _file_problems(document: dict[str, Any], root: yaml.Node | None, base: Path)
     return problems
 
 
-def _test_problems(test: dict[str, Any], root: yaml.Node | None) -> list[Problem]:
+def _test_problems(test: dict[str, Any], where: Any) -> list[Problem]:
     """What the schema cannot say about test.forward and test.upload."""
     problems = []
     guests: set[int] = set()
@@ -554,12 +816,12 @@ def _test_problems(test: dict[str, Any], root: yaml.Node | None) -> list[Problem
             reason = f"guest port {forward.guest} is forwarded twice"
         guests.add(forward.guest)
         if reason:
-            line, col = locate(root, ["test", "forward", index])
+            line, col = where(["test", "forward", index])
             problems.append(Problem(line, col, dotted(["test", "forward", index]), reason))
     if isinstance(test["upload"], list):
         for index, pattern in enumerate(test["upload"]):
             if os.path.isabs(pattern) or ".." in Path(pattern).parts:
-                line, col = locate(root, ["test", "upload", index])
+                line, col = where(["test", "upload", index])
                 problems.append(Problem(line, col, dotted(["test", "upload", index]),
                                         f"{pattern!r} leaves the pipeline's folder; upload paths are relative to "
                                         "it and stay inside it"))
@@ -582,7 +844,8 @@ def freeze_remote(cache: dict[str, Any], base: Path) -> RemoteCache | None:
                        plain_http=cache["plain_http"], ca_file=_resolve(base, cache["ca_file"]))
 
 
-def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
+def freeze(doc: dict[str, Any], file: Path, *, parent: Pipeline | None = None, family: str = "",
+           lock_file: Path | None = None) -> Pipeline:
     base = file.resolve().parent
     src, ver, disk, vm, ci, test = (doc["source"], doc["source"]["verify"], doc["disk"], doc["vm"],
                                     doc["cloud_init"], doc["test"])
@@ -607,7 +870,8 @@ def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
                 sha256=ver["sha256"].lower() if ver["sha256"] else None,
             ),
         ),
-        disk=Disk(size=parse_disk_size(disk["size"]), compression=Compression(disk["compression"])),
+        disk=Disk(size=parse_disk_size(disk["size"]), compression=Compression(disk["compression"]),
+                  flatten=disk["flatten"]),
         vm=VM(
             cpus=vm["cpus"],
             memory_bytes=parse_size(vm["memory"]),
@@ -646,4 +910,7 @@ def freeze(doc: dict[str, Any], file: Path) -> Pipeline:
         cache_dir=cache_dir,
         remote=freeze_remote(doc["cache"], base),
         raw=doc,
+        parent=parent,
+        family=family or doc["name"],
+        lock_file=lock_file or file.resolve().with_suffix(".lock"),
     )

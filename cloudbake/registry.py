@@ -661,6 +661,10 @@ def push_image(remote: RemoteCache, image: Path, settings: RegistrySettings | No
     """Push a published image under its key (blobs the registry has are skipped); returns the manifest digest."""
     settings = settings or RegistrySettings()
     manifest = verify_published(image)  # what leaves this machine matches what was baked
+    if manifest.document["image"].get("backing"):
+        raise PipelineError(f"{image.name} is a layer over {manifest.document['image']['backing']} "
+                            "(disk.flatten: false); the registry cache holds self-contained images only",
+                            hint="set disk.flatten: true for images you share through cache.remote")
     config_bytes = manifest_path(image).read_bytes()
     config = Blob("sha256:" + hashlib.sha256(config_bytes).hexdigest(), len(config_bytes), data=config_bytes)
     layers = plan_layers(image, settings.layer_bytes)

@@ -46,29 +46,47 @@ def qemu_img_info(image: Path) -> dict[str, Any]:
     return info
 
 
-def convert_argv(qemu_img: str, source: Path, dest: Path, compression: Compression) -> list[str]:
+def convert_argv(qemu_img: str, source: Path, dest: Path, compression: Compression,
+                 backing: str | None = None) -> list[str]:
+    """``backing``: publish only what ``source`` adds over its backing file, as a qcow2 backed by this name
+    (relative to ``dest``'s folder); None: flatten the whole chain into one self-contained image."""
     argv = [qemu_img, "convert", "-O", "qcow2"]
     if compression is not Compression.none:
         argv += ["-c", "-o", f"compression_type={compression}"]
+    if backing is not None:
+        argv += ["-B", backing, "-F", "qcow2"]
     argv += [os.fspath(source), os.fspath(dest)]
     return argv
 
 
-def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: Compression) -> None:
-    """Flatten into a self-contained qcow2 under a temp name, check it, then rename image and manifest into place."""
+def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: Compression,
+            backing: Path | None = None) -> None:
+    """Convert into a qcow2 under a temp name, check it, then rename image and manifest into place.
+
+    Self-contained, unless ``backing`` (a published image in the same folder, which the work
+    disk is an overlay of) is given: then the image holds only what the work disk adds, and
+    names the parent by its file name, so the folder can move as a whole.
+    """
     qemu_img = require_tool("qemu-img", "qemu-utils")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     started = time.monotonic()
     try:
-        run(convert_argv(qemu_img, work_disk, tmp, compression), stage="bake", timeout=QEMU_IMG_TIMEOUT_S)
+        if backing is not None and backing.resolve().parent != dest.parent.resolve():
+            raise PipelineError(f"{backing.name} is not in {dest.parent}: a layer is published beside its parent")
+        backing_name = backing.name if backing is not None else None
+        run(convert_argv(qemu_img, work_disk, tmp, compression, backing_name), stage="bake",
+            timeout=QEMU_IMG_TIMEOUT_S)
         check = run([qemu_img, "check", "-q", tmp], stage="bake", timeout=QEMU_IMG_TIMEOUT_S, check=False)
         if check.returncode not in (0,):
             raise PipelineError(f"qemu-img check found problems in the converted image (exit {check.returncode}): "
                                 f"{check.stdout}{check.stderr}")
         info = qemu_img_info(tmp)
-        if info.get("backing-filename"):
-            raise PipelineError("the converted image still has a backing file")
+        if info.get("backing-filename") != backing_name:
+            raise PipelineError(f"the converted image's backing file is {info.get('backing-filename')!r}, "
+                                f"not {backing_name!r}")
+        if backing_name is not None:
+            manifest["image"]["backing"] = backing_name
         manifest["image"]["virtual_size"] = info["virtual-size"]
         manifest["image"]["file_size"] = tmp.stat().st_size
         manifest["image"]["sha256"] = sha256_file(tmp)
@@ -165,6 +183,39 @@ def verify_published(image: Path) -> Manifest:
     return manifest
 
 
+def verify_chain(image: Path) -> Manifest:
+    """:func:`verify_published` for the image and every published image it is layered on (a qcow2 whose
+    backing file is its parent's image, disk.flatten: false): a test run reads them all."""
+    manifest = verify_published(image)
+    backing = manifest.document["image"].get("backing")
+    if backing is None:
+        return manifest
+    parent_file = image.parent / str(backing)
+    if not isinstance(backing, str) or "/" in backing or not is_published(parent_file):
+        raise PipelineError(f"{image.name} is a layer over {backing!r}, which is not published beside it",
+                            hint="bake the parent image again (doit bake), or restore the whole output folder")
+    parent = verify_chain(parent_file)
+    recorded = (manifest.document.get("parent") or {}).get("sha256")
+    if recorded != parent.image_sha256:
+        raise PipelineError(f"{image.name} was baked on another {parent_file.name} than the one published "
+                            f"(SHA-256 {parent.image_sha256}, recorded {recorded})",
+                            hint="bake both again (doit -a bake)")
+    return manifest
+
+
+def backing_files(folder: Path) -> dict[str, str]:
+    """Published images in ``folder`` that other published images there are layers over: file -> a child."""
+    found: dict[str, str] = {}
+    for manifest in folder.glob("*.json"):
+        try:
+            backing = json.loads(manifest.read_text())["image"].get("backing")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if isinstance(backing, str):
+            found[backing] = manifest.with_suffix(".qcow2").name
+    return found
+
+
 def run_prune(pipeline: Pipeline, paths: Paths) -> None:
     """Keep the newest ``output.keep`` images of this pipeline (and whatever the pointer names)."""
     images = sorted((p for p in paths.output_dir.glob(f"{pipeline.name}-*.qcow2")
@@ -173,8 +224,12 @@ def run_prune(pipeline: Pipeline, paths: Paths) -> None:
                     key=lambda p: p.stat().st_mtime_ns, reverse=True)
     pointer = paths.output_dir / f"{pipeline.name}.qcow2"
     current = pointer.resolve() if pointer.is_symlink() else None
+    layered_on = backing_files(paths.output_dir)
     for old in images[pipeline.output_keep:]:
         if current is not None and old.resolve() == current:
+            continue
+        if old.name in layered_on:
+            log.info("keeping %s: %s is a layer over it", old.name, layered_on[old.name])
             continue
         log.info("pruning %s", old.name)
         old.unlink()

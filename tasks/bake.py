@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from cloudbake.bake import clean_bake, run_bake
@@ -11,9 +12,9 @@ from cloudbake.errors import PipelineError
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
-from cloudbake.store import is_published, published_image, run_prune, verify_published
+from cloudbake.store import is_published, published_image, run_prune, verify_chain
 
-from .context import current
+from .context import Image, per_image
 from .doitutil import described, doit_action
 
 
@@ -28,7 +29,7 @@ def bake_is_current(pipeline: Pipeline, paths: Paths) -> bool:
     if not is_published(image):
         return False
     try:
-        verify_published(image)
+        verify_chain(image)
     except PipelineError as err:
         stage_logger("bake").warning("%s; baking it again", err.message)
         return False
@@ -57,37 +58,44 @@ def bake_action(pipeline: Pipeline, paths: Paths, force: bool = False) -> None:
     run_bake(pipeline, paths, force=force or always_execute_requested(sys.argv[1:]))
 
 
-def task_bake() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2 (-a bakes again)",
-        # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first.
-        "file_dep": [str(paths.lock_file), str(paths.seed_iso)],
-        "params": [{"name": "force", "long": "force", "type": bool, "default": False,
-                    "help": "bake again even when the image for the current key is published (like -a)"}],
-        "actions": [(doit_action(bake_action), [pipeline, paths])],
-        "uptodate": [described("the image named by the current key is published in the output folder and "
-                               "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
-        "clean": [(clean_bake, [pipeline, paths])],
-        "verbosity": 2,
-    }
+def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        pipeline, paths = image.pipeline, image.paths
+        parent = pipeline.parent
+        return {
+            "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2 (-a bakes again)",
+            # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first; a
+            # layered image's parent is baked first.
+            "file_dep": [str(paths.lock_file), str(paths.seed_iso)],
+            "task_dep": [f"bake:{parent.name}"] if parent else [],  # a parent implies subtasks
+            "params": [{"name": "force", "long": "force", "type": bool, "default": False,
+                        "help": "bake again even when the image for the current key is published (like -a)"}],
+            "actions": [(doit_action(bake_action), [pipeline, paths])],
+            "uptodate": [described("the image named by the current key is published in the output folder and "
+                                   "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
+            "clean": [(clean_bake, [pipeline, paths])],
+            "verbosity": 2,
+        }
+    return per_image("bake", make)
 
 
-def task_cache_key() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "basename": "cache-key",
-        "doc": "Print the baked image's key (offline), for CI caches",
-        "actions": [(doit_action(run_cache_key), [pipeline, paths])],
-        "uptodate": [False],
-        "verbosity": 2,
-    }
+def task_cache_key() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        return {
+            "basename": "cache-key",
+            "doc": "Print the baked image's key (offline), for CI caches",
+            "actions": [(doit_action(run_cache_key), [image.pipeline, image.paths, image.several])],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+    return per_image("cache-key", make)
 
 
-def task_prune() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Delete all but the newest output.keep baked images of this pipeline",
-        "actions": [(doit_action(run_prune), [pipeline, paths])],
-        "uptodate": [False],
-    }
+def task_prune() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        return {
+            "doc": "Delete all but the newest output.keep baked images of this pipeline",
+            "actions": [(doit_action(run_prune), [image.pipeline, image.paths])],
+            "uptodate": [False],
+        }
+    return per_image("prune", make)

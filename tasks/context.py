@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from doit.exceptions import InvalidDodoFile
 
 from cloudbake.errors import PipelineError
 from cloudbake.paths import Paths, resolve_paths
-from cloudbake.pipeline import Pipeline, load_pipeline
+from cloudbake.pipeline import Pipeline, load_images
 
 from .doitutil import SizeMtimeChecker
 
@@ -51,20 +53,59 @@ def check_variables() -> None:
             raise InvalidDodoFile(f"unknown variable '{name}={given[name]}'{hint}; known: {known}")
 
 
+@dataclass(frozen=True)
+class Image:
+    """One image of the pipeline file, as the task definitions see it."""
+
+    pipeline: Pipeline
+    paths: Paths
+    several: bool   # the file describes more than one image: each task is a subtask named after it
+
+    def task(self, basename: str) -> str:
+        """This image's task ``basename``: ``bake``, or ``bake:<image>`` in a file of several images."""
+        return f"{basename}:{self.pipeline.name}" if self.several else basename
+
+
 @functools.cache
-def _load(file: str) -> tuple[Pipeline, Paths]:
+def _load(file: str) -> tuple[Image, ...]:
     try:
-        pipeline = load_pipeline(Path(file))
+        pipelines = load_images(Path(file))
     except PipelineError as err:
         # doit prints InvalidDodoFile as "ERROR: ..." and exits 3, without a traceback.
         raise InvalidDodoFile(str(err)) from None
-    return pipeline, resolve_paths(pipeline)
+    return tuple(Image(pipeline, resolve_paths(pipeline), len(pipelines) > 1) for pipeline in pipelines)
+
+
+def current_images() -> tuple[Image, ...]:
+    """Every image of the pipeline named by ``pipeline=PATH`` (else the default), parents first."""
+    check_variables()
+    return _load(str(get_var("pipeline", None) or _default_pipeline))
 
 
 def current() -> tuple[Pipeline, Paths]:
-    """The pipeline named by ``pipeline=PATH`` (else the default) and its paths."""
-    check_variables()
-    return _load(str(get_var("pipeline", None) or _default_pipeline))
+    """The first image of the current pipeline and its paths (all images of a file share doit's state)."""
+    first = current_images()[0]
+    return first.pipeline, first.paths
+
+
+def per_image(basename: str, make: Callable[[Image], dict[str, Any]], *,
+              only: Callable[[Image], bool] = lambda image: True) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    """The task ``basename`` of a one-image file, or one subtask per image (``bake:noble-arm64``; ``doit bake``
+    runs them all). ``only`` leaves images out (layered images fetch nothing)."""
+    images = current_images()
+    if not images[0].several:
+        return make(images[0])
+
+    def subtasks() -> Iterator[dict[str, Any]]:
+        chosen = [image for image in images if only(image)]
+        if chosen:
+            first = make(chosen[0])
+            yield {"basename": basename, "name": None, "doc": first["doc"] + " (every image; :<image> for one)"}
+        for image in chosen:
+            task = make(image)
+            task.pop("basename", None)
+            yield {**task, "basename": basename, "name": image.pipeline.name}
+    return subtasks()
 
 
 def doit_config() -> dict[str, Any]:

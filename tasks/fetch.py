@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from doit import get_var
@@ -15,7 +16,7 @@ from cloudbake.pipeline import Pipeline
 from cloudbake.registry import pull_before_bake
 from cloudbake.store import is_published, published_image
 
-from .context import current, flag
+from .context import Image, flag, per_image
 from .doitutil import described, doit_action
 
 log = stage_logger("fetch")
@@ -47,25 +48,32 @@ def fetch_action(pipeline: Pipeline, paths: Paths) -> None:
     run_fetch(pipeline, paths)
 
 
-def task_fetch() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Download and verify the upstream image; pin it in the lock file",
-        "file_dep": [str(pipeline.file)],
-        "targets": [str(paths.lock_file)],
-        "actions": [(doit_action(fetch_action), [pipeline, paths])],
-        "uptodate": [described("the image pinned by the lock is in the download cache, verified, or the image "
-                               "baked from it is already published", lambda: fetch_is_current(pipeline, paths))],
-        "verbosity": 2,
-    }
+def _pins_upstream(image: Image) -> bool:
+    return image.pipeline.parent is None  # a layered image starts from its parent's, not the upstream image
 
 
-def task_update() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite the lock "
-               "(downgrade=1 accepts an older one)",
-        "actions": [(doit_action(run_update), [pipeline, paths, flag(get_var("downgrade", "0"))])],
-        "uptodate": [False],
-        "verbosity": 2,
-    }
+def task_fetch() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        pipeline, paths = image.pipeline, image.paths
+        return {
+            "doc": "Download and verify the upstream image; pin it in the lock file",
+            "file_dep": [str(pipeline.file)],
+            "targets": [str(paths.lock_file)],
+            "actions": [(doit_action(fetch_action), [pipeline, paths])],
+            "uptodate": [described("the image pinned by the lock is in the download cache, verified, or the image "
+                                   "baked from it is already published", lambda: fetch_is_current(pipeline, paths))],
+            "verbosity": 2,
+        }
+    return per_image("fetch", make, only=_pins_upstream)
+
+
+def task_update() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        return {
+            "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite the lock "
+                   "(downgrade=1 accepts an older one)",
+            "actions": [(doit_action(run_update), [image.pipeline, image.paths, flag(get_var("downgrade", "0"))])],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+    return per_image("update", make, only=_pins_upstream)

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from cloudbake.registry import run_pull, run_push
 
 from .bake import bake_is_current
-from .context import current
+from .context import Image, per_image
 from .doitutil import described, doit_action
 
 
-def task_push() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Push the baked image for the current key to cache.remote (blobs the registry has are skipped)",
-        "task_dep": ["bake"],
-        "actions": [(doit_action(run_push), [pipeline, paths])],
-        "uptodate": [False],
-        "verbosity": 2,
-    }
+def task_push() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        return {
+            "doc": "Push the baked image for the current key to cache.remote (blobs the registry has are skipped)",
+            "task_dep": [image.task("bake")],
+            "actions": [(doit_action(run_push), [image.pipeline, image.paths])],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+    return per_image("push", make)
 
 
-def task_pull() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Pull the image for the current key from cache.remote into the output folder (no bake)",
-        "actions": [(doit_action(run_pull), [pipeline, paths])],
-        "uptodate": [described("the image named by the current key is published in the output folder and "
-                               "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
-        "verbosity": 2,
-    }
+def task_pull() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        pipeline, paths = image.pipeline, image.paths
+        return {
+            "doc": "Pull the image for the current key from cache.remote into the output folder (no bake)",
+            "actions": [(doit_action(run_pull), [pipeline, paths])],
+            "uptodate": [described("the image named by the current key is published in the output folder and "
+                                   "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
+            "verbosity": 2,
+        }
+    return per_image("pull", make)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 from cloudbake.errors import PipelineError
 from cloudbake.pipeline import Pipeline
 from cloudbake.seed import resolve_authorized_keys, run_seed, source_date_epoch
 
-from .context import current
+from .context import Image, per_image
 from .doitutil import doit_action, value_changed
 
 
@@ -29,14 +30,16 @@ def _seed_fingerprint(pipeline: Pipeline) -> str:
     return hashlib.sha256(("\n".join(keys) + f"\n{epoch}").encode()).hexdigest()
 
 
-def task_seed() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Validate the user-data and build the NoCloud seed ISO (cidata) from cloud-init/ and the pipeline",
-        "file_dep": seed_inputs(pipeline),
-        "targets": [str(paths.seed_iso)],
-        # Keys named by path or glob change outside file_dep: check their content.
-        "uptodate": [value_changed("seed", lambda: _seed_fingerprint(pipeline))],
-        "actions": [(doit_action(run_seed), [pipeline, paths])],
-        "clean": True,
-    }
+def task_seed() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        pipeline, paths = image.pipeline, image.paths
+        return {
+            "doc": "Validate the user-data and build the NoCloud seed ISO (cidata) from cloud-init/ and the pipeline",
+            "file_dep": seed_inputs(pipeline),
+            "targets": [str(paths.seed_iso)],
+            # Keys named by path or glob change outside file_dep: check their content.
+            "uptodate": [value_changed("seed", lambda: _seed_fingerprint(pipeline))],
+            "actions": [(doit_action(run_seed), [pipeline, paths])],
+            "clean": True,
+        }
+    return per_image("seed", make)

@@ -2,42 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from doit import get_var
 
 from cloudbake.testrun import run_console, run_test_task
 
-from .context import current, flag
+from .context import Image, flag, per_image
 from .doitutil import doit_action
 
 
-def task_test_image() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "basename": "test-image",
-        "doc": "Upload the project and run test.command (or --cmd) in throwaway VMs of the baked image",
-        "params": [
-            {"name": "command", "long": "cmd", "type": str, "default": str(get_var("cmd", "") or ""),
-             "help": "command to run instead of test.command (cmd=... works too)"},
-            {"name": "keep", "long": "keep", "type": bool, "default": flag(get_var("keep", "0")),
-             "help": "keep the VM running afterwards, with its SSH command printed (keep=1 works too)"},
-            {"name": "jobs", "short": "j", "long": "jobs", "type": int, "default": 0,
-             "help": "VMs at once (default test.parallel)"},
-        ],
-        "task_dep": ["bake"],
-        "actions": [(doit_action(run_test_task), [pipeline, paths])],
-        "uptodate": [False],
-        "verbosity": 2,
-    }
+def task_test_image() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        return {
+            "basename": "test-image",
+            "doc": "Upload the project and run test.command (or --cmd) in throwaway VMs of the baked image",
+            "params": [
+                {"name": "command", "long": "cmd", "type": str, "default": str(get_var("cmd", "") or ""),
+                 "help": "command to run instead of test.command (cmd=... works too)"},
+                {"name": "keep", "long": "keep", "type": bool, "default": flag(get_var("keep", "0")),
+                 "help": "keep the VM running afterwards, with its SSH command printed (keep=1 works too)"},
+                {"name": "jobs", "short": "j", "long": "jobs", "type": int, "default": 0,
+                 "help": "VMs at once (default test.parallel)"},
+            ],
+            "task_dep": [image.task("bake")],
+            "actions": [(doit_action(run_test_task), [image.pipeline, image.paths])],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+    return per_image("test-image", make)
 
 
-def task_console() -> dict[str, Any]:
-    pipeline, paths = current()
-    return {
-        "doc": "Boot a throwaway VM of the baked image with its serial console on this terminal",
-        "task_dep": ["bake"],
-        "actions": [(doit_action(run_console), [pipeline, paths])],
-        "uptodate": [False],
-        "verbosity": 2,
-    }
+def task_console() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        return {
+            "doc": "Boot a throwaway VM of the baked image with its serial console on this terminal",
+            "task_dep": [image.task("bake")],
+            "actions": [(doit_action(run_console), [image.pipeline, image.paths])],
+            "uptodate": [False],
+            "verbosity": 2,
+        }
+    return per_image("console", make)
