@@ -1,6 +1,6 @@
 """What the CI workflow asks of cloudbake besides doit's tasks: the folders to cache, and a job summary.
 
-    python -m cloudbake.ci outputs PIPELINE [--image NAME]    lines for $GITHUB_OUTPUT: dist, downloads, upstream
+    python -m cloudbake.ci outputs PIPELINE [--image NAME]    lines for $GITHUB_OUTPUT: lock, dist, downloads, upstream
     python -m cloudbake.ci summary PIPELINE [--image NAME] [--image-cache-hit true|false|""] [--lock-fetched ...]
     python -m cloudbake.ci images PIPELINE                    JSON: every image's name and key, for a job matrix
 
@@ -40,6 +40,7 @@ def ci_outputs(pipeline_file: Path, image: str | None = None) -> dict[str, str]:
     paths = resolve_paths(pipeline)
     lock = read_lock(paths.lock_file)
     return {
+        "lock": str(paths.lock_file),
         "dist": str(paths.output_dir),
         "downloads": str(paths.images_cache),
         "upstream": lock.sha256 if lock else "unpinned",

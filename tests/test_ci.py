@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import PROJECT
 from tests.fixture.actions import ExpressionError, LocalRunner, _evaluate
 from tests.fixture.offline import offline_project
+from tests.fixture.standin import install_standin_qemu, path_with
 
 WORKFLOW = PROJECT / ".github" / "workflows" / "base-image.yml"
 
@@ -34,10 +35,12 @@ def clone_for_ci(dest: Path) -> Path:
     return dest
 
 
-def replay(workspace: Path, cache_root: Path, home: Path, pipeline: str = "pipeline.yaml"):
+def replay(workspace: Path, cache_root: Path, home: Path, pipeline: str = "pipeline.yaml",
+           env: dict[str, str] | None = None):
     home.mkdir(parents=True, exist_ok=True)
     return LocalRunner(WORKFLOW, "image", workspace, cache_root, home,
-                       env={"CLOUDBAKE_PIPELINE": pipeline, "XDG_CACHE_HOME": str(home / ".cache")}).run()
+                       env={"CLOUDBAKE_PIPELINE": pipeline, "XDG_CACHE_HOME": str(home / ".cache"),
+                            **(env or {})}).run()
 
 
 @pytest.mark.parametrize(("expression", "expected"), [
@@ -75,6 +78,35 @@ def test_unresolvable_key_fails_at_the_key_step(tmp_path):
     assert "could not be computed" in run.summary and "not a valid cloudbake lock file" in run.summary
     assert run.step("Upload serial logs").outcome == "success"
     assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
+
+
+def test_one_image_of_a_matrix_per_job(tmp_path):
+    """CLOUDBAKE_IMAGE picks one image of a file that describes several, as a job of a job matrix does:
+    the lock, the key, the cache entry, the bake and the test run are that image's."""
+    import json
+
+    from cloudbake.ci import ci_images
+
+    workspace = clone_for_ci(tmp_path / "clone")
+    pipeline = offline_project(workspace, published=True, extra="matrix:\n  vm.memory: [256M, 512M]\n")
+    pipeline.write_text(pipeline.read_text().replace("timeout: 10m}", "timeout: 4s}"))
+    keys = {entry["image"]: entry["key"] for entry in ci_images(pipeline)}
+    assert set(keys) == {"offline-256m", "offline-512m"} and len(set(keys.values())) == 1  # memory is not in a key
+    env = {"CLOUDBAKE_IMAGE": "offline-512m", "CLOUDBAKE_STANDIN_GUEST_SECONDS": "60",
+           "PATH": path_with(install_standin_qemu(tmp_path / "bin", "works"))}
+    run = replay(workspace, tmp_path / "cache", tmp_path / "home", env=env)
+    outcomes = {step.name: step.outcome for step in run.steps}
+    assert outcomes["Pin the upstream image if the lock is not committed"] == "success"
+    assert run.outputs["lock"]["fetched"] == "false"  # pipeline.offline-512m.lock is there
+    assert run.outputs["key"]["key"] == keys["offline-512m"]
+    assert run.outputs["key"]["entry"] == f"offline-512m-{keys['offline-512m']}"
+    assert outcomes["Bake (a no-op when the image was restored)"] == "success"
+    assert "starting qemu" not in run.step("Bake").stderr
+    assert (tmp_path / "cache" / f"cloudbake-image-Linux-offline-512m-{keys['offline-512m']}").is_dir()
+    tested = run.step("Test inside a throwaway VM")
+    assert tested.outcome == "failure" and "did not happen within test.timeout" in tested.stderr
+    assert "-m 512" in tested.stderr or "512" in json.dumps(tested.stderr)  # the 512M image's VM
+    assert "## cloudbake: offline-512m" in run.summary
 
 
 def test_quick_start_has_two_commands_and_ci_runs_the_test_one():

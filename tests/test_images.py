@@ -302,3 +302,11 @@ def test_prune_keeps_a_parent_that_a_layer_needs(project, tmp_path, parent_publi
     (parent_published.parent / "base.qcow2").unlink()
     run_prune(pipeline, resolve_paths(pipeline))
     assert parent_published.exists() and layer.exists()
+
+
+def test_the_images_example_describes_eight_images_with_their_parents():
+    images = load_images(PROJECT / "examples" / "images" / "pipeline.yaml")
+    assert len(images) == 8
+    layered = {p.name: p.parent.name for p in images if p.parent}
+    assert layered["deps-jammy-arm64"] == "base-jammy-arm64" and len(layered) == 4
+    assert all(not p.disk.flatten for p in images if p.parent)

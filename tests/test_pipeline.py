@@ -141,6 +141,8 @@ def test_docs_examples_validate():
     """Every ```yaml block in docs/ that looks like a pipeline validates against the schema."""
     import jsonschema
 
+    from cloudbake.pipeline import plan_images
+
     checked = 0
     for doc in sorted((PROJECT / "docs").glob("*.md")):
         blocks = doc.read_text().split("```yaml\n")[1:]
@@ -148,7 +150,12 @@ def test_docs_examples_validate():
             text = block.split("```", 1)[0]
             if not text.startswith("# pipeline"):
                 continue
-            jsonschema.Draft202012Validator(load_schema()).validate(yaml.safe_load(text))
+            document = yaml.safe_load(text)
+            jsonschema.Draft202012Validator(load_schema()).validate(document)
+            plans, problems = plan_images(document, None)  # matrix keys, from:, names
+            assert problems == [], (doc.name, problems)
+            for plan in plans:
+                jsonschema.Draft202012Validator(load_schema()).validate(plan.document)
             checked += 1
     assert checked >= 2
 
