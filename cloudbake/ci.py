@@ -38,12 +38,16 @@ def ci_outputs(pipeline_file: Path, image: str | None = None) -> dict[str, str]:
     """Folders the workflow caches (absolute), and the upstream digest that keys the download cache."""
     pipeline = load_pipeline(pipeline_file, image)
     paths = resolve_paths(pipeline)
-    lock = read_lock(paths.lock_file)
+    try:
+        lock = read_lock(paths.lock_file)
+        upstream = lock.sha256 if lock else "unpinned"
+    except PipelineError:
+        upstream = "invalid"  # the key step says why (doit cache-key reads the lock too)
     return {
         "lock": str(paths.lock_file),
         "dist": str(paths.output_dir),
         "downloads": str(paths.images_cache),
-        "upstream": lock.sha256 if lock else "unpinned",
+        "upstream": upstream,
     }
 
 
