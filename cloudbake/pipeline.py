@@ -11,6 +11,7 @@ import difflib
 import enum
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -580,6 +581,8 @@ def select_image(images: tuple[Pipeline, ...], image: str | None, file: Path | s
 
 # Matrix shorthands: the keys a matrix nearly always spans.
 MATRIX_SHORTHANDS = {"release": "source.release", "arch": "source.arch"}
+# More images than this in one file is a mistake (or hostile), not a test matrix.
+MAX_IMAGES = 256
 # Keys an image may not set for itself: the file's name and layout, shared by all its images.
 SHARED_ONLY = ("name", "matrix", "images", "output", "build", "cache")
 
@@ -671,6 +674,12 @@ def _matrix_cells(matrix: dict[str, list[Any]], root: yaml.Node | None) -> tuple
             line, col = locate(root, ["matrix", written])
             problems.append(Problem(line, col, f"matrix.{written}", "a value is listed twice"))
         axes.append([(written, dotted_path, index) for index in range(len(values))])
+    combinations = math.prod(len(axis) for axis in axes)
+    if combinations > MAX_IMAGES:  # counted before expanding: ten keys of ten values are 10^10 images
+        line, col = locate(root, ["matrix"])
+        problems.append(Problem(line, col, "matrix", f"{combinations:,} combinations; a file describes at most "
+                                f"{MAX_IMAGES} images"))
+        return [()], problems
     cells: list[tuple[tuple[str, str, int], ...]] = [()]
     for axis in axes:
         cells = [(*cell, choice) for cell in cells for choice in axis]
@@ -699,6 +708,11 @@ def plan_images(document: dict[str, Any], root: yaml.Node | None) -> tuple[list[
     matrix = document.get("matrix") or {}
     cells, problems = _matrix_cells(matrix, root)
     entries = document.get("images") or [{"name": family}]
+    if len(entries) * len(cells) > MAX_IMAGES:
+        line, col = locate(root, ["images"])
+        problems.append(Problem(line, col, "images", f"{len(entries)} entries x {len(cells)} matrix combinations "
+                                f"are {len(entries) * len(cells):,} images; a file describes at most {MAX_IMAGES}"))
+        return [], problems
     entry_names = [str(entry["name"]) for entry in entries]
     plans: dict[str, ImagePlan] = {}
     for index, entry in enumerate(entries):

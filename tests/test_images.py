@@ -125,6 +125,11 @@ BAD = [
     ("name: a\nmatrix:\n  vm.memory: [1G, 1G]\n", "3:14", "a value is listed twice"),
     ("name: a\nmatrix:\n  arch: []\n", "3:9", "should be non-empty"),
     ("name: a\nimages:\n  - from: x\n", "3:5", "'name' is a required property"),
+    ("name: a\nmatrix:\n" + "".join(f"  vm.{k}: [{', '.join(str(v) for v in range(10))}]\n"
+                                     for k in ("cpus",)) + "  source.channel: [" + ", ".join(f"c{i}" for i in range(30))
+     + "]\n", "3:3", "300 combinations; a file describes at most 256 images"),
+    ("name: a\nmatrix:\n  source.channel: [" + ", ".join(f"c{i}" for i in range(200)) + "]\nimages:\n  - name: x\n"
+     "  - name: y\n", "5:3", "2 entries x 200 matrix combinations are 400 images"),
     ("name: a\nimages:\n  - name: x\n  - name: y\n    cloud_init: {user_data: nope.yaml}\n", "5:29",
      "file not found"),
 ]
