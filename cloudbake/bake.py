@@ -215,9 +215,15 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
     another process finished the same bake while this one waited for the lock. The build is
     resolved once (once more only when this bake had to pin the upstream image first).
 
-    A layered image (``from:``) bakes its parent first, unless that is published already.
+    A layered image (``from:``) bakes its parent first, unless that is published already. A
+    flattened one needs its parent only to be baked: when it is published, or pulled from the
+    registry, its parent is left alone.
     """
-    parent_image = run_bake(pipeline.parent, resolve_paths(pipeline.parent)) if pipeline.parent else None
+    def bake_parent() -> Path | None:
+        return run_bake(pipeline.parent, resolve_paths(pipeline.parent)) if pipeline.parent else None
+
+    # A layer is usable only beside its parent: make sure of that before anything else.
+    parent_image = bake_parent() if not is_shareable(pipeline) else None
     build = resolve_build(pipeline, paths) if paths.lock_file.exists() else None
     if build is not None and not force:
         done = _already_baked(build, paths)
@@ -240,6 +246,8 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
         for folder in (paths.images_cache, paths.cache_dir / "keys", paths.cache_dir / "host",
                        paths.cache_dir / "firmware"):
             sweep_temps(folder, older_than_s=STALE_TEMP_S)
+        if parent_image is None and pipeline.parent is not None:
+            parent_image = bake_parent()
         timer = _Timer()
         lock = build.lock if build is not None else None
         if parent_image is not None:

@@ -315,3 +315,19 @@ def test_the_images_example_describes_eight_images_with_their_parents():
     layered = {p.name: p.parent.name for p in images if p.parent}
     assert layered["deps-jammy-arm64"] == "base-jammy-arm64" and len(layered) == 4
     assert all(not p.disk.flatten for p in images if p.parent)
+
+
+def test_a_published_flattened_image_does_not_need_its_parent(tmp_path):
+    """Baking a self-contained child that is published already returns it without baking its parent
+    (no QEMU here: a bake would fail)."""
+    from cloudbake.bake import run_bake
+    from tests.fixture.offline import offline_project
+
+    file = offline_project(tmp_path, published=True, extra="images:\n  - name: base\n  - name: app\n    from: base\n")
+    base, app = load_images(file)
+    base_image = resolve_build(base, resolve_paths(base)).published(resolve_paths(base))
+    base_image.unlink()
+    base_image.with_suffix(".json").unlink()
+    app_paths = resolve_paths(app)
+    assert run_bake(app, app_paths) == resolve_build(app, app_paths).published(app_paths)
+    assert not base_image.exists()
