@@ -44,6 +44,11 @@ def machine_for(spec: VmSpec) -> str:
 def cpu_for(spec: VmSpec) -> str:
     if spec.accel in ("kvm", "hvf"):
         return "host"
+    if spec.arch is Arch.arm64:
+        # arm64 kernels sign return addresses with pointer authentication; TCG computes QEMU's
+        # default algorithm (QARMA5) in software on every signed call. An implementation-defined
+        # algorithm is as good to the guest and far cheaper (docs/how-it-works.md, "Bake time").
+        return "max,pauth-impdef=on"
     return "max"
 
 

@@ -7,6 +7,8 @@ tree of files, and that is all these tests claim to cover for macOS.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,9 +80,21 @@ def test_arm64_hvf_argv_matches_apple_silicon_recipe():
     assert ("-nic", "user,model=virtio-net-pci") in pairs
 
 
-def test_arm64_tcg_uses_max_cpu_on_virt():
+def test_arm64_tcg_uses_max_cpu_with_cheap_pointer_authentication_on_virt():
     pairs = _pairs(build_qemu_argv(_spec(arch=Arch.arm64, accel="tcg"), "q"))
-    assert ("-machine", "virt") in pairs and ("-cpu", "max") in pairs
+    assert ("-machine", "virt") in pairs and ("-cpu", "max,pauth-impdef=on") in pairs
+
+
+def test_this_qemu_accepts_the_arm64_tcg_cpu():
+    """The CPU argument is real QEMU's: qemu-system-aarch64 starts with it (paused, no guest)."""
+    binary = shutil.which("qemu-system-aarch64")
+    if binary is None:
+        pytest.skip("qemu-system-aarch64 is not installed")
+    cpu = dict(_pairs(build_qemu_argv(_spec(arch=Arch.arm64, accel="tcg"), "q")))["-cpu"]
+    proc = subprocess.run([binary, "-machine", "virt", "-accel", "tcg", "-cpu", cpu, "-display", "none", "-S",
+                           "-nodefaults", "-qmp", "stdio"], input='{"execute": "qmp_capabilities"}\n'
+                          '{"execute": "quit"}\n', capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_commas_in_paths_are_escaped():
