@@ -64,10 +64,11 @@ def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
         parent = pipeline.parent
         return {
             "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2 (-a bakes again)",
-            # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first; a
-            # layered image's parent is baked first.
+            # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first. A
+            # layered image's parent is baked first, when the image itself is not up to date (a
+            # published self-contained child needs no parent).
             "file_dep": [str(paths.lock_file), str(paths.seed_iso)],
-            "task_dep": [f"bake:{parent.name}"] if parent else [],  # a parent implies subtasks
+            "setup": [f"bake:{parent.name}"] if parent else [],  # a parent implies subtasks
             "params": [{"name": "force", "long": "force", "type": bool, "default": False,
                         "help": "bake again even when the image for the current key is published (like -a)"}],
             "actions": [(doit_action(bake_action), [pipeline, paths])],
