@@ -183,7 +183,7 @@ def verify_published(image: Path) -> Manifest:
     return manifest
 
 
-def verify_chain(image: Path) -> Manifest:
+def verify_chain(image: Path, below: tuple[str, ...] = ()) -> Manifest:
     """:func:`verify_published` for the image and every published image it is layered on (a qcow2 whose
     backing file is its parent's image, disk.flatten: false): a test run reads them all."""
     manifest = verify_published(image)
@@ -194,7 +194,11 @@ def verify_chain(image: Path) -> Manifest:
     if not isinstance(backing, str) or "/" in backing or not is_published(parent_file):
         raise PipelineError(f"{image.name} is a layer over {backing!r}, which is not published beside it",
                             hint="bake the parent image again (doit bake), or restore the whole output folder")
-    parent = verify_chain(parent_file)
+    if backing in (*below, image.name):
+        raise PipelineError(f"{image.name}: its manifests name a loop of backing files "
+                            f"({' -> '.join((*below, image.name, backing))})",
+                            hint="delete these images and their .json and bake again")
+    parent = verify_chain(parent_file, (*below, image.name))
     recorded = (manifest.document.get("parent") or {}).get("sha256")
     if recorded != parent.image_sha256:
         raise PipelineError(f"{image.name} was baked on another {parent_file.name} than the one published "

@@ -122,6 +122,8 @@ BAD = [
     ("name: a\nimages:\n  - name: x\n  - name: y\n    vm: {cpus: two}\n", "5:16", "'two' is not of type 'integer' "
                                                                                  "(image y)"),
     ("name: a\nimages:\n  - name: x\n  - name: x\n", "4:11", "two images would be named 'x'"),
+    ("name: a\nimages:\n  - name: x\n    from: x\n", "4:11", "cycle (x -> x)"),
+    ("name: a\nmatrix:\n  arch: [amd64, sparc]\n", "3:17", "'sparc' is not one of: amd64, arm64"),
     ("name: a\nmatrix:\n  vm.memory: [1G, 1G]\n", "3:14", "a value is listed twice"),
     ("name: a\nmatrix:\n  arch: []\n", "3:9", "should be non-empty"),
     ("name: a\nimages:\n  - from: x\n", "3:5", "'name' is a required property"),
@@ -266,6 +268,17 @@ def test_a_layer_whose_parent_changed_or_went_is_refused(tmp_path, parent_publis
         verify_chain(layer)
     parent_published.unlink()
     with pytest.raises(PipelineError, match="not published beside it"):
+        verify_chain(layer)
+
+
+def test_manifests_that_name_a_loop_of_backing_files_are_refused(tmp_path, parent_published):
+    """A restored output folder is input too: two manifests naming each other end in an error, not a
+    RecursionError."""
+    layer = _publish_child(tmp_path, parent_published, flatten=False)
+    parent_manifest = json.loads(parent_published.with_suffix(".json").read_text())
+    parent_manifest["image"]["backing"] = layer.name
+    parent_published.with_suffix(".json").write_text(json.dumps(parent_manifest))
+    with pytest.raises(PipelineError, match="loop of backing files"):
         verify_chain(layer)
 
 
