@@ -886,6 +886,11 @@ def run_push(pipeline: Pipeline, paths: Paths) -> None:
     image = resolve_build(pipeline, paths).published(paths)
     if not is_published(image):
         raise PipelineError(f"{image.name} is not baked yet", hint="doit bake, then doit push")
+    if pipeline.parent is not None and not pipeline.disk.flatten:
+        # `doit push` of a file pushes what can be shared, and says what it leaves out.
+        log.warning("not pushing %s: it is a layer over %s (disk.flatten: false); set disk.flatten: true to "
+                    "share it", image.name, pipeline.parent.name)
+        return
     push_image(remote, image, pipeline_dir=pipeline.file.parent)
 
 
@@ -895,6 +900,10 @@ def run_pull(pipeline: Pipeline, paths: Paths) -> None:
 
     remote = require_remote(pipeline)
     key = resolve_build(pipeline, paths).key
+    if pipeline.parent is not None and not pipeline.disk.flatten:
+        raise PipelineError(f"{pipeline.name} is published as a layer over {pipeline.parent.name} (disk.flatten: "
+                            "false), and the registry holds self-contained images only",
+                            hint="doit bake builds it from its parent; set disk.flatten: true to share it")
     if pull_image(remote, paths, pipeline.name, key) is None:
         raise PipelineError(f"{remote.url}:{key} is not in the registry",
                             hint="bake it (doit bake) and push it (doit push), or let a CI job with "

@@ -344,3 +344,19 @@ def test_a_published_flattened_image_does_not_need_its_parent(tmp_path):
     app_paths = resolve_paths(app)
     assert run_bake(app, app_paths) == resolve_build(app, app_paths).published(app_paths)
     assert not base_image.exists()
+
+
+def test_a_layer_is_not_pushed_or_pulled_through_the_registry(tmp_path, caplog):
+    """`doit push` of a file pushes what can be shared: a layer is left out with a warning (the registry
+    on port 9 is never contacted); `doit pull` of a layer is an error that says why."""
+    from cloudbake.registry import run_pull, run_push
+    from tests.fixture.offline import offline_project
+
+    file = offline_project(tmp_path, published=True, extra="images:\n  - name: base\n  - name: app\n    from: base\n"
+                                                             "    disk: {flatten: false}\n")
+    file.write_text(file.read_text().replace("cache: {dir:", "cache: {remote: 'oci://127.0.0.1:9/cb', dir:"))
+    _, app = load_images(file)
+    run_push(app, resolve_paths(app))
+    assert "not pushing app-" in caplog.text and "layer over base" in caplog.text
+    with pytest.raises(PipelineError, match="published as a layer over base"):
+        run_pull(app, resolve_paths(app))
