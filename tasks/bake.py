@@ -58,6 +58,11 @@ def bake_action(pipeline: Pipeline, paths: Paths, force: bool = False) -> None:
     run_bake(pipeline, paths, force=force or always_execute_requested(sys.argv[1:]))
 
 
+def not_forced(task: Any) -> bool:
+    """``--force`` makes the task out of date: doit runs no action of a task it finds up to date."""
+    return not task.options.get("force")
+
+
 def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
     def make(image: Image) -> dict[str, Any]:
         pipeline, paths = image.pipeline, image.paths
@@ -73,7 +78,8 @@ def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
                         "help": "bake again even when the image for the current key is published (like -a)"}],
             "actions": [(doit_action(bake_action), [pipeline, paths])],
             "uptodate": [described("the image named by the current key is published in the output folder and "
-                                   "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
+                                   "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths)),
+                         not_forced],
             "clean": [(clean_bake, [pipeline, paths])],
             "verbosity": 2,
         }

@@ -76,6 +76,15 @@ def test_bake_is_skipped_when_published_and_forced_with_a(tmp_path):
     assert "powered off without reporting" in forced.stdout + forced.stderr
 
 
+def test_bake_force_bakes_a_published_image_again(tmp_path):
+    """`doit bake --force` is `-a` for the bake alone: doit would skip the action of an up-to-date task."""
+    pipeline = offline_project(tmp_path, published=True)
+    env = {"PATH": path_with(install_standin_qemu(tmp_path / "bin", "works"))}
+    forced = doit(tmp_path, "bake", "--force", f"pipeline={pipeline}", env=env)
+    assert "starting qemu" in forced.stderr
+    assert "powered off without reporting" in forced.stdout + forced.stderr
+
+
 def test_clean_bake_removes_what_bake_made(tmp_path):
     pipeline = offline_project(tmp_path, published=True)
     image = next((tmp_path / "dist").glob("offline-*.qcow2"))
