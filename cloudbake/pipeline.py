@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -587,6 +587,10 @@ MAX_IMAGES = 256
 SHARED_ONLY = ("name", "matrix", "images", "output", "build", "cache")
 
 
+# Line and column in the file of a path in an image's merged document.
+Locator = Callable[[list[str | int]], tuple[int, int]]
+
+
 @dataclass(frozen=True)
 class ImagePlan:
     """One image of a file before validation: its document and where each of its values was written."""
@@ -598,7 +602,7 @@ class ImagePlan:
     entry: dict[str, Any]                        # those overrides (without name and from)
     cell: tuple[tuple[str, str, int], ...]       # matrix (key as written, dotted path, value index)
 
-    def locator(self, root: yaml.Node | None) -> Any:
+    def locator(self, root: yaml.Node | None) -> Locator:
         """FILE positions for paths of the merged document: an override's line, a matrix value's, else the shared."""
         def where(path: list[str | int]) -> tuple[int, int]:
             if self.entry_index is not None and _has_path(self.entry, path):
@@ -612,10 +616,10 @@ class ImagePlan:
 
 
 def _has_path(document: Any, path: list[str | int]) -> bool:
-    for part in path[:1]:
-        return isinstance(document, dict) and part in document and (len(path) == 1 or
-                                                                     _has_path(document[part], path[1:]))
-    return False
+    """Whether ``document`` (an image's overrides) sets the value at ``path``, or a mapping above it."""
+    if not path or not isinstance(document, dict) or path[0] not in document:
+        return False
+    return len(path) == 1 or _has_path(document[path[0]], path[1:])
 
 
 def _parse_dotted(path: str) -> list[str | int]:
@@ -770,7 +774,7 @@ def _parents_first(plans: dict[str, ImagePlan], root: yaml.Node | None) -> tuple
     return ordered, problems
 
 
-def _parent_problems(plan: ImagePlan, parent: dict[str, Any], where: Any) -> list[Problem]:
+def _parent_problems(plan: ImagePlan, parent: dict[str, Any], where: Locator) -> list[Problem]:
     """A child boots its parent's image: it must be the same OS on the same architecture."""
     child = fill_defaults(plan.document, load_schema())
     problems = []
@@ -784,7 +788,7 @@ def _parent_problems(plan: ImagePlan, parent: dict[str, Any], where: Any) -> lis
     return problems
 
 
-def _file_problems(document: dict[str, Any], where: Any, base: Path) -> list[Problem]:
+def _file_problems(document: dict[str, Any], where: Locator, base: Path) -> list[Problem]:
     """Files the pipeline names must exist when it loads, not halfway through a bake."""
     filled = fill_defaults(document, load_schema())
     checks: list[tuple[list[str | int], str | None]] = [
@@ -815,7 +819,7 @@ def _file_problems(document: dict[str, Any], where: Any, base: Path) -> list[Pro
     return problems
 
 
-def _test_problems(test: dict[str, Any], where: Any) -> list[Problem]:
+def _test_problems(test: dict[str, Any], where: Locator) -> list[Problem]:
     """What the schema cannot say about test.forward and test.upload."""
     problems = []
     guests: set[int] = set()

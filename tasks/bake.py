@@ -60,7 +60,7 @@ def bake_action(pipeline: Pipeline, paths: Paths, force: bool = False) -> None:
 
 def not_forced(task: Any) -> bool:
     """``--force`` makes the task out of date: doit runs no action of a task it finds up to date."""
-    return not task.options.get("force")
+    return not (task.options or {}).get("force")  # doit info checks before options are parsed
 
 
 def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
