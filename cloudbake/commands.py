@@ -65,7 +65,9 @@ def main(argv: list[str], pipeline_file: str | None, bake: Callable[[str], int])
         with stop_signals_unwind():
             file = Path(pipeline_file or "pipeline.yaml")
             images = load_images(file)
-            pipeline = select_image(images, args.image, file)
+            # ssh, ps and down work on the output folder, which every image of a file shares.
+            shared = args.command in ("ssh", "ps", "down") and args.image is None
+            pipeline = images[0] if shared else select_image(images, args.image, file)
             paths = resolve_paths(pipeline)
             if args.command == "test-image":
                 task = f"bake:{pipeline.name}" if len(images) > 1 else "bake"

@@ -65,6 +65,19 @@ def test_wrong_command_lines_are_usage_errors(tmp_path):
     assert bad_pipeline.returncode == 2 and "guest port 22 is forwarded already" in bad_pipeline.stderr
 
 
+def test_a_file_of_several_images_needs_image_where_it_matters(tmp_path):
+    """test-image and up need --image in a file of several images; ps works on the shared output folder."""
+    offline_project(tmp_path, published=True, extra="matrix:\n  vm.memory: [256M, 512M]\n")
+    unnamed = cloudbake(tmp_path, "test-image", "--no-bake")
+    assert unnamed.returncode == 2 and "describes 2 images (offline-256m, offline-512m); name one" in unnamed.stderr
+    typo = cloudbake(tmp_path, "up", "--image", "offline-521m")
+    assert typo.returncode == 2 and "did you mean 'offline-512m'" in typo.stderr
+    ps = cloudbake(tmp_path, "ps", "--json")
+    assert ps.returncode == 0 and json.loads(ps.stdout) == []
+    missing = cloudbake(tmp_path, "test-image", "--no-bake", "--image", "offline-512m", "-j", "64")
+    assert missing.returncode == 125 and "memory: 64 VMs at once" in missing.stderr  # the named image's run
+
+
 def test_ps_lists_kept_vms_and_down_removes_them(tmp_path):
     """A kept run whose QEMU (here a sleeping stand-in) is alive is listed; down stops it and deletes its folder."""
     from cloudbake.machine import RunFiles, _process_start_marker
