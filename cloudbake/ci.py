@@ -6,7 +6,7 @@
 
 ``--image`` names one image of a file that describes several (matrix:, images:).
 
-Both read the pipeline and its lock offline; neither boots nor downloads anything.
+All three read the pipeline and its locks offline; none boots or downloads anything.
 """
 
 from __future__ import annotations
