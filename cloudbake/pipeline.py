@@ -734,6 +734,13 @@ def plan_images(document: dict[str, Any], root: yaml.Node | None) -> tuple[list[
                                     f"its images: {', '.join(entry_names)}"))
             parent = None
         overrides = {key: value for key, value in entry.items() if key not in ("name", "from")}
+        for written in matrix:
+            spanned: list[str | int] = list(MATRIX_SHORTHANDS.get(written, written).split("."))
+            if _has_path(overrides, spanned):
+                line, col = locate(root, ["images", index, *spanned], key=True)
+                problems.append(Problem(line, col, dotted(["images", index, *spanned]),
+                                        f"the matrix spans {written} already; an image cannot set it too (its "
+                                        "name would say one value and the image hold another)"))
         for cell in cells:
             suffix = "".join(f"-{_name_part(matrix[written][i])}" for written, _, i in cell)
             merged = shared

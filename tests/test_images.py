@@ -123,6 +123,8 @@ BAD = [
                                                                                  "(image y)"),
     ("name: a\nimages:\n  - name: x\n  - name: x\n", "4:11", "two images would be named 'x'"),
     ("name: a\nimages:\n  - name: x\n    from: x\n", "4:11", "cycle (x -> x)"),
+    ("name: a\nmatrix:\n  arch: [amd64, arm64]\nimages:\n  - name: x\n    source: {arch: amd64}\n", "6:14",
+     "the matrix spans arch already"),
     ("name: a\nmatrix:\n  arch: [amd64, sparc]\n", "3:17", "'sparc' is not one of: amd64, arm64"),
     ("name: a\nmatrix:\n  vm.memory: [1G, 1G]\n", "3:14", "a value is listed twice"),
     ("name: a\nmatrix:\n  arch: []\n", "3:9", "should be non-empty"),
