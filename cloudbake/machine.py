@@ -249,7 +249,11 @@ def clean_leftovers(base: Path) -> list[Path]:
         if info.state != "leftover":
             continue
         folder = info.files.folder
-        if not info.files.record() and time.time() - folder.stat().st_mtime < 60:
+        try:
+            being_set_up = not info.files.record() and time.time() - folder.stat().st_mtime < 60
+        except FileNotFoundError:
+            continue  # another process cleaned it up after we listed it
+        if being_set_up:
             continue
         stop_run(info.files)
         removed.append(folder)

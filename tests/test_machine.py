@@ -251,3 +251,17 @@ def test_cloudbake_vm_stays_the_api_whatever_is_imported():
     for module in pkgutil.iter_modules(cloudbake.__path__):
         importlib.import_module(f"cloudbake.{module.name}")
     assert callable(cloudbake.vm) and cloudbake.vm.__module__ == "cloudbake"
+
+
+def test_a_leftover_run_that_another_process_removes_meanwhile_is_skipped(tmp_path, monkeypatch):
+    """Eight test runs at once each sweep leftovers: a folder listed by one and removed by another
+    before it looked closer is skipped, not a FileNotFoundError (seen in CI)."""
+    from cloudbake import machine
+
+    dist = tmp_path / "dist"
+    (dist / ".runs" / "20261129-000000-1-abcdef").mkdir(parents=True)
+    listed = machine.list_runs(dist)
+    assert [info.state for info in listed] == ["leftover"]
+    (dist / ".runs" / "20261129-000000-1-abcdef").rmdir()  # the other process was quicker
+    monkeypatch.setattr(machine, "list_runs", lambda base_dir: listed)
+    assert machine.clean_leftovers(dist / "base.qcow2") == []
