@@ -203,11 +203,6 @@ def _already_baked(build: Build, paths: Paths) -> Path | None:
     return dest
 
 
-def is_shareable(pipeline: Pipeline) -> bool:
-    """Whether the registry cache may hold the image: a layer (disk.flatten: false) is not self-contained."""
-    return pipeline.parent is None or pipeline.disk.flatten
-
-
 def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
     """Bake unless the image for the current key is already published; returns the published image.
 
@@ -223,7 +218,7 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
         return run_bake(pipeline.parent, resolve_paths(pipeline.parent)) if pipeline.parent else None
 
     # A layer is usable only beside its parent: make sure of that before anything else.
-    parent_image = bake_parent() if not is_shareable(pipeline) else None
+    parent_image = bake_parent() if pipeline.is_layer else None
     build = resolve_build(pipeline, paths) if paths.lock_file.exists() else None
     if build is not None and not force:
         done = _already_baked(build, paths)
@@ -234,7 +229,7 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
             done = _already_baked(build, paths)  # another process may have baked it while we waited
             if done is not None:
                 return done
-        if build is not None and not force and is_shareable(pipeline):
+        if build is not None and not force and not pipeline.is_layer:
             pulled = pull_before_bake(pipeline, paths, build.key)
             if pulled is not None:
                 return pulled
@@ -261,7 +256,7 @@ def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False) -> Path:
         log.info("baking %s (key %s)%s", dest.name, build.key,
                  f" on {upstream.name}" if parent_image is not None else "")
         baked = _bake(build, paths, upstream, dest, timer)
-    if not is_shareable(pipeline):
+    if pipeline.is_layer:
         log.info("not shared through cache.remote: %s is a layer over %s (disk.flatten: false)", baked.name,
                  upstream.name)
     else:

@@ -173,6 +173,12 @@ class Pipeline:
     lock_file: Path = Path()
 
     @property
+    def is_layer(self) -> bool:
+        """Published as a qcow2 backed by its parent's image (``from:`` with disk.flatten: false): not
+        self-contained, so the registry cache does not hold it."""
+        return self.parent is not None and not self.disk.flatten
+
+    @property
     def root(self) -> Pipeline:
         """The ancestor built on the upstream image (self when not layered): its source and lock count."""
         return self.parent.root if self.parent is not None else self
@@ -535,13 +541,13 @@ def load_images(file: Path | str) -> tuple[Pipeline, ...]:
         where = plan.locator(root)
         merged = plan.document
         found = [replace_position(p, where(_parse_dotted(p.path))) for p in schema_problems(merged, None, schema)]
+        docs[plan.name] = fill_defaults(merged, schema)
         if not found:
-            found = _file_problems(merged, where, base)
+            found = _file_problems(docs[plan.name], where, base)
         if not found and plan.parent in docs:
-            found = _parent_problems(plan, docs[plan.parent], where)
+            found = _parent_problems(plan, docs[plan.name], docs[plan.parent], where)
         problems += [Problem(p.line, p.col, p.path, f"{p.message} (image {plan.name})" if len(plans) > 1
                              else p.message) for p in found]
-        docs[plan.name] = fill_defaults(merged, schema)
     _raise_problems(file, problems)
     family = str(fill_defaults(document, schema)["name"])
     frozen: dict[str, Pipeline] = {}
@@ -781,9 +787,9 @@ def _parents_first(plans: dict[str, ImagePlan], root: yaml.Node | None) -> tuple
     return ordered, problems
 
 
-def _parent_problems(plan: ImagePlan, parent: dict[str, Any], where: Locator) -> list[Problem]:
-    """A child boots its parent's image: it must be the same OS on the same architecture."""
-    child = fill_defaults(plan.document, load_schema())
+def _parent_problems(plan: ImagePlan, child: dict[str, Any], parent: dict[str, Any],
+                     where: Locator) -> list[Problem]:
+    """A child boots its parent's image: it must be the same OS on the same architecture (both filled)."""
     problems = []
     for key in ("arch", "release"):
         if str(child["source"][key]) != str(parent["source"][key]):

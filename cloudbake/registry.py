@@ -886,7 +886,7 @@ def run_push(pipeline: Pipeline, paths: Paths) -> None:
     image = resolve_build(pipeline, paths).published(paths)
     if not is_published(image):
         raise PipelineError(f"{image.name} is not baked yet", hint="doit bake, then doit push")
-    if pipeline.parent is not None and not pipeline.disk.flatten:
+    if pipeline.is_layer and pipeline.parent is not None:  # (a layer has a parent; mypy cannot see it)
         # `doit push` of a file pushes what can be shared, and says what it leaves out.
         log.warning("not pushing %s: it is a layer over %s (disk.flatten: false); set disk.flatten: true to "
                     "share it", image.name, pipeline.parent.name)
@@ -900,7 +900,7 @@ def run_pull(pipeline: Pipeline, paths: Paths) -> None:
 
     remote = require_remote(pipeline)
     key = resolve_build(pipeline, paths).key
-    if pipeline.parent is not None and not pipeline.disk.flatten:
+    if pipeline.is_layer and pipeline.parent is not None:
         raise PipelineError(f"{pipeline.name} is published as a layer over {pipeline.parent.name} (disk.flatten: "
                             "false), and the registry holds self-contained images only",
                             hint="doit bake builds it from its parent; set disk.flatten: true to share it")
