@@ -26,6 +26,23 @@ class PipelineError(Exception):
         return self.message
 
 
+class MachineryError(PipelineError):
+    """cloudbake's own machinery failed (boot, SSH, upload, artifacts), not the user's command.
+
+    ``stage`` names the step, so a CI log says which one without reading the traceback.
+    """
+
+    def __init__(self, stage: str, message: str, hint: str | None = None) -> None:
+        super().__init__(f"{stage}: {message}", hint)
+        self.stage = stage
+
+    @classmethod
+    def from_error(cls, stage: str, err: PipelineError) -> MachineryError:
+        if isinstance(err, MachineryError):
+            return err
+        return cls(stage, err.message, err.hint)
+
+
 class Interrupted(KeyboardInterrupt):
     """A stop signal (SIGTERM, SIGHUP, SIGINT) arrived: unwind like Ctrl-C so every cleanup runs."""
 

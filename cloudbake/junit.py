@@ -1,14 +1,18 @@
 """JUnit XML results among a run's artifacts, summed up for the log and for GitHub's job summary.
 
-The files come from the guest, so they are read defensively: a size cap, expat (which
-refuses entity expansion bombs since 2.4.1) without external entities, and anything that
-is not a JUnit report skipped rather than failing the run.
+The files come from the guest, so they are read defensively: a size cap, no document type
+declaration at all (a report with a DTD or entity declarations is skipped with a warning:
+one internal entity repeated cost the host 815 MiB for a 10 MiB report), and anything that
+is not a JUnit report skipped rather than failing the run. Test names are guest text too:
+one line, control characters removed, Markdown escaped where it is rendered.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
+import xml.parsers.expat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,59 @@ from cloudbake.log import stage_logger
 log = stage_logger("test-image")
 JUNIT_MAX_BYTES = 64 << 20
 FAILED_NAMES_SHOWN = 20
+NAME_MAX_CHARS = 300
+PROLOG_SCAN_BYTES = 64 << 10
+
+
+class _PrologDone(Exception):
+    """Raised by the prolog scan: the root element started (or a declaration was found)."""
+
+    def __init__(self, doctype: bool) -> None:
+        super().__init__()
+        self.doctype = doctype
+
+
+def has_doctype(path: Path) -> bool:
+    """True when the file declares a document type (a DTD, entities) before its root element.
+
+    Only the prolog is parsed, with expat, so the check costs a few KiB whatever the file holds.
+    """
+    parser = xml.parsers.expat.ParserCreate()
+
+    def doctype(*_: object) -> None:
+        raise _PrologDone(True)
+
+    def root(*_: object) -> None:
+        raise _PrologDone(False)
+
+    parser.StartDoctypeDeclHandler = doctype
+    parser.EntityDeclHandler = doctype
+    parser.StartElementHandler = root
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(PROLOG_SCAN_BYTES):
+                parser.Parse(chunk, False)
+            parser.Parse(b"", True)
+    except _PrologDone as done:
+        return done.doctype
+    except xml.parsers.expat.ExpatError:
+        return False    # not XML: ElementTree says so next
+    return False
+
+
+def clean_name(text: str) -> str:
+    """A guest's test name as one printable line: whitespace runs are one space, control characters gone."""
+    text = re.sub(r"\s+", " ", text)
+    text = "".join(c for c in text if c.isprintable())
+    return text[:NAME_MAX_CHARS].strip()
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&])")
+
+
+def escape_markdown(text: str) -> str:
+    """Backslash every character Markdown (GitHub's flavour) would read as markup or HTML."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 @dataclass(frozen=True)
@@ -47,16 +104,20 @@ def summarize_junit(candidates: Iterable[Path]) -> JunitSummary | None:
         if path.suffix != ".xml" or not path.is_file() or path.stat().st_size > JUNIT_MAX_BYTES:
             continue
         try:
+            if has_doctype(path):
+                log.warning("%s: declares a document type (DTD or entities); left out of the test summary",
+                            clean_name(path.name))
+                continue
             root = ET.parse(path).getroot()
         except (ET.ParseError, OSError, ValueError):
-            log.warning("%s: not readable as XML; left out of the test summary", path.name)
+            log.warning("%s: not readable as XML; left out of the test summary", clean_name(path.name))
             continue
         if root.tag not in ("testsuites", "testsuite"):
             continue
         files.append(os.fspath(path))
         for case in _cases(root):
             tests += 1
-            name = ".".join(filter(None, (case.get("classname"), case.get("name"))))
+            name = clean_name(".".join(filter(None, (case.get("classname"), case.get("name")))))
             if case.find("failure") is not None:
                 failures += 1
                 failed.append(name)
@@ -85,7 +146,7 @@ def render_markdown(summary: JunitSummary, title: str) -> str:
              f"| {summary.tests} | {summary.failures} | {summary.errors} | {summary.skipped} |"]
     if summary.failed:
         lines += ["", "Failing tests:", ""]
-        lines += [f"- `{name.replace('`', '')}`" for name in summary.failed[:FAILED_NAMES_SHOWN]]
+        lines += [f"- {escape_markdown(name)}" for name in summary.failed[:FAILED_NAMES_SHOWN]]
         more = len(summary.failed) - FAILED_NAMES_SHOWN
         if more > 0:
             lines.append(f"- ... and {more} more")

@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cloudbake.build import resolve_key
-from cloudbake.errors import PipelineError
+from cloudbake.errors import MachineryError, PipelineError
 from cloudbake.files import write_atomically
 from cloudbake.firmware import find_uefi, pflash_code, with_uefi
 from cloudbake.host import Host, detect_host, qemu_binary, qemu_version, resolve_accel
@@ -41,6 +40,7 @@ from cloudbake.qemu import VmSpec
 from cloudbake.runner import Arg, CommandTimeoutError, require_tool, run, spawn, stop_process, tail
 from cloudbake.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
 from cloudbake.store import Manifest, published_image, verify_chain
+from cloudbake.transfer import host_key_changed, receive_tar, send_tar
 from cloudbake.units import human_bytes
 from cloudbake.vmrun import VmRun, boot_with_fallback, qmp_command
 from cloudbake.warm import (
@@ -63,23 +63,6 @@ RUNS_FOLDER = ".runs"
 PORT_ATTEMPTS = 3
 # Guest-side files of cloudbake's own: the command's environment and its recorded exit status.
 GUEST_STATE = "~/.cloudbake"
-
-
-class MachineryError(PipelineError):
-    """cloudbake's own machinery failed (boot, SSH, upload, artifacts), not the user's command.
-
-    ``stage`` names the step, so a CI log says which one without reading the traceback.
-    """
-
-    def __init__(self, stage: str, message: str, hint: str | None = None) -> None:
-        super().__init__(f"{stage}: {message}", hint)
-        self.stage = stage
-
-    @classmethod
-    def from_error(cls, stage: str, err: PipelineError) -> MachineryError:
-        if isinstance(err, MachineryError):
-            return err
-        return cls(stage, err.message, err.hint)
 
 
 @dataclass(frozen=True)
@@ -362,13 +345,6 @@ def ssh_banner(port: int, timeout: float = 3.0) -> bool:
         return False
 
 
-def host_key_changed() -> MachineryError:
-    return MachineryError("ssh", "the test VM presented an SSH host key other than the one injected for this run; "
-                                 "refusing to connect",
-                          hint="something else answers on the forwarded port, or the guest's host key was "
-                               "replaced (by the test command?)")
-
-
 def remote_path(path: str) -> str:
     """A guest path for a shell command line: ``~`` and ``~/x`` become the run user's home, the rest is quoted."""
     if path == "~":
@@ -385,110 +361,6 @@ class Deadline:
 
     def left(self) -> float:
         return max(0.0, self.end - time.monotonic())
-
-
-# --- tar streams, both ways ---------------------------------------------------------------
-
-
-class _CappedReader:
-    """A file-like view of a stream that refuses to read past ``limit`` bytes."""
-
-    def __init__(self, stream: Any, limit: int) -> None:
-        self.stream, self.limit, self.count = stream, limit, 0
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self.stream.read(size)
-        self.count += len(data)
-        if self.count > self.limit:
-            raise _StreamTooLargeError()
-        return data
-
-
-class _StreamTooLargeError(Exception):
-    pass
-
-
-def extract_safely(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
-    """Only regular files and folders, only below ``dest``: the guest is not trusted to name host paths."""
-    if hasattr(tarfile, "data_filter"):  # Python 3.11.4+ and distro backports
-        try:
-            archive.extract(member, dest, filter="data")
-        except tarfile.FilterError as err:
-            raise PipelineError(f"refusing {member.name!r} from the guest: {err}") from None
-        return
-    target = (dest / member.name).resolve()
-    if dest.resolve() not in target.parents or not (member.isfile() or member.isdir()):
-        raise PipelineError(f"refusing {member.name!r} from the guest: not a plain file below {dest}")
-    archive.extract(member, dest)
-
-
-def receive_tar(argv: list[str], dest: Path, *, what: str, max_bytes: int, timeout_s: float,
-                limit_name: str, too_large_hint: str) -> list[str]:
-    """Run ``argv`` (ssh writing a tar stream) and extract it safely into ``dest``.
-
-    Bounded: at most ``max_bytes`` of stream and ``timeout_s`` seconds; a stream that ends
-    with tar or SSH failing is an error, never a partial success.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    with spawn(argv, stage="test-image", stdout=subprocess.PIPE, stderr=subprocess.PIPE) as spawned:
-        proc = spawned.proc
-        assert proc.stdout is not None and proc.stderr is not None
-        timer = threading.Timer(timeout_s, proc.kill)
-        timer.start()
-        names: list[str] = []
-        stream = _CappedReader(proc.stdout, max_bytes)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
-                for member in archive:
-                    extract_safely(archive, member, dest)
-                    names.append(member.name)
-            stderr = proc.stderr.read().decode(errors="replace")
-            proc.wait(30)
-        except _StreamTooLargeError:
-            raise PipelineError(f"{what}: larger than {limit_name} ({human_bytes(max_bytes)}); "
-                                f"{len(names)} file(s) copied into {dest} before stopping",
-                                hint=too_large_hint) from None
-        except tarfile.TarError as err:
-            stop_process(proc, 1)
-            stderr = proc.stderr.read().decode(errors="replace")
-            if "Host key verification failed" in stderr:
-                raise host_key_changed() from None
-            if not timer.is_alive():
-                raise PipelineError(f"{what}: did not finish within the time left ({timeout_s:.0f} s)",
-                                    hint="raise test.timeout") from None
-            raise PipelineError(f"{what}: the stream from the guest is broken ({err})",
-                                hint=tail(stderr) or None) from None
-        finally:
-            timer.cancel()
-    if proc.returncode == 255 and "Host key verification failed" in stderr:
-        raise host_key_changed()
-    if proc.returncode != 0:
-        raise PipelineError(f"{what}: failed (exit status {proc.returncode}) after {len(names)} file(s):\n"
-                            f"{tail(stderr)}", hint="a file that cannot be read, or the guest's tar; see above")
-    return names
-
-
-def send_tar(tar_argv: Sequence[Arg], ssh: list[str], *, cwd: Path, what: str, timeout_s: float) -> None:
-    """Pipe a local ``tar -c`` straight into SSH: the bytes never touch the host's disk again."""
-    with contextlib.ExitStack() as stack:
-        tar = stack.enter_context(spawn(tar_argv, stage="test-image", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        cwd=cwd)).proc
-        remote = stack.enter_context(spawn(ssh, stage="test-image", stdin=tar.stdout, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.PIPE)).proc
-        assert tar.stdout is not None and tar.stderr is not None and remote.stderr is not None
-        tar.stdout.close()  # SSH holds the pipe now; tar sees SIGPIPE if SSH dies
-        try:
-            remote.wait(timeout_s)
-            tar.wait(30)
-        except subprocess.TimeoutExpired:
-            raise PipelineError(f"{what}: did not finish within {timeout_s:.0f} s") from None
-        tar_err = tar.stderr.read().decode(errors="replace")
-        ssh_err = remote.stderr.read().decode(errors="replace")
-    if remote.returncode == 255 and "Host key verification failed" in ssh_err:
-        raise host_key_changed()
-    if remote.returncode != 0 or tar.returncode != 0:
-        raise PipelineError(f"{what}: failed (guest side exit status {remote.returncode}, host tar "
-                            f"{tar.returncode}):\n{tail(ssh_err + tar_err)}")
 
 
 # --- a VM -----------------------------------------------------------------------------------
@@ -902,11 +774,24 @@ class Machine:
                 raise MachineryError.from_error("get", err) from None
             if not names:
                 raise MachineryError("get", f"{remote}: nothing to copy out of the guest")
-            top = Path(tmp) / Path(names[0]).parts[0]
+            # The guest was asked for one file or folder: every member must lie under the
+            # first one, a single plain name. Anything else is refused before the caller's
+            # path is touched.
+            top = names[0].split("/", 1)[0]
+            if names[0] != top or any(name != top and not name.startswith(top + "/") for name in names):
+                raise MachineryError("get", f"{remote}: the guest sent {names[0][:200]!r} and more than the one "
+                                            "file or folder asked for; refused, nothing copied")
             local.parent.mkdir(parents=True, exist_ok=True)
-            if local.is_dir() and not local.is_symlink():
-                shutil.rmtree(local)
-            os.replace(top, local)
+            old = Path(tmp) / ".replaced"
+            moved = local.is_dir() and not local.is_symlink()
+            try:
+                if moved:
+                    os.replace(local, old)    # moved aside, deleted with the temporary folder
+                os.replace(Path(tmp) / top, local)
+            except OSError as err:
+                if moved and not local.exists():
+                    os.replace(old, local)
+                raise MachineryError("get", f"cannot put {remote} at {local}: {err.strerror or err}") from None
         return local
 
     def fetch_artifacts(self, patterns: Sequence[str], dest: Path) -> list[str]:
