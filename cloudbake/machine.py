@@ -832,7 +832,8 @@ class Machine:
         assert self.files is not None
         listing = self.files.folder / "upload.list"
         listing.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
-        tar: list[Arg] = [require_tool("tar", "tar"), "-c", "-f", "-", "--null", "-T", listing]
+        # --no-recursion: the listing names every file itself (upload.py), cloudbake's own folders left out.
+        tar: list[Arg] = [require_tool("tar", "tar"), "-c", "-f", "-", "--no-recursion", "--null", "-T", listing]
         unpack = (f"tar -x -f - -C {remote_path(self.pipeline.test.workdir)} --no-same-owner "
                   "--warning=no-timestamp")
         try:

@@ -1,10 +1,21 @@
-"""What test.upload sends into the guest: the git work tree holding the pipeline, or listed paths."""
+"""What test.upload sends into the guest: the git work tree holding the pipeline, or listed paths.
+
+The user's files and only those. Whatever the user's ignore files say, cloudbake's own
+folders (``output.dir``, ``build.dir``, ``cache.dir``: baked images, downloads, warm sets
+with their keys, run folders) and doit's state are never sent: a newcomer's layout keeps
+them inside the work tree. Globs are matched by a walk that never follows a symlinked
+folder and drops anything whose real path leaves the pipeline's folder, under a deadline,
+and every folder is listed file by file, so tar (run with ``--no-recursion``) sends exactly
+the names listed here.
+"""
 
 from __future__ import annotations
 
-import glob
 import os
+import re
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cloudbake.errors import PipelineError
@@ -13,6 +24,121 @@ from cloudbake.pipeline import Pipeline
 from cloudbake.runner import run
 
 log = stage_logger("test-image")
+LISTING_DEADLINE_S = 60.0
+LISTING_MAX_ENTRIES = 1_000_000
+_MAGIC = re.compile(r"[*?\[]")
+
+
+def own_paths(pipeline: Pipeline) -> tuple[Path, ...]:
+    """cloudbake's own folders and files for this pipeline, as real paths: never uploaded."""
+    # doit's state of every pipeline in the folder (with SQLite's -wal/-shm/-journal files).
+    states = pipeline.file.parent.glob(".doit-*.sqlite*")
+    found = [pipeline.output_dir, pipeline.build_dir, pipeline.cache_dir, *states]
+    return tuple(Path(os.path.realpath(path)) for path in found)
+
+
+class Listing:
+    """Names below ``root`` (relative, '/'-separated), walked without following links, minus ``skip``."""
+
+    def __init__(self, root: Path, skip: tuple[Path, ...], deadline_s: float | None = None) -> None:
+        self.root = Path(os.path.realpath(root))
+        self.skip = skip
+        self.end = time.monotonic() + (LISTING_DEADLINE_S if deadline_s is None else deadline_s)
+        self.count = 0
+
+    def is_own(self, path: Path) -> bool:
+        return any(path == own or own in path.parents for own in self.skip)
+
+    def keep(self, name: str, entry: os.DirEntry[str] | None = None) -> bool:
+        """False for cloudbake's own paths and for names whose real path leaves the root."""
+        if entry is not None and not entry.is_symlink():   # below a real folder of the root: no resolving
+            return not self.is_own(self.root / name)
+        real = Path(os.path.realpath(self.root / name))
+        link = Path(os.path.realpath((self.root / name).parent)) / Path(name).name
+        if self.is_own(real) or self.is_own(link):
+            return False
+        return real == self.root or self.root in real.parents
+
+    def _tick(self) -> None:
+        self.count += 1
+        if self.count > LISTING_MAX_ENTRIES or time.monotonic() > self.end:
+            raise PipelineError(f"test.upload: listing {self.root} took longer than {LISTING_DEADLINE_S:.0f} s "
+                                f"or more than {LISTING_MAX_ENTRIES:,} entries; stopped",
+                                hint="narrow test.upload to the folders the tests need")
+
+    def walk(self, top: str, max_depth: int | None = None) -> Iterator[str]:
+        """``top`` (a folder name, '' for the root) and everything below it, depth-limited; links not entered."""
+        start = self.root / top if top else self.root
+        if os.path.islink(start) or not start.is_dir():
+            return
+        stack: list[tuple[str, int]] = [(top, 0)]
+        while stack:
+            folder, depth = stack.pop()
+            try:
+                entries = sorted(os.scandir(self.root / folder if folder else self.root), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                self._tick()
+                name = f"{folder}/{entry.name}" if folder else entry.name
+                if not self.keep(name, entry):
+                    continue
+                yield name
+                if entry.is_dir(follow_symlinks=False) and (max_depth is None or depth + 1 < max_depth):
+                    stack.append((name, depth + 1))
+
+
+def translate(pattern: str) -> re.Pattern[str]:
+    """A glob as a regex over '/'-separated names: ``*`` and ``?`` stay in one component, ``**`` spans any."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and (close := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1:close]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out, i = out + "[" + body.replace("\\", "\\\\") + "]", close + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def match_pattern(listing: Listing, pattern: str) -> list[str]:
+    """The names ``pattern`` matches below the listing's root (folders included as names)."""
+    parts = [part for part in pattern.split("/") if part not in ("", ".")]
+    clean = "/".join(parts)
+    if not clean:   # '.': the whole folder
+        return list(listing.walk(""))
+    literal = []
+    for part in parts:
+        if _MAGIC.search(part):
+            break
+        literal.append(part)
+    if len(literal) == len(parts):   # no wildcard: the path itself
+        return [clean] if os.path.lexists(listing.root / clean) and listing.keep(clean) else []
+    top = "/".join(literal)
+    depth = None if "**" in clean else len(parts) - len(literal)
+    regex = translate(clean)
+    return [name for name in listing.walk(top, depth) if regex.match(name)]
+
+
+def expand(listing: Listing, names: list[str]) -> list[str]:
+    """Every folder among ``names`` followed by what it holds, so tar needs no recursion of its own."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        for item in (name, *(listing.walk(name) if os.path.isdir(listing.root / name)
+                             and not os.path.islink(listing.root / name) else ())):
+            if item not in seen:
+                seen.add(item)
+                out.append(item)
+    return out
 
 
 def upload_selection(pipeline: Pipeline) -> tuple[Path, list[str]] | None:
@@ -22,15 +148,22 @@ def upload_selection(pipeline: Pipeline) -> tuple[Path, list[str]] | None:
     if upload is None:
         return None
     if upload == "git":
-        return git_work_tree_files(base)
+        found = git_work_tree_files(base)
+        if found is None:
+            return None
+        root, listed = found
+        listing = Listing(root, own_paths(pipeline))
+        return listing.root, expand(listing, [name for name in listed if listing.keep(name)])
+    listing = Listing(base, own_paths(pipeline))
     names: list[str] = []
     for pattern in upload:
-        matches = sorted(glob.glob(pattern, root_dir=base, recursive=True, include_hidden=True))
+        matches = match_pattern(listing, pattern)
         if not matches:
             raise PipelineError(f"test.upload: {pattern!r} matches nothing in {base}",
-                                hint="paths and globs are relative to the pipeline's folder")
-        names += [m for m in matches if m not in names]
-    return base, names
+                                hint="paths and globs are relative to the pipeline's folder (cloudbake's own "
+                                     "folders and links that leave it are never uploaded)")
+        names += matches
+    return listing.root, expand(listing, names)
 
 
 def git_work_tree_files(folder: Path) -> tuple[Path, list[str]] | None:
