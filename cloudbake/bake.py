@@ -29,6 +29,8 @@ from cloudbake.host import detect_host, qemu_binary, qemu_version, resolve_accel
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths, resolve_paths
 from cloudbake.pipeline import Firmware, Pipeline
+from cloudbake.qcow2 import MAGIC as QCOW2_MAGIC
+from cloudbake.qcow2 import check_standalone
 from cloudbake.qemu import VmSpec
 from cloudbake.registry import pull_before_bake, share_after_bake
 from cloudbake.runner import require_tool, run
@@ -134,6 +136,10 @@ def inspect_upstream(upstream: Path) -> dict[str, Any]:
     leaking into an image shared with others). The checksum only proves the bytes
     are upstream's, not that they are harmless.
     """
+    with open(upstream, "rb") as f:
+        is_qcow2 = f.read(4) == QCOW2_MAGIC
+    if is_qcow2:   # before qemu-img opens it: a json:/nbd: backing or data file would be opened too
+        check_standalone(upstream, "the upstream image", hint="upstream cloud images stand alone; check source.mirror")
     try:
         info = qemu_img_info(upstream)
     except PipelineError as err:

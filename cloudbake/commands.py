@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cloudbake.errors import Interrupted, PipelineError, stop_signals_unwind
+from cloudbake.errors import Interrupted, MachineryError, PipelineError, stop_signals_unwind
 from cloudbake.log import redact, stage_logger
-from cloudbake.machine import Machine, MachineryError, RunInfo, list_runs, ssh_argv, stop_run
+from cloudbake.machine import Machine, RunInfo, list_runs, ssh_argv, stop_run
 from cloudbake.paths import Paths, resolve_paths
 from cloudbake.pipeline import Pipeline, load_images, select_image
 from cloudbake.testrun import EXIT_MACHINERY, run_test_image

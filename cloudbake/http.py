@@ -120,11 +120,9 @@ def fetch_small(session: requests.Session, url: str, max_bytes: int, http: HttpS
             _check_status(response, url)
             if response.status_code >= 500:
                 raise ServerError(f"{url} answered {response.status_code} {response.reason}")
-            data = b""
-            for chunk in response.iter_content(64 << 10):
-                data += chunk
-                if len(data) > max_bytes:
-                    raise PipelineError(f"{url} is larger than {human_bytes(max_bytes)}; refusing it")
+            data = read_body(response, max_bytes, url, http)
+            if len(data) > max_bytes:
+                raise PipelineError(f"{url} is larger than {human_bytes(max_bytes)}; refusing it")
             return data
 
     return with_retries(attempt, url, http)
@@ -308,6 +306,105 @@ def body_chunks(response: requests.Response) -> Iterator[bytes]:
         raise requests.exceptions.ChunkedEncodingError(str(err)) from None
 
 
+class RateFloor:
+    """Cuts off a body that averages less than ``min_rate_bytes_s`` over a whole window.
+
+    A server that sends a byte now and then never trips the read timeout; every body cloudbake
+    reads (images, checksums, registry manifests, tokens, layers) counts its bytes here.
+    """
+
+    def __init__(self, url: str, http: HttpSettings) -> None:
+        self.url, self.http = url, http
+        self.start, self.count = time.monotonic(), 0
+
+    def add(self, count: int) -> None:
+        self.count += count
+        elapsed = time.monotonic() - self.start
+        if elapsed >= self.http.rate_window_s:
+            if self.count < self.http.min_rate_bytes_s * elapsed:
+                raise ServerError(f"{self.url}: {human_bytes(self.count)} in {elapsed:.0f} s, slower than "
+                                  f"{human_bytes(self.http.min_rate_bytes_s)}/s; cut off")
+            self.start, self.count = time.monotonic(), 0
+
+
+class TransferStoppedError(Exception):
+    """A transfer's stop flag was set (Ctrl-C, SIGTERM, or another part failed): end this part now."""
+
+
+def read_body(response: requests.Response, max_bytes: int, url: str, http: HttpSettings) -> bytes:
+    """A small body (a manifest, a token), at most ``max_bytes`` + 1 bytes, under the rate floor."""
+    import urllib3
+
+    floor = RateFloor(url, http)
+    data = bytearray()
+    try:
+        # Decoded (a mirror may gzip a checksum file), in small reads so a compressed bomb
+        # never expands far past the cap in one step.
+        while chunk := response.raw.read1(64 << 10, decode_content=True):
+            data += chunk
+            floor.add(len(chunk))
+            if len(data) > max_bytes:
+                break
+    except urllib3.exceptions.ReadTimeoutError as err:
+        raise requests.ReadTimeout(str(err)) from None
+    except (urllib3.exceptions.HTTPError, OSError) as err:
+        raise requests.exceptions.ChunkedEncodingError(str(err)) from None
+    return bytes(data)
+
+
+def run_parallel(task: Callable[[int], None], items: list[int], workers: int, stop: threading.Event) -> None:
+    """``task(item)`` for every item on up to ``workers`` daemon threads; returns when all are done.
+
+    The first error sets ``stop`` and is raised here; so does Ctrl-C or SIGTERM arriving in the
+    caller (the main thread). Tasks check ``stop`` between chunks, so the caller unwinds within
+    a couple of seconds instead of waiting for every part in flight: the threads are daemons and
+    are given only a short join.
+    """
+    pending = list(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    finished = threading.Event()
+    left = [len(pending)]
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                if not pending:
+                    return
+                item = pending.pop(0)
+            try:
+                task(item)
+            except BaseException as err:   # handed to the caller
+                with lock:
+                    errors.append(err)
+                stop.set()
+            finally:
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        finished.set()
+
+    if not pending:
+        return
+    threads = [threading.Thread(target=worker, name=f"cloudbake-transfer-{n}", daemon=True)
+               for n in range(max(1, min(workers, len(pending))))]
+    for thread in threads:
+        thread.start()
+    try:
+        while not finished.wait(0.2) and not stop.is_set():
+            pass
+    finally:
+        stop.set()
+        deadline = time.monotonic() + 2.0
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    real = [err for err in errors if not isinstance(err, TransferStoppedError)]
+    if real:
+        raise real[0]
+    if errors:
+        raise errors[0]
+
+
 def _download_attempt(session: requests.Session, url: str, part: Path, validator_file: Path,
                       http: HttpSettings, expected_size: int | None) -> bool:
     """One HTTP request; True when the whole file is in ``part``."""
@@ -355,7 +452,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         _running.pop(part, None)
         hasher = BackgroundHasher(digest)
         try:
-            window_start, window_bytes = time.monotonic(), 0
+            floor = RateFloor(url, http)
             with open(part, mode) as out:
                 for chunk in body_chunks(response):
                     if size + len(chunk) > limit:
@@ -365,13 +462,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
                     hasher.update(chunk)
                     size += len(chunk)
                     progress.update(len(chunk))
-                    window_bytes += len(chunk)
-                    elapsed = time.monotonic() - window_start
-                    if elapsed >= http.rate_window_s:
-                        if window_bytes < http.min_rate_bytes_s * elapsed:
-                            raise ServerError(f"{url}: {human_bytes(window_bytes)} in {elapsed:.0f} s, slower than "
-                                               f"{human_bytes(http.min_rate_bytes_s)}/s; cut off")
-                        window_start, window_bytes = time.monotonic(), 0
+                    floor.add(len(chunk))
         finally:
             progress.close()
             hasher.finish()

@@ -26,7 +26,7 @@ NAME_MAX_CHARS = 300
 PROLOG_SCAN_BYTES = 64 << 10
 
 
-class _PrologDone(Exception):
+class _PrologEndError(Exception):
     """Raised by the prolog scan: the root element started (or a declaration was found)."""
 
     def __init__(self, doctype: bool) -> None:
@@ -42,10 +42,10 @@ def has_doctype(path: Path) -> bool:
     parser = xml.parsers.expat.ParserCreate()
 
     def doctype(*_: object) -> None:
-        raise _PrologDone(True)
+        raise _PrologEndError(True)
 
     def root(*_: object) -> None:
-        raise _PrologDone(False)
+        raise _PrologEndError(False)
 
     parser.StartDoctypeDeclHandler = doctype
     parser.EntityDeclHandler = doctype
@@ -55,7 +55,7 @@ def has_doctype(path: Path) -> bool:
             while chunk := f.read(PROLOG_SCAN_BYTES):
                 parser.Parse(chunk, False)
             parser.Parse(b"", True)
-    except _PrologDone as done:
+    except _PrologEndError as done:
         return done.doctype
     except xml.parsers.expat.ExpatError:
         return False    # not XML: ElementTree says so next

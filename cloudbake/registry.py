@@ -23,7 +23,6 @@ chunked-upload resume, which CI fleets need.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import hashlib
 import ipaddress
 import json
@@ -42,12 +41,35 @@ import requests
 
 from cloudbake.errors import PipelineError
 from cloudbake.files import file_lock, sha256_file, write_atomically
-from cloudbake.http import HttpSettings, Progress, ServerError, body_chunks, make_session, with_retries
+from cloudbake.http import (
+    UNPINNED_MAX_BYTES,
+    HttpSettings,
+    Progress,
+    RateFloor,
+    ServerError,
+    TransferStoppedError,
+    body_chunks,
+    make_session,
+    read_body,
+    run_parallel,
+    with_retries,
+)
 from cloudbake.log import stage_logger, strip_credentials
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline, RemoteCache
+from cloudbake.qcow2 import check_standalone
 from cloudbake.runner import run
-from cloudbake.store import Manifest, install, is_published, manifest_path, published_image, verify_published
+from cloudbake.store import (
+    Manifest,
+    install,
+    is_published,
+    manifest_path,
+    published_image,
+    pull_staging,
+    qemu_img_info,
+    sweep_pull_staging,
+    verify_published,
+)
 from cloudbake.units import human_bytes
 
 log = stage_logger("registry")
@@ -78,6 +100,9 @@ class RegistrySettings:
     # resumable from what the registry says it has.
     upload_chunk_bytes: int = 16 << 20
     pull_parallel: int = 4   # layers moved at once, pushing and pulling
+    # A manifest whose layers add up to more is refused before a layer is fetched (the cap
+    # on a download whose size nothing pinned).
+    max_image_bytes: int = UNPINNED_MAX_BYTES
     http: HttpSettings = field(default_factory=HttpSettings)
 
 
@@ -215,27 +240,69 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``url``: what credentials are bound to."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
+
+
+def describe_origin(found: tuple[str, str, int]) -> str:
+    return f"{found[0]}://{found[1]}:{found[2]}"
+
+
 class RegistryAuth(requests.auth.AuthBase):
     """Anonymous first; a 401 is answered once (Basic, or a Bearer token from the realm) and the request resent.
 
+    Credentials and tokens are bound to the registry's origin (scheme, host, port): the
+    header goes only on requests to it, a challenge from any other origin (a blob redirect to
+    storage that answers 401) is an error and never answered, and a redirect that would
+    downgrade to plain HTTP is refused. With credentials, every request to the registry must
+    go over TLS or to loopback, not only the one that answers a 401.
+
     Every request this module sends has a body of bytes or none, so it can be sent again.
-    Tokens expire: a later 401 fetches a new one. Credentials go only over TLS or to loopback.
+    Tokens expire: a later 401 fetches a new one.
     """
 
-    def __init__(self, credentials: Credentials | None, verify: bool | str, http: HttpSettings) -> None:
+    def __init__(self, credentials: Credentials | None, verify: bool | str, http: HttpSettings,
+                 registry_url: str = "") -> None:
         self.credentials, self.verify, self.http = credentials, verify, http
+        self.origin = origin(registry_url) if registry_url else None
         self.header: str | None = None
         self.lock = threading.Lock()
 
+    def is_registry(self, url: str) -> bool:
+        return self.origin is None or origin(url) == self.origin
+
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if self.header:
-            request.headers["Authorization"] = self.header
+        url = request.url or ""
+        if self.is_registry(url):
+            if self.credentials is not None or self.header:
+                self._check_channel(url)
+            if self.header:
+                request.headers["Authorization"] = self.header
+        else:
+            request.headers.pop("Authorization", None)
         request.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
         return request
 
     def _on_response(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+        if response.is_redirect:
+            self._check_redirect(response)
         if response.status_code != 401 or getattr(response.request, "cloudbake_answered", False):
             return response
+        if not self.is_registry(response.url):
+            response.close()
+            assert self.origin is not None
+            raise PipelineError(f"{describe_origin(origin(response.url))} asked for credentials (401) while "
+                                f"serving the registry {describe_origin(self.origin)}; not answered: credentials "
+                                "go to the registry's own origin only",
+                                hint="the registry redirects to storage that wants its own credentials; fix the "
+                                     "registry's storage settings")
         with self.lock:
             header = self._answer(response.headers.get("WWW-Authenticate", ""), response.url)
         if header is None:
@@ -250,6 +317,10 @@ class RegistryAuth(requests.auth.AuthBase):
         resent.history.append(response)
         resent.request = again
         return resent
+
+    def _check_redirect(self, response: requests.Response) -> None:
+        target = urllib.parse.urljoin(response.url, response.headers.get("Location", ""))
+        check_no_downgrade(response.url, target)
 
     def _check_channel(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -296,7 +367,7 @@ class RegistryAuth(requests.auth.AuthBase):
                     hint=_credentials_hint(creds))
             if response.status_code >= 400:
                 raise PipelineError(f"the registry's token service {realm} answered {response.status_code}")
-            body = response.raw.read(MAX_TOKEN_BYTES + 1, decode_content=True)
+            body = read_body(response, MAX_TOKEN_BYTES, strip_credentials(realm), self.http)
         try:
             answer = json.loads(body) if len(body) <= MAX_TOKEN_BYTES else None
             token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
@@ -305,6 +376,15 @@ class RegistryAuth(requests.auth.AuthBase):
         if not isinstance(token, str) or not token:
             raise PipelineError(f"the registry's token service {realm} answered without a token")
         return token
+
+
+def check_no_downgrade(source: str, target: str) -> None:
+    """A registry on TLS may send us elsewhere (blob storage, an upload session), never to plain HTTP."""
+    if urllib.parse.urlsplit(source).scheme == "https" and urllib.parse.urlsplit(target).scheme != "https":
+        raise PipelineError(f"{strip_credentials(source)} sent cloudbake to {strip_credentials(target)[:200]}, "
+                            "plain HTTP; refused (the registry is spoken to over TLS only)",
+                            hint="a proxy or the registry's settings rewrite its URLs to http://; fix its "
+                                 "external URL (distribution: http.host)")
 
 
 def _credentials_hint(creds: Credentials | None) -> str:
@@ -370,7 +450,8 @@ class Registry:
         self.credentials = credentials
         verify = str(remote.ca_file) if remote.ca_file else True
         self.session = make_session(verify)
-        self.session.auth = RegistryAuth(credentials, verify, self.http)
+        self.session.auth = RegistryAuth(credentials, verify, self.http, self.api)
+        self.stop = threading.Event()   # set on Ctrl-C, SIGTERM or a failed part: every transfer ends
 
     def _timeout(self) -> tuple[float, float]:
         return (self.http.connect_timeout_s, self.http.read_timeout_s)
@@ -386,9 +467,17 @@ class Registry:
             try:
                 response = self.session.request(method, url, timeout=self._timeout(), **kwargs)
             except requests.exceptions.SSLError as err:
-                hint = ("set cache.ca_file to the CA that signed the registry's certificate" if not self.remote.ca_file
-                        else f"{self.remote.ca_file} does not vouch for this registry's certificate")
-                raise PipelineError(f"{self.remote.registry}: TLS verification failed ({_ssl_reason(err)})",
+                reason = _ssl_reason(err)
+                local = is_loopback(urllib.parse.urlsplit("//" + self.remote.registry).hostname or "")
+                if "plain HTTP" in reason:
+                    hint = ("set cache.plain_http: true (a registry on this machine may speak plain HTTP; "
+                            "credentials still go to loopback only)" if local
+                            else "give the registry TLS, or set cache.plain_http: true for anonymous use")
+                elif not self.remote.ca_file:
+                    hint = "set cache.ca_file to the CA that signed the registry's certificate"
+                else:
+                    hint = f"{self.remote.ca_file} does not vouch for this registry's certificate"
+                raise PipelineError(f"{self.remote.registry}: TLS verification failed ({reason})",
                                     hint=hint) from None
             if response.status_code in ok:
                 return response
@@ -426,15 +515,24 @@ class Registry:
         length = response.headers.get("Content-Length", "")
         return not length.isdigit() or int(length) == blob.size
 
+    def fetch_body(self, url: str, what: str, ok: tuple[int, ...], limit: int,
+                   **kwargs: Any) -> tuple[requests.Response, bytes]:
+        """GET a small body (a manifest, the config) with retries, under the rate floor; at most ``limit`` + 1 bytes."""
+        def attempt() -> tuple[requests.Response, bytes]:
+            response = self.request("GET", url, what, ok, stream=True, **kwargs)
+            with response:
+                if response.status_code not in (200, 206):
+                    return response, b""
+                return response, read_body(response, limit, url, self.http)
+        return with_retries(attempt, f"{self.remote.url} ({what})", self.http)
+
     def manifest(self, reference: str) -> bytes | None:
         """The manifest tagged ``reference``, or None when there is none."""
         url = f"{self.api}/manifests/{reference}"
-        response = self.request("GET", url, f"the manifest {reference}", (200, 404),
-                                headers={"Accept": MANIFEST_TYPE}, stream=True)
-        with response:
-            if response.status_code == 404:
-                return None
-            body = response.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+        response, body = self.fetch_body(url, f"the manifest {reference}", (200, 404), MAX_MANIFEST_BYTES,
+                                         headers={"Accept": MANIFEST_TYPE})
+        if response.status_code == 404:
+            return None
         if len(body) > MAX_MANIFEST_BYTES:
             raise PipelineError(f"{self.remote.url}: the manifest {reference} is larger than "
                                 f"{human_bytes(MAX_MANIFEST_BYTES)}; refused")
@@ -448,9 +546,7 @@ class Registry:
         if size > limit:
             raise PipelineError(f"{self.remote.url}: blob {digest[:19]} announces {human_bytes(size)}, more than "
                                 f"{human_bytes(limit)}; refused")
-        response = self.request("GET", self.blob_url(digest), f"blob {digest[:19]}", (200,), stream=True)
-        with response:
-            body = response.raw.read(limit + 1, decode_content=True)
+        _, body = self.fetch_body(self.blob_url(digest), f"blob {digest[:19]}", (200,), limit)
         if len(body) != size or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
             raise PipelineError(f"{self.remote.url}: blob {digest[:19]} does not match its digest or size; refused",
                                 hint="the registry holds a corrupted copy: push the image again")
@@ -478,7 +574,19 @@ class Registry:
         response = self.request("POST", f"{self.api}/blobs/uploads/", "starting an upload", (202,),
                                 headers={"Content-Length": "0"})
         response.close()
-        return _location(response)
+        return self._location(response)
+
+    def _location(self, response: requests.Response) -> str:
+        """Where an upload goes on: the registry's Location, never a downgrade to plain HTTP.
+
+        A Location on another origin is followed without credentials (RegistryAuth binds them).
+        """
+        location = response.headers.get("Location")
+        if not location:
+            raise PipelineError(f"{response.url}: the registry answered {response.status_code} without a Location")
+        target = urllib.parse.urljoin(response.url, location)
+        check_no_downgrade(self.api, target)
+        return target
 
     def _upload_status(self, location: str, confirmed: int) -> int | None:
         """How many bytes the registry holds of an unfinished upload; None if it forgot the upload.
@@ -514,6 +622,8 @@ class Registry:
             if state["location"] is None:
                 state["location"], state["offset"] = self._start_upload(), 0
             while state["offset"] < blob.size:
+                if self.stop.is_set():
+                    raise TransferStoppedError()
                 start = state["offset"]
                 length = min(self.settings.upload_chunk_bytes, blob.size - start)
                 response = self.session.patch(state["location"], data=blob.read(start, length),
@@ -523,7 +633,7 @@ class Registry:
                 if response.status_code != 202:
                     self.fail(response, f"upload of {blob.title}")   # reads the registry's reason, then closes
                 response.close()
-                state["location"] = _location(response)
+                state["location"] = self._location(response)
                 state["offset"] = start + length
                 progress.update(length)
             self.request("PUT", _with_digest(state["location"], blob.digest), f"completing {blob.title}", (201,),
@@ -538,15 +648,10 @@ class Registry:
 
 def _ssl_reason(err: Exception) -> str:
     text = str(err)
+    if re.search(r"WRONG_VERSION_NUMBER|record layer failure|unknown protocol|http request", text, re.I):
+        return "the registry speaks plain HTTP, not TLS"
     match = re.search(r"certificate verify failed: ([^(\]')]+)", text)
     return match.group(1).strip() if match else "the certificate is not trusted"
-
-
-def _location(response: requests.Response) -> str:
-    location = response.headers.get("Location")
-    if not location:
-        raise PipelineError(f"{response.url}: the registry answered {response.status_code} without a Location")
-    return urllib.parse.urljoin(response.url, location)
 
 
 def _with_digest(location: str, digest: str) -> str:
@@ -676,9 +781,13 @@ def push_image(remote: RemoteCache, image: Path, settings: RegistrySettings | No
     try:
         sent = config.size if registry.upload(config, progress) else 0
         # Layers go up several at once, like a pull fetches them: one stream rarely fills the link.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, settings.pull_parallel)) as pool:
-            sent += sum(blob.size for blob, went in zip(layers, pool.map(lambda b: registry.upload(b, progress),
-                                                                        layers), strict=True) if went)
+        went: dict[int, bool] = {}
+
+        def one(index: int) -> None:
+            went[index] = registry.upload(layers[index], progress)
+
+        run_parallel(one, list(range(len(layers))), settings.pull_parallel, registry.stop)
+        sent += sum(blob.size for index, blob in enumerate(layers) if went.get(index))
     finally:
         progress.close()
     doc = manifest.document
@@ -736,10 +845,19 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
         if manifest.image_sha256 is None or total != file_size:
             raise PipelineError(f"{where}: the layers ({human_bytes(total)}) do not add up to the image its manifest "
                                 "describes; refused", hint="push the image again")
+        if total > settings.max_image_bytes:
+            raise PipelineError(f"{where}: the artifact's layers add up to {human_bytes(total)}, more than the "
+                                f"{human_bytes(settings.max_image_bytes)} an image may be; refused before any layer "
+                                "is fetched", hint="cache.remote must name a repository that only cloudbake "
+                                                   "pushes to")
+        if manifest.document.get("image", {}).get("backing"):
+            raise PipelineError(f"{where}: the artifact describes a layer over another image; refused (the registry "
+                                "cache holds self-contained images only)")
+        sweep_pull_staging(paths.output_dir)
         started = time.monotonic()
         log.info("pulling %s (%s in %d layer%s) from %s", dest.name, human_bytes(total), len(artifact.layers),
                  "" if len(artifact.layers) == 1 else "s", where)
-        work = paths.output_dir / f".{dest.name}.pull"
+        work = pull_staging(dest)
         image = work / "image"
         try:
             fetch_layers(registry, artifact, work, settings)
@@ -751,6 +869,20 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
             shutil.rmtree(work, ignore_errors=True)
             raise PipelineError(f"{dest.name}: the pulled image does not match the SHA-256 its manifest records; "
                                 "refused", hint="push the image again")
+        # The registry is data from outside, like the upstream mirror: the joined image must
+        # stand alone before anything (qemu-img included) opens it.
+        try:
+            check_standalone(image, "the pulled image", hint="the registry serves an image cloudbake did not push; "
+                                                             "cache.remote must name a repository only cloudbake "
+                                                             "pushes to")
+            info = qemu_img_info(image)
+            if info.get("format") != "qcow2" or info.get("backing-filename") or \
+                    (info.get("format-specific") or {}).get("data", {}).get("data-file"):
+                raise PipelineError(f"{dest.name} (the pulled image): qemu-img reads it as "
+                                    f"{str(info.get('format'))[:40]!r} naming other files; refused")
+        except PipelineError:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         install(image, dest, manifest.document)
         shutil.rmtree(work, ignore_errors=True)
         log.info("pulled %s in %.1f s", dest.name, time.monotonic() - started)
@@ -762,7 +894,7 @@ def fetch_layers(registry: Registry, artifact: Artifact, work: Path, settings: R
 
     No joining copy: each layer is written at its offset. A dropped connection resumes the
     layer with Range; a later pull (after Ctrl-C, a crash) keeps the layers ``work/done.json``
-    lists and fetches the rest.
+    lists and fetches the rest. Ctrl-C or SIGTERM ends every layer in flight at its next chunk.
     """
     work.mkdir(parents=True, exist_ok=True)
     image, record = work / "image", work / "done.json"
@@ -776,29 +908,28 @@ def fetch_layers(registry: Registry, artifact: Artifact, work: Path, settings: R
     progress = Progress(f"pull of {registry.remote.url}", total,
                         sum(size for index, (_, size) in enumerate(layers) if index in done), stage="registry")
     lock = threading.Lock()
-    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.truncate(fd, total)
+    with open(image, "ab") as f:
+        f.truncate(total)
 
-        def one(index: int) -> None:
-            digest, size = layers[index]
+    def one(index: int) -> None:
+        digest, size = layers[index]
+        # Each part writes through its own descriptor, closed by the part itself: a part still
+        # running after the caller unwound never writes into a descriptor the caller reused.
+        fd = os.open(image, os.O_WRONLY)
+        try:
             fetch_layer(registry, digest, size, fd, offsets[index], settings.http, progress)
-            with lock:
-                done.add(index)
-                write_atomically(record, json.dumps(sorted(done)).encode())
+        finally:
+            os.close(fd)
+        with lock:
+            if registry.stop.is_set():
+                return
+            done.add(index)
+            write_atomically(record, json.dumps(sorted(done)).encode())
 
-        todo = [index for index in range(len(layers)) if index not in done]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, settings.pull_parallel)) as pool:
-            jobs = [pool.submit(one, index) for index in todo]
-            try:
-                for job in concurrent.futures.as_completed(jobs):
-                    job.result()
-            except BaseException:
-                for job in jobs:
-                    job.cancel()
-                raise
+    try:
+        run_parallel(one, [index for index in range(len(layers)) if index not in done], settings.pull_parallel,
+                     registry.stop)
     finally:
-        os.close(fd)
         progress.close()
 
 
@@ -818,7 +949,10 @@ def fetch_layer(registry: Registry, digest: str, size: int, fd: int, offset: int
                 have, hasher = 0, hashlib.sha256()   # no range support: from the start
             elif response.status_code not in (200, 206):
                 registry.fail(response, f"blob {digest[:19]}")
+            floor = RateFloor(url, http)
             for chunk in body_chunks(response):
+                if registry.stop.is_set():
+                    raise TransferStoppedError()
                 if have + len(chunk) > size:
                     raise PipelineError(f"{url}: the registry sent more than the {human_bytes(size)} the manifest "
                                         "announces; refused")
@@ -826,6 +960,7 @@ def fetch_layer(registry: Registry, digest: str, size: int, fd: int, offset: int
                 hasher.update(chunk)
                 have += len(chunk)
                 progress.update(len(chunk))
+                floor.add(len(chunk))
         if have < size:
             raise requests.exceptions.ChunkedEncodingError(f"connection closed after {human_bytes(have)}")
 

@@ -40,6 +40,35 @@ def is_published(image: Path) -> bool:
     return image.is_file() and manifest_path(image).is_file()
 
 
+def pull_staging(dest: Path) -> Path:
+    """Where a pull of ``dest`` keeps its layers until they are joined (kept across tries to resume)."""
+    return dest.parent / f".{dest.name}.pull"
+
+
+PULL_STAGING_MAX_AGE_S = 24 * 3600
+
+
+def sweep_pull_staging(output_dir: Path, now: float | None = None) -> list[Path]:
+    """Remove pull staging folders of images that are published, or untouched for a day.
+
+    ``output.dir`` is what CI caches whole: a failed pull's gigabytes must not ride along.
+    """
+    import shutil
+
+    now = time.time() if now is None else now
+    removed = []
+    for folder in sorted(output_dir.glob(".*.pull")) if output_dir.is_dir() else ():
+        image = output_dir / folder.name[1:].removesuffix(".pull")
+        try:
+            newest = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+        if is_published(image) or now - newest > PULL_STAGING_MAX_AGE_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def qemu_img_info(image: Path) -> dict[str, Any]:
     qemu_img = require_tool("qemu-img", "qemu-utils")
     info: dict[str, Any] = json.loads(run([qemu_img, "info", "--output=json", image], stage="bake", timeout=60).stdout)
@@ -114,6 +143,8 @@ def install(tmp: Path, dest: Path, manifest: dict[str, Any]) -> None:
     tmp_pointer.unlink(missing_ok=True)
     tmp_pointer.symlink_to(dest.name)
     os.replace(tmp_pointer, pointer)
+    # A pull of this image that failed before (the bake went on without it) is of no use now.
+    sweep_pull_staging(dest.parent)
 
 
 @dataclass(frozen=True)

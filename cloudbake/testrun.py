@@ -16,13 +16,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudbake.errors import PipelineError
+from cloudbake.errors import MachineryError, PipelineError
 from cloudbake.host import available_memory
 from cloudbake.junit import JunitSummary, publish_summary, summarize_junit
 from cloudbake.log import stage_logger
 from cloudbake.machine import (
     Machine,
-    MachineryError,
     clean_leftovers,
     current_base,
     free_port,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.errors import PipelineError
-from cloudbake.machine import CommandFailedError, Machine, MachineryError, RunFiles
+from cloudbake.errors import MachineryError, PipelineError
+from cloudbake.machine import CommandFailedError, Machine, RunFiles
 from cloudbake.paths import resolve_paths
 from cloudbake.pipeline import load_pipeline
 

@@ -7,10 +7,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
-from cloudbake.errors import PipelineError
 from cloudbake.machine import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root, ssh_argv
 from cloudbake.pipeline import load_pipeline
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.errors import PipelineError
-from cloudbake.machine import MachineryError
+from cloudbake.errors import MachineryError, PipelineError
 from cloudbake.transfer import extract_safely, member_parts
 from tests.test_machine import attached, guest  # noqa: F401  (the fixture)
 

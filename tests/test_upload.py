@@ -36,7 +36,7 @@ def newcomer_tree(make_pipeline, upload_value: str):
 @pytest.mark.parametrize("value", ["git", "['**']", "['.']", "['*']"])
 def test_cloudbake_never_uploads_its_own_folders(make_pipeline, value):
     pipeline = newcomer_tree(make_pipeline, value)
-    root, names = upload_selection(pipeline)
+    root, names = upload_selection(pipeline) or (None, [])
     assert names, "the user's files are sent"
     own = [n for n in names if n.split("/")[0] in ("dist", "build", ".cache") or n.startswith(".doit-")]
     assert own == []
@@ -60,7 +60,7 @@ def test_a_symlinked_folder_is_not_entered_and_links_that_leave_are_dropped(make
     (src / "linked-dir").symlink_to(outside)
     (src / "linked-file").symlink_to(outside / "credentials")
     (src / "inside-link").symlink_to("ok.py")
-    _, names = upload_selection(load_pipeline(file))
+    _, names = upload_selection(load_pipeline(file)) or (None, [])
     assert names == ["src/inside-link", "src/ok.py"]
 
 
@@ -69,7 +69,7 @@ def test_links_to_the_folder_itself_do_not_hang_the_listing(make_pipeline):
     (file.parent / "a").symlink_to(".")
     (file.parent / "b").symlink_to(".")
     started = time.monotonic()
-    _, names = upload_selection(load_pipeline(file))
+    _, names = upload_selection(load_pipeline(file)) or (None, [])
     assert "a" in names and "b" in names and "a/pipeline.yaml" not in names
     assert time.monotonic() - started < 30   # a loop would never end; not a timing claim
 
