@@ -48,6 +48,7 @@ from cloudbake.warm import (
     build_lock,
     discard,
     find_warm_set,
+    image_identity,
     incoming_uri,
     keep_as_warm_set,
     save_state,
@@ -408,7 +409,7 @@ def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel
     if manifest.firmware == "uefi":
         firmware = find_uefi(pipeline.source.arch, detect_host())
         spec = dataclasses.replace(spec, firmware_code=pflash_code(firmware, pipeline.source.arch, paths.cache_dir))
-    return warm_key(warm_inputs(spec, version, manifest.key))
+    return warm_key(warm_inputs(spec, version, image_identity(manifest)))
 
 
 def vm_spec(pipeline: Pipeline, paths: Paths, manifest: Manifest, files: RunFiles, port: int,
@@ -551,7 +552,7 @@ class Machine:
         try:
             assert builder.vm is not None and builder.files is not None
             spec = builder.vm.spec
-            inputs = warm_inputs(spec, version, manifest.key)
+            inputs = warm_inputs(spec, version, image_identity(manifest))
             warm = warm_set_for(self.base, warm_key(inputs))
             state = builder.files.folder / "state.zst"
             save_s = save_state(builder.vm, state)

@@ -836,6 +836,7 @@ def _test_problems(test: dict[str, Any], where: Locator) -> list[Problem]:
     """What the schema cannot say about test.forward and test.upload."""
     problems = []
     guests: set[int] = set()
+    hosts: set[int] = set()
     for index, item in enumerate(test["forward"]):
         forward = parse_forward(item)
         reason = None
@@ -845,7 +846,11 @@ def _test_problems(test: dict[str, Any], where: Locator) -> list[Problem]:
             reason = "guest port 22 is forwarded already (SSH); cloudbake prints and hands over its host port"
         elif forward.guest in guests:
             reason = f"guest port {forward.guest} is forwarded twice"
+        elif forward.host and forward.host in hosts:
+            reason = (f"host port {forward.host} is named twice; QEMU cannot listen on one port for two guest "
+                      "ports (leave the host port out to get a free one)")
         guests.add(forward.guest)
+        hosts.add(forward.host)
         if reason:
             line, col = where(["test", "forward", index])
             problems.append(Problem(line, col, dotted(["test", "forward", index]), reason))

@@ -29,6 +29,7 @@ from cloudbake.files import file_lock, write_atomically
 from cloudbake.log import stage_logger
 from cloudbake.qemu import VmSpec, cpu_for, machine_for
 from cloudbake.runner import require_tool
+from cloudbake.store import Manifest
 from cloudbake.vmrun import VmRun, qmp_command
 
 log = stage_logger("warm")
@@ -96,6 +97,18 @@ def warm_inputs(spec: VmSpec, qemu_version: str, image_key: str) -> dict[str, An
         "firmware_code": [str(code), code.stat().st_size, code.stat().st_mtime_ns] if code else None,
         "extra_args": list(spec.extra_args),
     }
+
+
+def image_identity(manifest: Manifest) -> str:
+    """The image a state was saved from, by its bytes: the key, the SHA-256, a layer's parent's SHA-256.
+
+    The key alone is not enough: a rebake under the same key (``--force``, ``-a``, a clean
+    and a pull) writes other bytes, and a state saved on the old ones must never resume on
+    the new. A layer's parent is named by its digest in the layer's manifest (verify_chain
+    checks the chain before any run), so that digest covers the chain below it.
+    """
+    parent = manifest.document.get("parent") if isinstance(manifest.document.get("parent"), dict) else {}
+    return ":".join([manifest.key, manifest.image_sha256 or "no-digest", str((parent or {}).get("sha256") or "")])
 
 
 def warm_key(inputs: dict[str, Any]) -> str:

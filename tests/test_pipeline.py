@@ -224,6 +224,7 @@ def test_alias_bomb_does_not_hang_doit_list(tmp_path):
     ("{forward: [22]}", "guest port 22 is forwarded already"),
     ("{forward: [8080, '18080:8080']}", "guest port 8080 is forwarded twice"),
     ("{forward: ['70000:80']}", "a TCP port is at most 65535"),
+    ("{forward: ['18080:80', '18080:8080']}", "test.forward[1]: host port 18080 is named twice"),
     ("{forward: ['8080:']}", "test.forward[0]"),
     ("{upload: [../secrets]}", "leaves the pipeline's folder"),
     ("{upload: [/etc/passwd]}", "leaves the pipeline's folder"),

@@ -171,3 +171,20 @@ def test_sets_of_pruned_images_go_and_builds_in_progress_stay(tmp_path):
     os.utime(half_dead, (hour_ago, hour_ago))
     sweep_orphans(image)
     assert sorted(p.name for p in root.iterdir()) == sorted([kept.name, building.name, lock.name])
+
+
+def test_a_rebake_under_the_same_key_names_another_warm_set(tmp_path):
+    """--force, -a, or a clean then a pull: same key, other bytes; a state of the old bytes must not resume."""
+    from cloudbake.store import read_manifest
+    from cloudbake.warm import image_identity
+    from tests.test_registry import make_published
+
+    first = read_manifest(make_published(tmp_path / "a", seed=b"first"))
+    again = read_manifest(make_published(tmp_path / "b", seed=b"second"))
+    assert first.key == again.key and first.image_sha256 != again.image_sha256
+    keys = {warm_key(warm_inputs(_spec(tmp_path), "7.2.0", image_identity(m))) for m in (first, again)}
+    assert len(keys) == 2
+    # A layer: the same layer bytes over a rebaked parent is another image too.
+    layer = dataclasses.replace(first, document={**first.document, "parent": {"sha256": "1" * 64}})
+    other_parent = dataclasses.replace(first, document={**first.document, "parent": {"sha256": "2" * 64}})
+    assert image_identity(layer) != image_identity(other_parent) != image_identity(first)
