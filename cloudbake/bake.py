@@ -303,9 +303,15 @@ def _bake(build: Build, paths: Paths, upstream: Path, dest: Path, timer: _Timer)
         log.info("the guest generalizes itself before power-off (cloud-init clean --logs --machine-id, SSH host "
                  "keys removed), so every clone boots as a new machine")
     with timer.step("boot"), boot_with_fallback(spec, choice, paths.cache_dir, "bake") as (vm, choice):
-        exit_ = vm.wait(pipeline.vm.timeout_s)
+        exit_ = vm.wait(pipeline.vm.timeout_s, watch_power_off=True)
         serial = paths.serial_log.read_bytes().decode("utf-8", errors="replace")
         result = parse_cloud_init_result(serial, nonce)
+        failed = result is None or bool(result.errors)
+        if exit_.powered_off:
+            if failed:   # -no-shutdown is asked for to look at a failing guest: leave it to the user
+                log.warning("%s", vm.keep_for_inspection())
+            else:
+                vm.quit_now()   # powered off and done: no need to wait for the rest of vm.timeout
         if result is None:
             raise vm.failure("the guest powered off without reporting cloud-init's result (was the seed "
                              "found? did cloud-init run?)")

@@ -60,8 +60,10 @@ def sweep_pull_staging(output_dir: Path, now: float | None = None) -> list[Path]
     for folder in sorted(output_dir.glob(".*.pull")) if output_dir.is_dir() else ():
         image = output_dir / folder.name[1:].removesuffix(".pull")
         try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue   # not ours to remove; a pull into it says what is in the way
             newest = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
-        except FileNotFoundError:
+        except OSError:   # removed meanwhile by another process, or unreadable: leave it
             continue
         if is_published(image) or now - newest > PULL_STAGING_MAX_AGE_S:
             shutil.rmtree(folder, ignore_errors=True)

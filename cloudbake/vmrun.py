@@ -42,10 +42,24 @@ class KvmNoProgressError(Exception):
     """The guest printed nothing under KVM in time: this host's KVM does not run guests."""
 
 
+# How often the bake asks QEMU whether the guest powered off (QEMU itself stays up with -no-shutdown).
+POWER_OFF_POLL_S = 2.0
+
+
 @dataclass(frozen=True)
 class VmExit:
     seconds: float
     returncode: int
+    powered_off: bool = False   # the guest shut down and QEMU stayed up (vm.qemu_args: -no-shutdown)
+
+
+def guest_shut_down(qmp_socket: Path) -> bool:
+    """True when QEMU reports the guest shut down (``query-status``: ``shutdown``); False if unsure."""
+    try:
+        status = qmp_command(qmp_socket, "query-status", timeout=2.0)
+    except Exception:   # the monitor is not up yet, or busy: ask again at the next poll
+        return False
+    return isinstance(status, dict) and status.get("status") == "shutdown"
 
 
 def serial_tail(log_file: Path, lines: int = SERIAL_TAIL_LINES) -> str:
@@ -58,23 +72,33 @@ def serial_tail(log_file: Path, lines: int = SERIAL_TAIL_LINES) -> str:
 
 
 def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, args: dict[str, Any] | None = None) -> Any:
-    """One QMP command over the VM's monitor socket (qemu.qmp's synchronous client); returns its result.
+    """One QMP command over the VM's monitor socket (qemu.qmp's client); returns its result.
 
-    An error answer raises PipelineError with QEMU's description.
+    ``timeout`` bounds the whole exchange, connecting and negotiating included (the legacy
+    synchronous client has no timeout on connect: a wedged monitor would hang the caller).
+    An error answer, no answer in time or no monitor raises PipelineError.
     """
-    from qemu.qmp import ExecuteError
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    import asyncio
 
-    qmp = QEMUMonitorProtocol(str(socket_path))
-    try:
-        qmp.settimeout(timeout)
-        qmp.connect()
+    from qemu.qmp import ExecuteError, QMPClient
+    from qemu.qmp.protocol import ConnectError
+
+    async def exchange() -> Any:
+        client = QMPClient("cloudbake")
         try:
-            return qmp.cmd(command, **(args or {}))
-        except ExecuteError as err:
-            raise PipelineError(f"QMP {command}: {err.error.error.desc}") from None
-    finally:
-        qmp.close()
+            await client.connect(str(socket_path))
+            return await client.execute(command, args or None)
+        finally:
+            await client.disconnect()
+
+    try:
+        return asyncio.run(asyncio.wait_for(exchange(), timeout))
+    except ExecuteError as err:
+        raise PipelineError(f"QMP {command}: {err.error.error.desc}") from None
+    except TimeoutError:
+        raise PipelineError(f"QMP {command}: no answer from {socket_path} within {timeout:g} s") from None
+    except (ConnectError, OSError, EOFError) as err:
+        raise PipelineError(f"QMP {command}: cannot reach {socket_path} ({type(err).__name__})") from None
 
 
 def graceful_stop(proc: subprocess.Popen[bytes], qmp_socket: Path, grace_s: float, log_stage: str) -> None:
@@ -161,6 +185,15 @@ class VmRun:
             if self._socket_dir is not None:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+    def keep_for_inspection(self) -> str:
+        """Leave QEMU running after the block (the guest failed under -no-shutdown); returns how to reach it."""
+        assert self.proc is not None
+        self.keep_running()
+        return (f"QEMU (pid {self.proc.pid}) is kept running for inspection because vm.qemu_args has "
+                f"-no-shutdown: its monitor is the QMP socket {self.spec.qmp_socket} (for example "
+                f"`socat - UNIX-CONNECT:{self.spec.qmp_socket}`, then {{\"execute\": \"qmp_capabilities\"}}); "
+                f"stop it with `kill {self.proc.pid}`")
+
     def quit_now(self) -> None:
         """No shutdown: QMP quit, then terminate and kill (an interrupt, or a throwaway VM that is done)."""
         assert self.proc is not None
@@ -183,13 +216,19 @@ class VmRun:
         return PipelineError(detail, hint=hint or f"the whole serial log is in {self.spec.serial_log}")
 
     def wait(self, timeout_s: float, *, progress_timeout_s: float | None = None,
-             until: Callable[[], bool] | None = None, poll_s: float = 0.5) -> VmExit:
+             until: Callable[[], bool] | None = None, poll_s: float = 0.5,
+             watch_power_off: bool = False) -> VmExit:
         """Until QEMU exits (or ``until()`` is true). Raises on timeout, or KvmNoProgressError when
-        ``progress_timeout_s`` passes with no serial output at all."""
+        ``progress_timeout_s`` passes with no serial output at all.
+
+        ``watch_power_off``: also end when the guest has shut down but QEMU stays up (``-no-shutdown``,
+        a debugging recipe), asked over QMP; the returned VmExit says ``powered_off``.
+        """
         assert self.proc is not None
         streamed = 0
         called = time.monotonic()
         next_heartbeat = called + HEARTBEAT_S
+        next_power_check = called + POWER_OFF_POLL_S
         while True:
             code = self.proc.poll()
             elapsed = time.monotonic() - self.started
@@ -197,6 +236,10 @@ class VmRun:
             streamed = self._stream_serial(streamed)
             if code is not None:
                 return VmExit(elapsed, code)
+            if watch_power_off and time.monotonic() >= next_power_check:
+                next_power_check = time.monotonic() + POWER_OFF_POLL_S
+                if guest_shut_down(self.spec.qmp_socket):
+                    return VmExit(elapsed, 0, powered_off=True)
             if until is not None and until():
                 return VmExit(elapsed, -1)
             if progress_timeout_s is not None and elapsed > progress_timeout_s and self.serial_size() == 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,15 @@ def test_failing_runcmd_fails_the_bake_naming_the_module(tmp_path, real_mirror, 
     out = result.stdout + result.stderr
     assert "cloud-init reported errors in module scripts_user" in out and "Traceback" not in out
     assert not list((tmp_path / "dist").glob("*.qcow2")) if (tmp_path / "dist").exists() else True
+    # The project's bake runs with -no-shutdown: a failed guest's QEMU is kept up to inspect,
+    # and the bake says how to reach its monitor. The test then stops it as a user would.
+    kept = qemu_processes(str(tmp_path))
+    assert len(kept) == 1 and "kept running for inspection" in out, out
+    pid = int(re.search(r"stop it with `kill (\d+)`", out).group(1))
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while qemu_processes(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert qemu_processes(str(tmp_path)) == []
 
 

@@ -365,3 +365,40 @@ def test_corrupt_verdict_file_means_probe_again(tmp_path):
         kvm_verdict_file(tmp_path).parent.mkdir(parents=True, exist_ok=True)
         kvm_verdict_file(tmp_path).write_text(text)
         assert read_kvm_verdict(tmp_path) is None
+
+
+def test_a_guest_that_powers_off_under_no_shutdown_ends_the_wait_at_once(tmp_path, monkeypatch):
+    """-no-shutdown keeps QEMU up after the guest powers off: QMP says so, the wait ends, quit ends QEMU."""
+    from tests.fixture.standin import install_qmp_standin
+
+    binary = install_qmp_standin(tmp_path / "bin") / "qemu-system-x86_64"
+    monkeypatch.setenv("CLOUDBAKE_STANDIN_SHUTDOWN_AFTER", "1")
+    spec = _spec(serial_log=tmp_path / "serial.log", qmp_socket=tmp_path / "qmp.sock", extra_args=("-no-shutdown",))
+    with VmRun(spec, str(binary), "bake") as vm:
+        exit_ = vm.wait(600, watch_power_off=True, poll_s=0.1)
+        assert exit_.powered_off and vm.proc is not None and vm.proc.poll() is None, "QEMU itself is still up"
+        vm.quit_now()
+        assert vm.proc.poll() == 0
+
+
+def test_a_failed_guest_under_no_shutdown_is_kept_up_with_its_monitor_named(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from tests.fixture.standin import install_qmp_standin
+
+    binary = install_qmp_standin(tmp_path / "bin") / "qemu-system-x86_64"
+    monkeypatch.setenv("CLOUDBAKE_STANDIN_SHUTDOWN_AFTER", "0.5")
+    spec = _spec(serial_log=tmp_path / "serial.log", qmp_socket=tmp_path / "qmp.sock", extra_args=("-no-shutdown",))
+    vm = VmRun(spec, str(binary), "bake")
+    with vm:
+        assert vm.wait(600, watch_power_off=True, poll_s=0.1).powered_off
+        message = vm.keep_for_inspection()
+    assert vm.proc is not None
+    try:
+        assert vm.proc.poll() is None, "kept running after the block"
+        assert str(tmp_path / "qmp.sock") in message and f"kill {vm.proc.pid}" in message
+        assert (tmp_path / "qmp.sock").exists()
+    finally:
+        os.kill(vm.proc.pid, signal.SIGKILL)
+        vm.proc.wait()

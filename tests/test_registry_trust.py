@@ -21,8 +21,8 @@ import pytest
 from cloudbake.errors import PipelineError
 from cloudbake.http import HttpSettings
 from cloudbake.pipeline import RemoteCache
-from cloudbake.registry import Credentials, Registry, RegistrySettings, pull_image, push_image, try_pull
-from cloudbake.store import is_published, pull_staging, published_image, sweep_pull_staging
+from cloudbake.registry import Credentials, Registry, pull_image, push_image, try_pull
+from cloudbake.store import is_published, published_image, pull_staging, sweep_pull_staging
 from tests.conftest import PROJECT
 from tests.fixture.hostile_registry import Behaviour, HostileRegistry, artifact_for
 from tests.fixture.registry import make_tls
@@ -69,9 +69,9 @@ def test_a_pulled_image_that_names_host_files_is_never_installed(tmp_path, optio
     image = qcow2(tmp_path, *options)
     body, blobs = artifact_for(image, name="img", key=KEY)
     paths = store_at(tmp_path / "clone")
-    with HostileRegistry(Behaviour(manifests={KEY: body}, blobs=blobs)) as server:
-        with pytest.raises(PipelineError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-            pull_image(remote(server.address), paths, "img", KEY, FAST)
+    with HostileRegistry(Behaviour(manifests={KEY: body}, blobs=blobs)) as server, \
+            pytest.raises(PipelineError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        pull_image(remote(server.address), paths, "img", KEY, FAST)
     dest = published_image(paths, "img", KEY)
     assert not dest.exists() and not pull_staging(dest).exists()
 
@@ -99,10 +99,10 @@ def test_layers_adding_up_to_terabytes_are_refused_before_any_layer(tmp_path):
 def test_an_upload_location_downgrading_to_http_is_refused_and_gets_nothing(tmp_path, tls, no_docker_config):
     published = make_published(tmp_path / "baker")
     with HostileRegistry() as elsewhere, \
-            HostileRegistry(Behaviour(upload_location=f"http://{'localhost'}:{elsewhere.address.split(':')[1]}/up"),
-                            tls=(tls.cert, tls.key)) as server:
-        with pytest.raises(PipelineError, match="plain HTTP; refused"):
-            push_image(remote(server.address, plain_http=False, ca_file=tls.ca), published, FAST)
+            HostileRegistry(Behaviour(upload_location=f"http://localhost:{elsewhere.address.split(':')[1]}/up"),
+                            tls=(tls.cert, tls.key)) as server, \
+            pytest.raises(PipelineError, match="plain HTTP; refused"):
+        push_image(remote(server.address, plain_http=False, ca_file=tls.ca), published, FAST)
     assert elsewhere.behaviour.requests == []
 
 
@@ -121,9 +121,9 @@ def test_a_401_from_a_blob_redirect_on_another_origin_is_never_answered(tmp_path
     body, blobs = artifact_for(image, name="img", key=KEY)
     storage = Behaviour(challenge='Basic realm="storage"')
     with HostileRegistry(storage) as other, \
-            HostileRegistry(Behaviour(manifests={KEY: body}, blobs=blobs, blob_redirect=other.url)) as server:
-        with pytest.raises(PipelineError, match="asked for credentials.*not answered"):
-            pull_image(remote(server.address), store_at(tmp_path / "clone"), "img", KEY, FAST)
+            HostileRegistry(Behaviour(manifests={KEY: body}, blobs=blobs, blob_redirect=other.url)) as server, \
+            pytest.raises(PipelineError, match="asked for credentials.*not answered"):
+        pull_image(remote(server.address), store_at(tmp_path / "clone"), "img", KEY, FAST)
     assert storage.requests and all(auth is None for _, _, auth in storage.requests)
 
 
