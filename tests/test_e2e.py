@@ -168,7 +168,9 @@ def test_failing_runcmd_fails_the_bake_naming_the_module(tmp_path, real_mirror, 
     # and the bake says how to reach its monitor. The test then stops it as a user would.
     kept = qemu_processes(str(tmp_path))
     assert len(kept) == 1 and "kept running for inspection" in out, out
-    pid = int(re.search(r"stop it with `kill (\d+)`", out).group(1))
+    named = re.search(r"stop it with `kill (\d+)`", out)
+    assert named is not None, out
+    pid = int(named.group(1))
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while qemu_processes(str(tmp_path)) and time.monotonic() < deadline:
