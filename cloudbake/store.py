@@ -18,6 +18,7 @@ from cloudbake.files import is_verified, record_verified, sha256_file, write_ato
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Compression, Pipeline
+from cloudbake.qcow2 import check_standalone
 from cloudbake.runner import require_tool, run
 
 log = stage_logger("bake")
@@ -221,6 +222,10 @@ def verify_chain(image: Path, below: tuple[str, ...] = ()) -> Manifest:
     backing file is its parent's image, disk.flatten: false): a test run reads them all."""
     manifest = verify_published(image)
     backing = manifest.document["image"].get("backing")
+    # A restored cache is data from outside too: the file itself may name only what its
+    # manifest says (nothing, or the parent's file by relative name), whatever the digest.
+    check_standalone(image, "a published image", allowed_backing=backing if isinstance(backing, str) else None,
+                     hint="delete it and its .json and bake again, or restore it from a cache you trust")
     if backing is None:
         return manifest
     parent_file = image.parent / str(backing)

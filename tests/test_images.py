@@ -362,3 +362,24 @@ def test_a_layer_is_not_pushed_or_pulled_through_the_registry(tmp_path, caplog):
     assert "not pushing app-" in caplog.text and "layer over base" in caplog.text
     with pytest.raises(PipelineError, match="published as a layer over base"):
         run_pull(app, resolve_paths(app))
+
+
+def test_a_restored_image_whose_file_names_a_host_file_is_refused(tmp_path):
+    """A CI cache is written by whoever can push: both the image and its manifest may be theirs."""
+    import hashlib
+    import json
+    import subprocess
+
+    from cloudbake.store import manifest_path
+    from tests.test_registry import make_published
+
+    image = make_published(tmp_path / "dist-owner")
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/hostname", "-F", "raw", str(evil),
+                    "16M"], check=True)
+    image.write_bytes(evil.read_bytes())
+    doc = json.loads(manifest_path(image).read_text())
+    doc["image"]["sha256"] = hashlib.sha256(image.read_bytes()).hexdigest()
+    manifest_path(image).write_text(json.dumps(doc))
+    with pytest.raises(PipelineError, match=r"names a backing file \('/etc/hostname'\); refused"):
+        verify_chain(image)
