@@ -4,6 +4,7 @@ remembered about a broken KVM."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -63,6 +64,42 @@ def _homebrew_prefix() -> Path | None:
             if prefix:
                 return Path(prefix)
     return next((p for p in HOMEBREW_PREFIXES if (p / "share" / "qemu").is_dir()), None)
+
+
+def host_cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The host CPU a hardware-accelerated guest's ``-cpu host`` copies: its model and a digest of its features.
+
+    A state saved under KVM or hvf with ``-cpu host`` restores only onto a CPU that offers the
+    same features; runners of one CI class are not all the same CPU. Linux: vendor, family,
+    model, stepping, model name and the flag list of /proc/cpuinfo's first processor. macOS:
+    the brand string and feature lists sysctl reports.
+    """
+    fields: dict[str, str] = {}
+    if platform.system() == "Darwin":
+        import subprocess
+
+        for name in ("machdep.cpu.brand_string", "machdep.cpu.features", "hw.cpufamily"):
+            try:
+                done = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=10)
+                fields[name] = done.stdout.strip() if done.returncode == 0 else ""
+            except (OSError, subprocess.SubprocessError):
+                fields[name] = ""
+        model = fields.get("machdep.cpu.brand_string") or platform.machine()
+    else:
+        try:
+            text = cpuinfo.read_text(errors="replace")
+        except OSError:
+            text = ""
+        first = text.split("\n\n", 1)[0]
+        for line in first.splitlines():
+            name, sep, value = line.partition(":")
+            name = name.strip()
+            if sep and name in ("vendor_id", "cpu family", "model", "model name", "stepping", "flags",
+                                "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features"):
+                fields[name] = " ".join(sorted(value.split())) if name in ("flags", "Features") else value.strip()
+        model = fields.get("model name") or fields.get("CPU part") or platform.machine()
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return {"model": model, "id": digest}
 
 
 def detect_host() -> Host:

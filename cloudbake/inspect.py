@@ -97,6 +97,8 @@ def run_checks(pipeline: Pipeline, paths: Paths) -> list[Check]:
         _check("qemu", qemu),
         _check("qemu-img", lambda: require_tool("qemu-img", "qemu-utils")),
         _check("gpgv", lambda: require_tool("gpgv", "gpgv")),
+        # Warm start saves and loads VM states through zstd: without it every test run boots cold.
+        _check("zstd", lambda: require_tool("zstd", "zstd"), fatal=False),
         _check("firmware", firmware),
         _check("accelerator", accelerator),
         _check("disk", disk, fatal=False),

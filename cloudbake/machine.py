@@ -32,7 +32,7 @@ from cloudbake.build import resolve_key
 from cloudbake.errors import MachineryError, PipelineError
 from cloudbake.files import write_atomically
 from cloudbake.firmware import find_uefi, pflash_code, with_uefi
-from cloudbake.host import Host, detect_host, qemu_binary, qemu_version, resolve_accel
+from cloudbake.host import Host, detect_host, host_cpu_identity, qemu_binary, qemu_version, resolve_accel
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Forward, Pipeline
@@ -47,12 +47,17 @@ from cloudbake.warm import (
     WarmSet,
     build_lock,
     discard,
+    failed_save,
+    failed_save_marker,
     find_warm_set,
     image_identity,
     incoming_uri,
     keep_as_warm_set,
+    remember_failed_save,
     save_state,
+    saved_on_another_cpu,
     sweep_orphans,
+    verify_set,
     wait_restored,
     warm_inputs,
     warm_key,
@@ -295,6 +300,11 @@ def prepare_run(pipeline: Pipeline, base: Path, files: RunFiles, label: str) -> 
     return host_public
 
 
+def is_port_clash(err: Exception) -> bool:
+    """QEMU could not listen on a forwarded port (another program took it after free_port chose it)."""
+    return "host forwarding rule" in str(err) or ("hostfwd" in str(err) and "in use" in str(err))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -398,8 +408,9 @@ def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, Manifest]:
     return base, verify_chain(base)
 
 
-def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel: str, version: str) -> str:
-    """The key of the warm set a VM of this pipeline would restore from (no files touched).
+def warm_inputs_for_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel: str,
+                        version: str) -> dict[str, Any]:
+    """What a warm set of this pipeline's VM depends on (no files touched).
 
     The same spec fields as a real VM's (vm_spec), so the set saved from a real VM is found.
     """
@@ -409,7 +420,12 @@ def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel
     if manifest.firmware == "uefi":
         firmware = find_uefi(pipeline.source.arch, detect_host())
         spec = dataclasses.replace(spec, firmware_code=pflash_code(firmware, pipeline.source.arch, paths.cache_dir))
-    return warm_key(warm_inputs(spec, version, image_identity(manifest)))
+    return warm_inputs(spec, version, image_identity(manifest), host_cpu_identity())
+
+
+def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel: str, version: str) -> str:
+    """The key of the warm set a VM of this pipeline would restore from (no files touched)."""
+    return warm_key(warm_inputs_for_key(pipeline, paths, manifest, accel, version))
 
 
 def vm_spec(pipeline: Pipeline, paths: Paths, manifest: Manifest, files: RunFiles, port: int,
@@ -531,6 +547,17 @@ class Machine:
         found = find_warm_set(self.base, key)
         if found is not None:
             return found
+        other = saved_on_another_cpu(self.base, warm_inputs_for_key(self.pipeline, self.paths, manifest,
+                                                                    choice.accel, version))
+        if other is not None:
+            log.warning("the warm state of %s was saved on another CPU (%s); this host's CPU (%s) may lack its "
+                        "features, so it is not resumed here; this run boots cold", self.base.name,
+                        other.get("host_cpu_model", "unknown"), host_cpu_identity()["model"])
+        failed = failed_save(self.base, key)
+        if failed is not None:
+            log.info("not saving a warm state of %s: saving one failed within the last day (%s); this run boots "
+                     "cold (delete %s to try again)", self.base.name, failed, failed_save_marker(self.base, key))
+            return None
         with build_lock(self.base, key):
             found = find_warm_set(self.base, key)
             if found is not None:
@@ -540,8 +567,9 @@ class Machine:
             except MachineryError:
                 raise
             except PipelineError as err:
-                log.warning("could not save a warm state of %s (%s); this run boots cold",
-                            self.base.name, err.message)
+                log.warning("could not save a warm state of %s (%s); this run boots cold, and later runs do not "
+                            "try again for a day", self.base.name, err.message)
+                remember_failed_save(self.base, key, err.message.splitlines()[0])
                 return None
 
     def _build_warm_set(self, manifest: Manifest, version: str) -> WarmSet:
@@ -552,7 +580,7 @@ class Machine:
         try:
             assert builder.vm is not None and builder.files is not None
             spec = builder.vm.spec
-            inputs = warm_inputs(spec, version, image_identity(manifest))
+            inputs = warm_inputs(spec, version, image_identity(manifest), host_cpu_identity())
             warm = warm_set_for(self.base, warm_key(inputs))
             state = builder.files.folder / "state.zst"
             save_s = save_state(builder.vm, state)
@@ -560,6 +588,7 @@ class Machine:
             client_public = builder.files.client_key.with_name("id_ed25519.pub").read_text().strip()
             record: dict[str, Any] = {
                 "inputs": inputs, "accel": spec.accel, "host_public": host_public, "client_public": client_public,
+                "host_cpu_model": host_cpu_identity()["model"],
                 "user": self.user,
                 "state_bytes": state.stat().st_size, "memory_bytes": spec.memory_mib << 20,
                 "save_s": round(save_s, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -572,40 +601,61 @@ class Machine:
         return warm
 
     def _start_warm(self, warm: WarmSet, manifest: Manifest) -> bool:
-        """Resume a new overlay of the warm disk from the saved state; False (set discarded) when it fails."""
+        """Resume a new overlay of the warm disk from the saved state; False when it fails (then boot cold).
+
+        The set is checked against its recorded digests first (it may have come from a cache).
+        A failure of the set itself discards it; a port taken meanwhile by another program is
+        tried again on other ports and never costs the shared set.
+        """
         assert self.base is not None and self.files is not None
         started = time.monotonic()
-        booting = contextlib.ExitStack()
         try:
+            verify_set(warm)
             record = warm.record()
             files = self.files
             files.update_record(pid=os.getpid(), base=self.base.name, label=self.label, user=self.user, warm=True)
             make_overlay(warm.disk, files.overlay)
             client_public = make_keypair(files.client_key, f"cloudbake-{self.label}-{files.id}")
-            port = free_port()
-            self.forwards = resolve_forwards(self.pipeline.test.forward)
-            spec = vm_spec(self.pipeline, self.paths, manifest, files, port, self.forwards, detect_host(),
-                           record["accel"])
-            if spec.firmware_vars is not None:
-                shutil.copyfile(warm.vars, spec.firmware_vars)
-            spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state))
-            vm = booting.enter_context(VmRun(spec, qemu_binary(spec.arch), "test-image"))
-            load_s = wait_restored(vm)
-            self.vm, self.ssh_port = vm, port
-            files.known_hosts.write_text(f"[127.0.0.1]:{port} {record['host_public']}\n")
-            self._take_over(warm, client_public)
         except (PipelineError, OSError, ValueError, KeyError) as err:
-            booting.close()
-            self.vm, self.ssh_port = None, 0
-            discard(warm, str(err).splitlines()[0] if str(err) else type(err).__name__)
-            self._reset_run_folder()
-            return False
+            return self._warm_failed(warm, err)
+        for attempt in range(PORT_ATTEMPTS):
+            booting = contextlib.ExitStack()
+            try:
+                port = free_port()
+                self.forwards = resolve_forwards(self.pipeline.test.forward)
+                spec = vm_spec(self.pipeline, self.paths, manifest, files, port, self.forwards, detect_host(),
+                               record["accel"])
+                if spec.firmware_vars is not None:
+                    shutil.copyfile(warm.vars, spec.firmware_vars)
+                spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state))
+                vm = booting.enter_context(VmRun(spec, qemu_binary(spec.arch), "test-image"))
+                load_s = wait_restored(vm)
+                self.vm, self.ssh_port = vm, port
+                files.known_hosts.write_text(f"[127.0.0.1]:{port} {record['host_public']}\n")
+                self._take_over(warm, client_public)
+            except (PipelineError, OSError, ValueError, KeyError) as err:
+                booting.close()
+                self.vm, self.ssh_port = None, 0
+                if is_port_clash(err) and attempt + 1 < PORT_ATTEMPTS:
+                    log.info("a forwarded port was taken meanwhile; resuming again on other ports")
+                    continue
+                if is_port_clash(err):
+                    log.warning("the forwarded ports kept being taken; this run boots cold (the warm set is kept)")
+                    self._reset_run_folder()
+                    return False
+                return self._warm_failed(warm, err)
+            break
         self._stack.enter_context(booting)
         self.warm_set = warm
         self._record_vm()
         self.say("VM of %s resumed warm in %.1f s (state loaded in %.1f s; run %s, SSH on 127.0.0.1:%d%s)",
                   self.base.name, time.monotonic() - started, load_s, files.id, port, self._forwards_text())
         return True
+
+    def _warm_failed(self, warm: WarmSet, err: Exception) -> bool:
+        discard(warm, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        self._reset_run_folder()
+        return False
 
     def _take_over(self, warm: WarmSet, client_public: str) -> None:
         """With the warm key, once: the clock set from the host's, the guest's RNG mixed with host

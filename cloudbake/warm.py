@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbake.errors import PipelineError
-from cloudbake.files import file_lock, write_atomically
+from cloudbake.files import file_lock, is_verified, record_verified, sha256_file, write_atomically
 from cloudbake.log import stage_logger
 from cloudbake.qemu import VmSpec, cpu_for, machine_for
 from cloudbake.runner import require_tool
@@ -76,14 +76,23 @@ class WarmSet:
         return json.loads(self.meta.read_text())  # type: ignore[no-any-return]
 
 
-def warm_inputs(spec: VmSpec, qemu_version: str, image_key: str) -> dict[str, Any]:
+# Accelerators whose guests run on the host CPU itself (-cpu host): a state saved under them
+# restores only onto a CPU with the same features. TCG emulates its CPU model the same way
+# on every host.
+HOST_CPU_ACCELS = ("kvm", "hvf")
+
+
+def warm_inputs(spec: VmSpec, qemu_version: str, image_key: str,
+                host_cpu: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything a saved state depends on: restoring it needs the same machine, byte for byte.
 
     Not here, because a restore may change them: the disk, seed, serial and socket paths
-    (same contents, other names), the forwarded host ports.
+    (same contents, other names), the forwarded host ports. ``host_cpu`` (host_cpu_identity)
+    counts under KVM and hvf only, where the guest's CPU is the host's.
     """
     code = spec.firmware_code
     return {
+        "host_cpu": (host_cpu or {}).get("id") if spec.accel in HOST_CPU_ACCELS else None,
         "version": WARM_VERSION,
         "image": image_key,
         "qemu": qemu_version,
@@ -127,6 +136,92 @@ def find_warm_set(base: Path, key: str) -> WarmSet | None:
     """The complete set for ``key`` (its record is written last), or None."""
     warm = warm_set_for(base, key)
     return warm if warm.meta.is_file() else None
+
+
+def sets_of(base: Path) -> list[WarmSet]:
+    """The complete warm sets of the image ``base``, whatever their key."""
+    root = warm_root(base)
+    if not root.is_dir():
+        return []
+    return [WarmSet(folder) for folder in sorted(root.glob(f"{base.stem}-*"))
+            if folder.is_dir() and (folder / "warm.json").is_file()]
+
+
+def saved_on_another_cpu(base: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a set of this image that differs from ``inputs`` only in the host CPU, or None.
+
+    Such a state is never resumed here (under KVM or hvf the guest runs on the host's CPU and
+    may use features this one lacks, and fail later): the caller says so in one line.
+    """
+    if inputs.get("host_cpu") is None:
+        return None
+    mine = {k: v for k, v in inputs.items() if k != "host_cpu"}
+    for warm in sets_of(base):
+        try:
+            record = warm.record()
+        except (OSError, ValueError):
+            continue
+        theirs = record.get("inputs") if isinstance(record, dict) else None
+        if isinstance(theirs, dict) and theirs.get("host_cpu") not in (None, inputs["host_cpu"]) and \
+                {k: v for k, v in theirs.items() if k != "host_cpu"} == mine:
+            return record
+    return None
+
+
+# --- digests: a set may come from a cache; it is checked once before its first use --------
+
+WARM_FILES = ("disk.qcow2", "efivars.fd", "seed.iso", "state.zst")
+
+
+def set_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of each file a restore reads (recorded in warm.json when the set is made)."""
+    return {name: sha256_file(folder / name) for name in WARM_FILES if (folder / name).is_file()}
+
+
+def verify_set(warm: WarmSet) -> None:
+    """The set's files match the digests its record holds (hashed once, then remembered per file)."""
+    record = warm.record()
+    recorded = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict) or set(recorded) != {n for n in WARM_FILES if (warm.folder / n).exists()}:
+        raise PipelineError(f"{warm.folder.name}: its record names no digest for every file it holds")
+    for name, digest in recorded.items():
+        path = warm.folder / name
+        if not isinstance(digest, str) or path.is_symlink():
+            raise PipelineError(f"{warm.folder.name}/{name}: not a file with a recorded digest")
+        if is_verified(path, digest):
+            continue
+        actual = sha256_file(path)
+        if actual != digest:
+            raise PipelineError(f"{warm.folder.name}/{name} does not match the SHA-256 its record holds "
+                                f"(a corrupted or altered copy)")
+        record_verified(path, digest)
+
+
+# --- a save that failed is remembered, so later runs do not boot twice for nothing ---------
+
+FAILED_SAVE_RETRY_S = 24 * 3600
+
+
+def failed_save_marker(base: Path, key: str) -> Path:
+    return warm_root(base) / f".{base.stem}-{key}.failed"
+
+
+def remember_failed_save(base: Path, key: str, reason: str) -> None:
+    warm_root(base).mkdir(parents=True, exist_ok=True)
+    write_atomically(failed_save_marker(base, key),
+                     json.dumps({"reason": reason[:500], "time": time.time()}).encode())
+
+
+def failed_save(base: Path, key: str) -> str | None:
+    """Why saving this set failed within the last day, or None (then a run may try to save it)."""
+    marker = failed_save_marker(base, key)
+    try:
+        record = json.loads(marker.read_text())
+        if time.time() - float(record["time"]) < FAILED_SAVE_RETRY_S:
+            return str(record.get("reason") or "unknown")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
 
 
 def discard(warm: WarmSet, reason: str) -> None:
@@ -238,6 +333,9 @@ def keep_as_warm_set(warm: WarmSet, overlay: Path, vars_file: Path | None, seed:
         shutil.move(source, partial / name)
     for path in partial.iterdir():
         path.chmod(0o400 if path.name == "id_ed25519" else 0o444)
+    record = {**record, "sha256": set_digests(partial)}
+    for name, digest in record["sha256"].items():
+        record_verified(partial / name, digest)
     write_atomically(partial / "warm.json", json.dumps(record, indent=2).encode(), mode=0o644)
     _remove(warm.folder)
     os.replace(partial, warm.folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,17 @@ def test_status_json_and_validate(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "cloudbake.cli", "validate"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env={**os.environ, **broken})
     assert failed.returncode != 0 and "not ready to bake" in failed.stdout + failed.stderr
+    assert " ok  zstd" in validate.stdout
+    # Without zstd a bake still runs, but warm start cannot: a warning, not a failure.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in ("qemu-system-x86_64", "qemu-img", "gpgv", "git", "tar", "ssh", "ssh-keygen"):
+        found = shutil.which(name)
+        if found:
+            (tools / name).symlink_to(found)
+    without = subprocess.run([sys.executable, "-m", "cloudbake.cli", "validate"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "PATH": str(tools)})
+    assert "warn  zstd" in without.stdout and "install the zstd package" in without.stdout, without.stdout
 
 
 @pytest.mark.parametrize(("argv", "expected"), [

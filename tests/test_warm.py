@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def _clock_offset(vm) -> float:
 
 
 @pytest.mark.e2e
-def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
+def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked, monkeypatch):
     import cloudbake
     from cloudbake.host import qemu_binary, qemu_version
     from cloudbake.machine import resolve_warm_key, ssh_argv
@@ -113,10 +114,24 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked):
         record = json.loads(warm.meta.read_text())
         assert record["state_bytes"] <= record["memory_bytes"] // 2
         assert oct(warm.client_key.stat().st_mode & 0o777) == "0o400"
-    with cloudbake.vm(pipeline, upload=False) as second:
+    # The second resume finds its SSH port taken (another program got it after it was chosen):
+    # it resumes on another port, and the shared set stays.
+    import socket
+
+    from cloudbake import machine as machine_module
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    ports = iter([squatter.getsockname()[1]])
+    real_free_port = machine_module.free_port
+    monkeypatch.setattr(machine_module, "free_port", lambda: next(ports, None) or real_free_port())
+    with squatter, cloudbake.vm(pipeline, upload=False) as second:
         assert second.vm is not None and second.vm.spec.incoming is not None
+        assert second.ssh_port != squatter.getsockname()[1]
         assert second.run("test -e /etc/scribble").status == 1, "the first warm run's write leaked"
         assert _clock_offset(second) < 2.0
+    assert warm.meta.is_file(), "a port clash never costs the shared set"
     bigger = dataclasses.replace(pipeline, vm=dataclasses.replace(pipeline.vm, memory_bytes=1536 << 20))
     manifest = verify_published(baked["image"])
     accel = json.loads(warm.meta.read_text())["accel"]
@@ -188,3 +203,101 @@ def test_a_rebake_under_the_same_key_names_another_warm_set(tmp_path):
     layer = dataclasses.replace(first, document={**first.document, "parent": {"sha256": "1" * 64}})
     other_parent = dataclasses.replace(first, document={**first.document, "parent": {"sha256": "2" * 64}})
     assert image_identity(layer) != image_identity(other_parent) != image_identity(first)
+
+
+# --- portable, checked, remembered ---------------------------------------------------------------
+
+
+def test_the_host_cpu_counts_under_kvm_and_hvf_only(tmp_path):
+    intel = {"model": "Intel Xeon", "id": "aaaa"}
+    epyc = {"model": "AMD EPYC", "id": "bbbb"}
+    for accel in ("kvm", "hvf"):
+        spec = _spec(tmp_path, accel=accel)
+        assert warm_key(warm_inputs(spec, "7.2.0", "abc", intel)) != warm_key(warm_inputs(spec, "7.2.0", "abc", epyc))
+    tcg = _spec(tmp_path)
+    assert warm_key(warm_inputs(tcg, "7.2.0", "abc", intel)) == warm_key(warm_inputs(tcg, "7.2.0", "abc", epyc))
+
+
+def test_host_cpu_identity_reads_cpuinfo(tmp_path):
+    from cloudbake.host import host_cpu_identity
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) 8375C\n"
+                    "flags\t\t: sse avx2 fpu\n\nprocessor\t: 1\nflags\t\t: other\n")
+    first = host_cpu_identity(info)
+    info.write_text(info.read_text().replace("avx2 ", ""))
+    assert first["model"] == "Intel(R) Xeon(R) 8375C" and host_cpu_identity(info)["id"] != first["id"]
+    assert host_cpu_identity()["id"], "this machine's own CPU has an identity"
+
+
+def _forged_set(image: Path, inputs: dict, **record) -> Path:
+    folder = image.parent / ".warm" / f"{image.stem}-{warm_key(inputs)}"
+    folder.mkdir(parents=True)
+    (folder / "warm.json").write_text(json.dumps({"inputs": inputs, **record}))
+    return folder
+
+
+def test_a_set_saved_on_another_cpu_is_never_resumed_and_says_so(tmp_path):
+    from cloudbake.warm import saved_on_another_cpu
+
+    image = tmp_path / "dist" / "img-0123.qcow2"
+    image.parent.mkdir()
+    spec = _spec(tmp_path, accel="kvm")
+    theirs = warm_inputs(spec, "7.2.0", "abc", {"model": "AMD EPYC 7763", "id": "epyc"})
+    _forged_set(image, theirs, host_cpu_model="AMD EPYC 7763")
+    mine = warm_inputs(spec, "7.2.0", "abc", {"model": "Intel Xeon", "id": "xeon"})
+    assert find_warm_set(image, warm_key(mine)) is None
+    other = saved_on_another_cpu(image, mine)
+    assert other is not None and other["host_cpu_model"] == "AMD EPYC 7763"
+    # A set for another memory size is just another set, not another CPU.
+    assert saved_on_another_cpu(image, warm_inputs(_spec(tmp_path, accel="kvm", memory_mib=4096), "7.2.0", "abc",
+                                                   {"model": "Intel Xeon", "id": "xeon"})) is None
+
+
+def test_an_altered_state_is_refused_by_its_digest(tmp_path):
+    from cloudbake.errors import PipelineError
+    from cloudbake.warm import WarmSet, keep_as_warm_set, verify_set
+
+    work = tmp_path / "run"
+    work.mkdir()
+    for name in ("disk.qcow2", "seed.iso", "id_ed25519", "state.zst", "vars.fd"):
+        (work / name).write_bytes(os.urandom(4096))
+    warm = WarmSet(tmp_path / "dist" / ".warm" / "img-0123-aaaa")
+    warm.folder.parent.mkdir(parents=True)
+    keep_as_warm_set(warm, work / "disk.qcow2", work / "vars.fd", work / "seed.iso", work / "id_ed25519",
+                     work / "state.zst", {"inputs": {}})
+    verify_set(warm)
+    state = warm.state
+    state.chmod(0o644)
+    data = bytearray(state.read_bytes())
+    data[100] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="state.zst does not match the SHA-256 its record holds"):
+        verify_set(warm)
+
+
+def test_a_failed_save_is_remembered_and_not_tried_again_for_a_day(tmp_path, make_pipeline, caplog, monkeypatch):
+    """The next run boots cold at once instead of a second boot that would fail the same way."""
+    import logging
+
+    from cloudbake.host import qemu_binary, qemu_version
+    from cloudbake.machine import Machine, resolve_warm_key
+    from cloudbake.paths import resolve_paths
+    from cloudbake.pipeline import load_pipeline
+    from cloudbake.store import read_manifest
+    from cloudbake.warm import failed_save, remember_failed_save
+    from tests.test_registry import make_published
+
+    caplog.set_level(logging.INFO, logger="cloudbake")
+    pipeline = load_pipeline(make_pipeline("name: img\nvm: {accel: tcg}\n"))
+    paths = resolve_paths(pipeline)
+    image = make_published(pipeline.file.parent, name="img")
+    manifest = read_manifest(image)
+    key = resolve_warm_key(pipeline, paths, manifest, "tcg", qemu_version(qemu_binary(pipeline.source.arch)))
+    remember_failed_save(image, key, "saving the VM's state failed (migration failed)")
+    machine = Machine(pipeline, paths)
+    machine.base = image
+    monkeypatch.setattr(Machine, "_build_warm_set", lambda *a: pytest.fail("tried to save again"))
+    assert machine._warm_set(manifest) is None
+    assert "saving one failed within the last day (saving the VM's state failed" in caplog.text
+    assert failed_save(image, key) is not None
