@@ -15,7 +15,7 @@ from tasks.fetch import task_fetch, task_update  # noqa: F401
 from tasks.inspect import task_prune_downloads, task_status, task_validate  # noqa: F401
 from tasks.registry import task_pull, task_push  # noqa: F401
 from tasks.seed import task_seed  # noqa: F401
-from tasks.testrun import task_console, task_test_image  # noqa: F401
+from tasks.testrun import task_console, task_test_image, task_warm  # noqa: F401
 
 # Load and validate the pipeline once, so every command (even `doit list`) reports a bad one.
 DOIT_CONFIG = doit_config()

@@ -45,11 +45,13 @@ from cloudbake.units import human_bytes
 from cloudbake.vmrun import VmRun, boot_with_fallback, qmp_command
 from cloudbake.warm import (
     WarmSet,
+    arm_key_listener_script,
     build_lock,
     discard,
     failed_save,
     failed_save_marker,
     find_warm_set,
+    hand_over_key,
     image_identity,
     incoming_uri,
     keep_as_warm_set,
@@ -112,6 +114,10 @@ class RunFiles:
     @property
     def vars(self) -> Path:
         return self.folder / "efivars.fd"
+
+    @property
+    def key_socket(self) -> Path:
+        return self.folder / "key.sock"
 
     @property
     def owner(self) -> Path:
@@ -416,7 +422,8 @@ def warm_inputs_for_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, ac
     """
     spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
                   memory_mib=pipeline.vm.memory_bytes >> 20, disk=Path("disk.qcow2"), serial_log=Path("serial.log"),
-                  qmp_socket=Path("qmp.sock"), firmware=manifest.firmware, extra_args=pipeline.vm.qemu_args)
+                  qmp_socket=Path("qmp.sock"), firmware=manifest.firmware, extra_args=pipeline.vm.qemu_args,
+                  key_channel=Path("key.sock"))
     if manifest.firmware == "uefi":
         firmware = find_uefi(pipeline.source.arch, detect_host())
         spec = dataclasses.replace(spec, firmware_code=pflash_code(firmware, pipeline.source.arch, paths.cache_dir))
@@ -428,13 +435,38 @@ def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel
     return warm_key(warm_inputs_for_key(pipeline, paths, manifest, accel, version))
 
 
+def current_warm_set(pipeline: Pipeline, paths: Paths) -> WarmSet | None:
+    """The warm set this host's test VMs of the published image would resume from, if it is saved."""
+    base, manifest = current_base(pipeline, paths)
+    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, detect_host(), paths.cache_dir)
+    version = qemu_version(qemu_binary(pipeline.source.arch))
+    return find_warm_set(base, resolve_warm_key(pipeline, paths, manifest, choice.accel, version))
+
+
+def ensure_warm_set(pipeline: Pipeline, paths: Paths) -> WarmSet | None:
+    """The warm set of the published image for this host: found, or made now (one boot and a save).
+
+    What ``doit warm`` runs after the bake, so a CI cache saved after it carries the set and the
+    first test run of every fresh runner resumes warm. None when saving is not possible here
+    (said in one warning line; test runs then boot cold).
+    """
+    machine = Machine(pipeline, paths, label="warm", warm=True)
+    try:
+        machine.base, manifest = current_base(pipeline, paths)
+    except PipelineError as err:
+        raise MachineryError.from_error("base image", err) from None
+    return machine._warm_set(manifest)
+
+
 def vm_spec(pipeline: Pipeline, paths: Paths, manifest: Manifest, files: RunFiles, port: int,
-            forwards: tuple[Forward, ...], host: Host, accel: str) -> VmSpec:
+            forwards: tuple[Forward, ...], host: Host, accel: str, *, key_channel: bool = False) -> VmSpec:
+    """A test VM's spec; ``key_channel``: the warm start's key port (the saving VM and every restore)."""
     firmware = manifest.firmware
     spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
                   memory_mib=pipeline.vm.memory_bytes >> 20, disk=files.overlay, serial_log=files.serial_log,
                   qmp_socket=files.qmp_socket, seed=files.seed, firmware=firmware, ssh_port=port,
-                  forwards=tuple((f.host, f.guest) for f in forwards), extra_args=pipeline.vm.qemu_args)
+                  forwards=tuple((f.host, f.guest) for f in forwards), extra_args=pipeline.vm.qemu_args,
+                  key_channel=files.key_socket if key_channel else None)
     return with_uefi(spec, host, paths.cache_dir, files.vars) if firmware == "uefi" else spec
 
 
@@ -452,7 +484,8 @@ class Machine:
 
     def __init__(self, pipeline: Pipeline, paths: Paths, *, label: str = "run", timeout_s: float | None = None,
                  env: dict[str, str] | None = None, output_prefix: str | None = None,
-                 timeout_per_step: bool = False, warm: bool | None = None, prepare_guest: bool = True) -> None:
+                 timeout_per_step: bool = False, warm: bool | None = None, prepare_guest: bool = True,
+                 key_channel: bool = False) -> None:
         """``timeout_s`` (default test.timeout) bounds the whole life of the VM, boot included, as
         test-image wants; with ``timeout_per_step`` it bounds the boot and each step on its own
         (a session-long VM of the API or the pytest plugin). ``warm`` (default test.warm) resumes
@@ -464,6 +497,7 @@ class Machine:
         self.timeout_per_step = timeout_per_step
         self.warm = pipeline.test.warm if warm is None else warm
         self.prepare_guest = prepare_guest
+        self.key_channel = key_channel   # the VM a warm set is saved from has the key port
         self.deadline = Deadline(self.timeout_s)
         self.extra_env = dict(env or {})
         self.output_prefix = output_prefix
@@ -573,27 +607,32 @@ class Machine:
                 return None
 
     def _build_warm_set(self, manifest: Manifest, version: str) -> WarmSet:
+        """Boot the image once with the key port, arm the key listener, save the state into a new set."""
         assert self.base is not None
         self.say("no warm state of %s for this QEMU setup yet: booting it once to save one", self.base.name)
-        builder = Machine(self.pipeline, self.paths, label="warm", warm=False, prepare_guest=False)
+        builder = Machine(self.pipeline, self.paths, label="warm", warm=False, prepare_guest=False,
+                          key_channel=True)
         builder.start()
         try:
             assert builder.vm is not None and builder.files is not None
             spec = builder.vm.spec
             inputs = warm_inputs(spec, version, image_identity(manifest), host_cpu_identity())
             warm = warm_set_for(self.base, warm_key(inputs))
+            saved_with = builder.files.client_key.with_name("id_ed25519.pub").read_text().strip()
+            armed = run(builder.ssh_argv(arm_key_listener_script(self.user, saved_with)), stage="test-image",
+                        timeout=60, check=False)
+            if armed.returncode != 0:
+                raise PipelineError(f"could not start the key listener in the VM to save (exit status "
+                                    f"{armed.returncode}): {tail(armed.stderr) or 'no output'}")
             state = builder.files.folder / "state.zst"
             save_s = save_state(builder.vm, state)
             host_public = builder.files.known_hosts.read_text().split(" ", 1)[1].strip()
-            client_public = builder.files.client_key.with_name("id_ed25519.pub").read_text().strip()
             record: dict[str, Any] = {
-                "inputs": inputs, "accel": spec.accel, "host_public": host_public, "client_public": client_public,
-                "host_cpu_model": host_cpu_identity()["model"],
-                "user": self.user,
+                "inputs": inputs, "accel": spec.accel, "host_public": host_public, "saved_with": saved_with,
+                "host_cpu_model": host_cpu_identity()["model"], "user": self.user,
                 "state_bytes": state.stat().st_size, "memory_bytes": spec.memory_mib << 20,
                 "save_s": round(save_s, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            keep_as_warm_set(warm, builder.files.overlay, spec.firmware_vars, builder.files.seed,
-                             builder.files.client_key, state, record)
+            keep_as_warm_set(warm, builder.files.overlay, spec.firmware_vars, builder.files.seed, state, record)
         finally:
             builder.close()
         self.say("saved the warm state of %s: %s (guest RAM %s) in %.1f s", self.base.name,
@@ -610,7 +649,7 @@ class Machine:
         assert self.base is not None and self.files is not None
         started = time.monotonic()
         try:
-            verify_set(warm)
+            verify_set(warm, self.base)
             record = warm.record()
             files = self.files
             files.update_record(pid=os.getpid(), base=self.base.name, label=self.label, user=self.user, warm=True)
@@ -624,7 +663,7 @@ class Machine:
                 port = free_port()
                 self.forwards = resolve_forwards(self.pipeline.test.forward)
                 spec = vm_spec(self.pipeline, self.paths, manifest, files, port, self.forwards, detect_host(),
-                               record["accel"])
+                               record["accel"], key_channel=True)
                 if spec.firmware_vars is not None:
                     shutil.copyfile(warm.vars, spec.firmware_vars)
                 spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state))
@@ -632,7 +671,9 @@ class Machine:
                 load_s = wait_restored(vm)
                 self.vm, self.ssh_port = vm, port
                 files.known_hosts.write_text(f"[127.0.0.1]:{port} {record['host_public']}\n")
-                self._take_over(warm, client_public)
+                assert vm.spec.key_channel is not None
+                hand_over_key(vm.spec.key_channel, client_public)
+                self._wait("ssh: login with the run's key", lambda: self._ssh_ok("true", 30))
             except (PipelineError, OSError, ValueError, KeyError) as err:
                 booting.close()
                 self.vm, self.ssh_port = None, 0
@@ -656,34 +697,6 @@ class Machine:
         discard(warm, str(err).splitlines()[0] if str(err) else type(err).__name__)
         self._reset_run_folder()
         return False
-
-    def _take_over(self, warm: WarmSet, client_public: str) -> None:
-        """With the warm key, once: the clock set from the host's, the guest's RNG mixed with host
-        randomness, and this run's key in place of the warm key (keys baked into the image stay).
-
-        The host's time is sent only after the guest says it is listening, so the guest's clock
-        is off by one trip through the pipe, not by an SSH handshake.
-        """
-        assert self.files is not None
-        # Keys baked into the image stay; the warm key goes, this run's key is added.
-        script = ("echo listening && IFS= read -r now && sudo -n date -u -s \"@$now\" >/dev/null && "
-                  "IFS= read -r warm && IFS= read -r key && umask 077 && mkdir -p ~/.ssh && "
-                  "{ grep -vxF \"$warm\" ~/.ssh/authorized_keys 2>/dev/null; printf '%s\\n' \"$key\"; } "
-                  "> ~/.ssh/authorized_keys.new && mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys && "
-                  "sudo -n sh -c 'cat > /dev/urandom'")
-        warm_public = warm.record()["client_public"]
-        argv = ssh_argv(self.files, self.ssh_port, self.user, script, connect_timeout=5, identity=warm.client_key)
-        deadline = time.monotonic() + 60
-        while True:
-            status, stderr = _converse(argv, lambda: f"{time.time():.6f}\n{warm_public}\n{client_public}\n".encode()
-                                       + os.urandom(512), timeout_s=30)
-            if status == 0:
-                return
-            if "Host key verification failed" in stderr:
-                raise host_key_changed()
-            if time.monotonic() > deadline or (self.vm and self.vm.proc and self.vm.proc.poll() is not None):
-                raise PipelineError(f"the resumed guest did not take this run's key: {tail(stderr)}")
-            time.sleep(0.5)
 
     def _reset_run_folder(self) -> None:
         """Back to a fresh run folder (the record kept) for a cold boot after a failed warm start."""
@@ -1012,7 +1025,8 @@ class Machine:
         for attempt in range(PORT_ATTEMPTS):
             port = free_port()
             self.forwards = resolve_forwards(self.pipeline.test.forward)
-            spec = vm_spec(self.pipeline, self.paths, manifest, self.files, port, self.forwards, host, choice.accel)
+            spec = vm_spec(self.pipeline, self.paths, manifest, self.files, port, self.forwards, host, choice.accel,
+                           key_channel=self.key_channel)
             booting = contextlib.ExitStack()
             try:
                 vm, _ = booting.enter_context(boot_with_fallback(spec, choice, self.paths.cache_dir, "test-image"))
@@ -1031,27 +1045,6 @@ class Machine:
             self._stack.enter_context(booting)
             return vm, port
         raise MachineryError("boot", "could not bind a forwarded SSH port on 127.0.0.1")
-
-
-def _converse(argv: list[str], answer: Callable[[], bytes], timeout_s: float) -> tuple[int, str]:
-    """Run ``argv``; once it prints its first line, send it ``answer()`` (computed then) as its stdin."""
-    with spawn(argv, stage="test-image", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-               stderr=subprocess.PIPE) as spawned:
-        proc = spawned.proc
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        timer = threading.Timer(timeout_s, proc.kill)
-        timer.start()
-        try:
-            if proc.stdout.readline():
-                with contextlib.suppress(BrokenPipeError):
-                    proc.stdin.write(answer())
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-            stderr = proc.stderr.read().decode(errors="replace")
-            proc.wait()
-        finally:
-            timer.cancel()
-        return proc.returncode, stderr
 
 
 def _pump(stream: IO[bytes] | None, out: Any, prefix: str | None) -> None:

@@ -68,8 +68,9 @@ def check_standalone(image: Path, what: str, *, allowed_backing: str | None = No
                      hint: str | None = None) -> None:
     """Refuse a qcow2 that names a backing file (other than ``allowed_backing``, a plain name) or a data file.
 
-    ``what`` names the image in messages ("the pulled image"); ``allowed_backing`` is for a
-    layer, whose only allowed backing file is its parent's published file by relative name.
+    ``what`` names the image in messages ("the pulled image"); ``allowed_backing`` is the one
+    backing file name the caller expects (a layer's parent's published file by relative name, a
+    warm set's disk's base image), never a name taken from the file itself.
     """
     try:
         with open(image, "rb") as f:
@@ -78,8 +79,7 @@ def check_standalone(image: Path, what: str, *, allowed_backing: str | None = No
         raise PipelineError(f"{image.name}: cannot read {what} ({err.strerror or err})") from None
     where = f"{image.name} ({what})"
     backing = backing_name(header, where)
-    if backing is not None and (allowed_backing is None or backing != allowed_backing or "/" in backing
-                                or ":" in backing):
+    if backing is not None and (allowed_backing is None or backing != allowed_backing or ":" in backing):
         raise PipelineError(f"{where} names a backing file ({backing[:200]!r}); refused, a VM of it would read "
                             "that file from this machine", hint=hint)
     data_file = data_file_name(header, where)

@@ -31,6 +31,10 @@ class VmSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     interactive: bool = False               # serial console on the terminal (doit console)
     incoming: str | None = None             # resume from a saved state (warm start): a migration URI
+    key_channel: Path | None = None         # a virtio-serial port on this unix socket (warm start's key hand-over)
+
+
+KEY_PORT_NAME = "dev.cloudbake.key"
 
 
 def machine_for(spec: VmSpec) -> str:
@@ -79,6 +83,12 @@ def build_qemu_argv(spec: VmSpec, binary: str) -> list[str]:
         nic += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
     argv += ["-nic", nic]
     argv += ["-device", "virtio-rng-pci"]
+    if spec.key_channel is not None:
+        # The port a warm VM's listener reads this run's public key from (warm.py): no secret
+        # needs to travel with a saved state to log in to it.
+        argv += ["-device", "virtio-serial-pci,id=cbserial"]
+        argv += ["-chardev", f"socket,id=cbkey,path={_escape(spec.key_channel)},server=on,wait=off"]
+        argv += ["-device", f"virtserialport,bus=cbserial.0,chardev=cbkey,name={KEY_PORT_NAME}"]
     argv += ["-rtc", "base=utc"]
     argv += ["-display", "none"]
     if spec.interactive:

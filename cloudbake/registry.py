@@ -992,7 +992,12 @@ def pull_before_bake(pipeline: Pipeline, paths: Paths, key: str) -> Path | None:
     if remote is None or (remote.url, key) in _tried:
         return None
     _tried.add((remote.url, key))
-    return try_pull(remote, paths, pipeline.name, key)
+    pulled = try_pull(remote, paths, pipeline.name, key)
+    if pulled is not None:
+        from cloudbake.warmshare import try_pull_warm_set
+
+        try_pull_warm_set(pipeline, paths, pulled)
+    return pulled
 
 
 def share_after_bake(pipeline: Pipeline, image: Path) -> None:
@@ -1027,6 +1032,9 @@ def run_push(pipeline: Pipeline, paths: Paths) -> None:
                     "share it", image.name, pipeline.parent.name)
         return
     push_image(remote, image, pipeline_dir=pipeline.file.parent)
+    from cloudbake.warmshare import share_warm_sets
+
+    share_warm_sets(pipeline, paths, image)
 
 
 def run_pull(pipeline: Pipeline, paths: Paths) -> None:
@@ -1039,7 +1047,11 @@ def run_pull(pipeline: Pipeline, paths: Paths) -> None:
         raise PipelineError(f"{pipeline.name} is published as a layer over {pipeline.parent.name} (disk.flatten: "
                             "false), and the registry holds self-contained images only",
                             hint="doit bake builds it from its parent; set disk.flatten: true to share it")
-    if pull_image(remote, paths, pipeline.name, key) is None:
+    pulled = pull_image(remote, paths, pipeline.name, key)
+    if pulled is None:
         raise PipelineError(f"{remote.url}:{key} is not in the registry",
                             hint="bake it (doit bake) and push it (doit push), or let a CI job with "
                                  "cache.push bake it")
+    from cloudbake.warmshare import try_pull_warm_set
+
+    try_pull_warm_set(pipeline, paths, pulled)

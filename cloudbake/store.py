@@ -224,7 +224,8 @@ def verify_chain(image: Path, below: tuple[str, ...] = ()) -> Manifest:
     backing = manifest.document["image"].get("backing")
     # A restored cache is data from outside too: the file itself may name only what its
     # manifest says (nothing, or the parent's file by relative name), whatever the digest.
-    check_standalone(image, "a published image", allowed_backing=backing if isinstance(backing, str) else None,
+    plain = isinstance(backing, str) and "/" not in backing and ":" not in backing
+    check_standalone(image, "a published image", allowed_backing=backing if plain else None,
                      hint="delete it and its .json and bake again, or restore it from a cache you trust")
     if backing is None:
         return manifest

@@ -187,6 +187,48 @@ def run_test_task(pipeline: Pipeline, paths: Paths, command: str | None = None, 
                         hint="its output is above; the VM was thrown away (--keep keeps it for a look)")
 
 
+def run_warm(pipeline: Pipeline, paths: Paths) -> None:
+    """``doit warm``: save the warm state of the baked image for this host, unless it is saved already.
+
+    With ``cache.push`` (or ``CLOUDBAKE_PUSH=1``) the set is pushed beside the image, so a fleet
+    that bakes once resumes warm everywhere.
+    """
+    from cloudbake.machine import ensure_warm_set
+
+    if not pipeline.test.warm:
+        log.info("test.warm is false: no warm state to save")
+        return
+    try:
+        warm = ensure_warm_set(pipeline, paths)
+    except MachineryError as err:
+        # Warm start is an optimization: a CI job goes on to save its image and test (cold).
+        log.warning("could not save a warm state (%s); test runs boot cold", err.message)
+        return
+    if warm is None:
+        return
+    record = warm.record()
+    log.info("warm set %s: state %s (saved in %.1f s)", warm.folder.name, human_bytes(int(record["state_bytes"])),
+             float(record.get("save_s", 0)))
+    if pipeline.remote is not None and pipeline.remote.push:
+        from cloudbake.machine import current_base
+        from cloudbake.warmshare import share_warm_sets
+
+        share_warm_sets(pipeline, paths, current_base(pipeline, paths)[0])
+
+
+def warm_is_current(pipeline: Pipeline, paths: Paths) -> bool:
+    """Nothing to do for ``doit warm``: the set is saved, or warm start is off, or there is no image yet
+    (then the bake comes first and the action runs)."""
+    from cloudbake.machine import current_warm_set
+
+    if not pipeline.test.warm:
+        return True
+    try:
+        return current_warm_set(pipeline, paths) is not None
+    except PipelineError:
+        return False
+
+
 def run_console(pipeline: Pipeline, paths: Paths) -> None:
     """An interactive throwaway VM: serial console on this terminal (Ctrl-A X quits), deleted afterwards."""
     from cloudbake.host import detect_host, qemu_binary, resolve_accel

@@ -134,19 +134,24 @@ class VmRun:
         self._stderr_file = spec.serial_log.with_name(spec.serial_log.stem + ".qemu-stderr.log")
 
     def __enter__(self) -> VmRun:
-        if len(os.fsencode(self.spec.qmp_socket)) > UNIX_SOCKET_PATH_MAX:
+        sockets = [self.spec.qmp_socket, *([self.spec.key_channel] if self.spec.key_channel else [])]
+        if any(len(os.fsencode(path)) > UNIX_SOCKET_PATH_MAX for path in sockets):
             # Deep work folders overflow the socket path limit: use a private folder under the temp dir.
             import dataclasses
             import tempfile
 
             self._socket_dir = Path(tempfile.mkdtemp(prefix="cloudbake-"))
-            self.spec = dataclasses.replace(self.spec, qmp_socket=self._socket_dir / "qmp.sock")
+            self.spec = dataclasses.replace(
+                self.spec, qmp_socket=self._socket_dir / "qmp.sock",
+                key_channel=self._socket_dir / "key.sock" if self.spec.key_channel else None)
         self.spec.serial_log.parent.mkdir(parents=True, exist_ok=True)
         # A new file, not a truncated one: a QEMU left over from an earlier boot keeps writing
         # into the old (unlinked) file and can never put its lines into this boot's log.
         self.spec.serial_log.unlink(missing_ok=True)
         self.spec.serial_log.write_bytes(b"")
         self.spec.qmp_socket.unlink(missing_ok=True)
+        if self.spec.key_channel is not None:
+            self.spec.key_channel.unlink(missing_ok=True)
         argv = build_qemu_argv(self.spec, self.binary)
         self.log.info("starting %s (accel %s, %d vCPU, %d MiB)", os.path.basename(self.binary), self.spec.accel,
                       self.spec.cpus, self.spec.memory_mib)

@@ -14,9 +14,11 @@ accelerator or firmware. docs/testing-your-project.md lists the trade-offs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import time
@@ -35,7 +37,8 @@ from cloudbake.vmrun import VmRun, qmp_command
 log = stage_logger("warm")
 
 # Bump when what a warm set holds, or how a restore uses it, changes.
-WARM_VERSION = 1
+# 2: no client key in the set; the run's key arrives over a virtio-serial port.
+WARM_VERSION = 2
 WARM_FOLDER = ".warm"
 SAVE_TIMEOUT_S = 300.0
 RESTORE_TIMEOUT_S = 120.0
@@ -65,10 +68,6 @@ class WarmSet:
         return self.folder / "state.zst"
 
     @property
-    def client_key(self) -> Path:
-        return self.folder / "id_ed25519"
-
-    @property
     def meta(self) -> Path:
         return self.folder / "warm.json"
 
@@ -80,6 +79,18 @@ class WarmSet:
 # restores only onto a CPU with the same features. TCG emulates its CPU model the same way
 # on every host.
 HOST_CPU_ACCELS = ("kvm", "hvf")
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def firmware_digest(code: Path) -> str:
+    """The firmware code by its bytes, not its path: runners install it at other times, and arm64's
+    padded copy lives in each runner's own cache folder; the same bytes restore the same state."""
+    stat = code.stat()
+    return _digest_of(str(code), stat.st_size, stat.st_mtime_ns)
 
 
 def warm_inputs(spec: VmSpec, qemu_version: str, image_key: str,
@@ -103,7 +114,7 @@ def warm_inputs(spec: VmSpec, qemu_version: str, image_key: str,
         "cpus": spec.cpus,
         "memory_mib": spec.memory_mib,
         "firmware": spec.firmware,
-        "firmware_code": [str(code), code.stat().st_size, code.stat().st_mtime_ns] if code else None,
+        "firmware_code": firmware_digest(code) if code else None,
         "extra_args": list(spec.extra_args),
     }
 
@@ -118,6 +129,84 @@ def image_identity(manifest: Manifest) -> str:
     """
     parent = manifest.document.get("parent") if isinstance(manifest.document.get("parent"), dict) else {}
     return ":".join([manifest.key, manifest.image_sha256 or "no-digest", str((parent or {}).get("sha256") or "")])
+
+
+# --- the key hand-over: a set holds no secret that logs in to the saved VM ------------------
+#
+# Before the save, the VM the set is saved from starts a listener (a transient systemd unit,
+# as root) on the virtio-serial port KEY_PORT_NAME and drops the key it was logged in with.
+# A restored VM resumes inside that listener: the host connects to the port's socket and
+# sends the time, this run's public key and some randomness, one line each; the listener sets
+# the clock, adds the key, mixes the randomness into the pool and answers "ok". Only then
+# can anyone log in, with this run's private key, which never leaves the run folder.
+
+KEY_LISTENER = r"""
+user="$1"
+home=$(getent passwd "$user" | cut -d: -f6)
+dev=""
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = "{port}" ] && dev="/dev/${{p##*/}}"
+done
+[ -n "$dev" ] || exit 1
+# Until a host connects, a read of the port ends at once (no data, host not connected).
+while :; do
+    if exec 3<>"$dev"; then
+        if IFS= read -r now <&3 && IFS= read -r key <&3 && IFS= read -r seed <&3; then break; fi
+        exec 3<&-
+    fi
+    sleep 0.2
+done
+date -u -s "@$now" >/dev/null
+printf '%s' "$seed" > /dev/urandom
+umask 077
+mkdir -p "$home/.ssh"
+printf '%s\n' "$key" >> "$home/.ssh/authorized_keys"
+chown "$user:" "$home/.ssh" "$home/.ssh/authorized_keys"
+echo ok >&3
+"""
+KEY_HANDOVER_TIMEOUT_S = 60.0
+
+
+def arm_key_listener_script(user: str, saved_with: str) -> str:
+    """The guest command (run over SSH just before the save) that starts the listener and removes
+    ``saved_with`` (the key the saving VM was logged in with) from the user's authorized keys."""
+    from cloudbake.qemu import KEY_PORT_NAME
+
+    listener = KEY_LISTENER.format(port=KEY_PORT_NAME)
+    start = (f"sudo -n systemd-run -q --unit=cloudbake-key-{secrets.token_hex(4)} --collect /bin/sh -c "
+             f"{shlex.quote(listener)} sh {shlex.quote(user)}")
+    drop = (f"grep -vxF {shlex.quote(saved_with)} ~/.ssh/authorized_keys > ~/.ssh/authorized_keys.new; "
+            "mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys")
+    return f"set -e; {start}; {drop}"
+
+
+def hand_over_key(socket_path: Path, public_key: str, timeout_s: float = KEY_HANDOVER_TIMEOUT_S) -> None:
+    """Send a resumed VM the time, this run's public key and randomness; wait for its "ok"."""
+    import socket as sockets
+
+    deadline = time.monotonic() + timeout_s
+    message = f"{time.time():.6f}\n{public_key}\n{os.urandom(256).hex()}\n".encode()
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as conn:
+                conn.settimeout(max(1.0, deadline - time.monotonic()))
+                conn.connect(str(socket_path))
+                conn.sendall(message)
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    chunk = conn.recv(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+            if answer.strip() == b"ok":
+                return
+            last = f"answered {answer[:40]!r}"
+        except OSError as err:
+            last = f"{type(err).__name__}: {err}"
+        time.sleep(0.2)
+    raise PipelineError(f"the resumed VM did not take this run's key over its key port ({last})",
+                        hint="the warm set may predate the key listener; it is rebuilt at the next run")
 
 
 def warm_key(inputs: dict[str, Any]) -> str:
@@ -178,8 +267,18 @@ def set_digests(folder: Path) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in WARM_FILES if (folder / name).is_file()}
 
 
-def verify_set(warm: WarmSet) -> None:
-    """The set's files match the digests its record holds (hashed once, then remembered per file)."""
+def disk_backing(base: Path, folder: Path) -> str:
+    """The backing file name a qcow2 overlay in ``folder`` has over ``base`` (as make_overlay writes it)."""
+    beside = base.parent.resolve() in folder.resolve().parents
+    return os.path.relpath(base.resolve(), folder.resolve()) if beside else str(base.resolve())
+
+
+def verify_set(warm: WarmSet, base: Path) -> None:
+    """The set's files match the digests its record holds (hashed once, then remembered per file),
+    and its disk names no file but ``base`` (a set may come from a cache or a registry)."""
+    from cloudbake.qcow2 import check_standalone
+
+    check_standalone(warm.disk, "a warm set's disk", allowed_backing=disk_backing(base, warm.folder))
     record = warm.record()
     recorded = record.get("sha256") if isinstance(record, dict) else None
     if not isinstance(recorded, dict) or set(recorded) != {n for n in WARM_FILES if (warm.folder / n).exists()}:
@@ -320,19 +419,28 @@ def wait_restored(vm: VmRun, timeout_s: float = RESTORE_TIMEOUT_S) -> float:
         time.sleep(0.1)
 
 
-def keep_as_warm_set(warm: WarmSet, overlay: Path, vars_file: Path | None, seed: Path, client_key: Path,
-                     state: Path, record: dict[str, Any]) -> None:
-    """Move a saved VM's files into the set, read-only, and write its record last (that completes it)."""
+def keep_as_warm_set(warm: WarmSet, overlay: Path, vars_file: Path | None, seed: Path, state: Path,
+                     record: dict[str, Any]) -> None:
+    """Move a saved VM's files into the set, read-only, and write its record last (that completes it).
+
+    The set holds no secret: no client key (the run's key is handed over through the key
+    port), and in place of the run's seed (which carried the saved VM's private host key) a
+    blank of the same size, so a restore has the same devices. The guest read the seed at its
+    first boot and never again.
+    """
     partial = warm.folder.with_name(f".{warm.folder.name}.partial")
     _remove(partial)
     partial.mkdir(parents=True, mode=0o700)
-    moves = [(overlay, "disk.qcow2"), (seed, "seed.iso"), (client_key, "id_ed25519"), (state, "state.zst")]
+    moves = [(overlay, "disk.qcow2"), (state, "state.zst")]
     if vars_file is not None:
         moves.append((vars_file, "efivars.fd"))
     for source, name in moves:
         shutil.move(source, partial / name)
+    with open(partial / "seed.iso", "wb") as blank:
+        blank.truncate(seed.stat().st_size)
+    seed.unlink()
     for path in partial.iterdir():
-        path.chmod(0o400 if path.name == "id_ed25519" else 0o444)
+        path.chmod(0o444)
     record = {**record, "sha256": set_digests(partial)}
     for name, digest in record["sha256"].items():
         record_verified(partial / name, digest)

@@ -7,10 +7,25 @@ from typing import Any
 
 from doit import get_var
 
-from cloudbake.testrun import run_console, run_test_task
+from cloudbake.testrun import run_console, run_test_task, run_warm, warm_is_current
 
 from .context import Image, flag, per_image
-from .doitutil import doit_action
+from .doitutil import described, doit_action
+
+
+def task_warm() -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def make(image: Image) -> dict[str, Any]:
+        pipeline, paths = image.pipeline, image.paths
+        return {
+            "doc": "Save the baked image's warm state for this host (one boot), so test runs resume it; "
+                   "run it before CI saves its cache",
+            "task_dep": [image.task("bake")],
+            "actions": [(doit_action(run_warm), [pipeline, paths])],
+            "uptodate": [described("the warm state of the image for this host is saved (or test.warm is false)",
+                                   lambda: warm_is_current(pipeline, paths))],
+            "verbosity": 2,
+        }
+    return per_image("warm", make)
 
 
 def task_test_image() -> dict[str, Any] | Iterator[dict[str, Any]]:

@@ -102,7 +102,8 @@ def test_one_image_of_a_matrix_per_job(tmp_path):
     assert run.outputs["key"]["entry"] == f"offline-512m-{keys['offline-512m']}"
     assert outcomes["Bake (a no-op when the image was restored)"] == "success"
     assert "starting qemu" not in run.step("Bake").stderr
-    assert (tmp_path / "cache" / f"cloudbake-image-Linux-offline-512m-{keys['offline-512m']}").is_dir()
+    assert (tmp_path / "cache" / f"cloudbake-image-Linux-offline-512m-{keys['offline-512m']}").is_dir(), \
+        "\n".join(f"{step.name}: {step.outcome}\n{step.stderr[-1500:]}" for step in run.steps)
     tested = run.step("Test inside a throwaway VM")
     assert tested.outcome == "failure" and "did not happen within test.timeout" in tested.stderr
     assert "-m 512" in tested.stderr or "512" in json.dumps(tested.stderr)  # the 512M image's VM

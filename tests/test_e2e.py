@@ -236,8 +236,9 @@ def _ci_project(clone: Path, mirror_url: str, key) -> None:
 
 def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real_server):
     """The shipped workflow, step by step as GitHub runs it, in two fresh clones sharing only the cache:
-    the first has no lock, pins one, misses, bakes, saves the image before testing, tests, and says to
-    commit the lock; the second (lock committed, fresh home) hits both caches: no HTTP request, no bake."""
+    the first has no lock, pins one, misses, bakes, saves the warm state and the image before testing,
+    tests, and says to commit the lock; the second (lock committed, fresh home) hits both caches: no
+    HTTP request, no bake, no boot: its first test run resumes warm from the restored set."""
     from tests.test_ci import clone_for_ci, replay
 
     cache = tmp_path / "actions-cache"
@@ -249,8 +250,12 @@ def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real
     assert run_1.outputs["lock"]["fetched"] == "true" and (first / "ci.lock").is_file()
     assert run_1.outputs["image"]["cache-hit"] == "" and run_1.step("Save the baked image").outcome == "success"
     assert "starting qemu" in run_1.step("Bake").stderr
+    assert "saved the warm state" in run_1.step("Save the warm state").stderr
     names = [s.name for s in run_1.steps]
-    assert names.index("Save the baked image") < names.index("Test inside a throwaway VM")
+    assert names.index("Save the warm state") < names.index("Save the baked image") < \
+        names.index("Test inside a throwaway VM")
+    tested_1 = run_1.step("Test inside a throwaway VM").stderr
+    assert tested_1.count("starting qemu") == 1 and "resumed warm" in tested_1
     assert f"`{key}`" in run_1.summary and "| image cache | miss |" in run_1.summary
     assert "ci.lock` was missing" in run_1.summary and "bake stages" in run_1.summary
     assert (cache / f"cloudbake-image-Linux-{key}").is_dir()
@@ -267,7 +272,10 @@ def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real
     assert run_2.step("Save the baked image").outcome == "skipped"
     assert "starting qemu" not in run_2.step("Bake").stderr
     assert len(real_server.state.requests) == requests_before
-    # No bake: the test step's QEMUs are the VM its warm state is saved from and the test VM resumed from it.
+    # A fresh runner with the cache restored: no guest boots in this job. The one QEMU is the
+    # test VM, resumed from the warm set the first job saved into the cache.
+    assert "starting qemu" not in run_2.step("Save the warm state").stderr
     tested = run_2.step("Test inside a throwaway VM").stderr
-    assert tested.count("starting qemu") == 2 and "resumed warm" in tested
+    assert sum(step.stderr.count("starting qemu") for step in run_2.steps) == 1
+    assert "resumed warm" in tested and "booting it once" not in tested
     assert "| image cache | hit |" in run_2.summary and "was missing" not in run_2.summary
