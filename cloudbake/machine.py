@@ -485,7 +485,7 @@ class Machine:
     def __init__(self, pipeline: Pipeline, paths: Paths, *, label: str = "run", timeout_s: float | None = None,
                  env: dict[str, str] | None = None, output_prefix: str | None = None,
                  timeout_per_step: bool = False, warm: bool | None = None, prepare_guest: bool = True,
-                 key_channel: bool = False) -> None:
+                 key_channel: bool = False, interactive: bool = False) -> None:
         """``timeout_s`` (default test.timeout) bounds the whole life of the VM, boot included, as
         test-image wants; with ``timeout_per_step`` it bounds the boot and each step on its own
         (a session-long VM of the API or the pytest plugin). ``warm`` (default test.warm) resumes
@@ -498,6 +498,7 @@ class Machine:
         self.warm = pipeline.test.warm if warm is None else warm
         self.prepare_guest = prepare_guest
         self.key_channel = key_channel   # the VM a warm set is saved from has the key port
+        self.interactive = interactive   # the serial console on this terminal (doit console)
         self.deadline = Deadline(self.timeout_s)
         self.extra_env = dict(env or {})
         self.output_prefix = output_prefix
@@ -666,7 +667,8 @@ class Machine:
                                record["accel"], key_channel=True)
                 if spec.firmware_vars is not None:
                     shutil.copyfile(warm.vars, spec.firmware_vars)
-                spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state))
+                spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state),
+                                           interactive=self.interactive)
                 vm = booting.enter_context(VmRun(spec, qemu_binary(spec.arch), "test-image"))
                 load_s = wait_restored(vm)
                 self.vm, self.ssh_port = vm, port
@@ -1025,8 +1027,9 @@ class Machine:
         for attempt in range(PORT_ATTEMPTS):
             port = free_port()
             self.forwards = resolve_forwards(self.pipeline.test.forward)
-            spec = vm_spec(self.pipeline, self.paths, manifest, self.files, port, self.forwards, host, choice.accel,
-                           key_channel=self.key_channel)
+            spec = dataclasses.replace(vm_spec(self.pipeline, self.paths, manifest, self.files, port, self.forwards,
+                                               host, choice.accel, key_channel=self.key_channel),
+                                       interactive=self.interactive)
             booting = contextlib.ExitStack()
             try:
                 vm, _ = booting.enter_context(boot_with_fallback(spec, choice, self.paths.cache_dir, "test-image"))

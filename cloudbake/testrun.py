@@ -9,9 +9,7 @@ SSH, upload, artifacts), with the stage named. Of many runs, the worst.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import shlex
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +22,10 @@ from cloudbake.machine import (
     Machine,
     clean_leftovers,
     current_base,
-    free_port,
-    new_run,
-    prepare_run,
-    ssh_argv,
-    vm_spec,
 )
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
 from cloudbake.units import human_bytes
-from cloudbake.vmrun import VmRun
 
 log = stage_logger("test-image")
 
@@ -230,24 +222,15 @@ def warm_is_current(pipeline: Pipeline, paths: Paths) -> bool:
 
 
 def run_console(pipeline: Pipeline, paths: Paths) -> None:
-    """An interactive throwaway VM: serial console on this terminal (Ctrl-A X quits), deleted afterwards."""
-    from cloudbake.host import detect_host, qemu_binary, resolve_accel
+    """An interactive throwaway VM: serial console on this terminal (Ctrl-A X quits), deleted afterwards.
 
-    base, manifest = current_base(pipeline, paths)
-    clean_leftovers(base)
-    files = new_run(base)
-    try:
-        host_public = prepare_run(pipeline, base, files, "console")
-        port = free_port()
-        files.known_hosts.write_text(f"[127.0.0.1]:{port} {host_public}\n")
-        host = detect_host()
-        choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, host, paths.cache_dir)
-        spec = dataclasses.replace(vm_spec(pipeline, paths, manifest, files, port, (), host, choice.accel),
-                                   interactive=True)
-        log.info("console VM (accel %s); from another terminal: %s\n  Ctrl-A X quits; the VM is thrown away",
-                 choice.accel, shlex.join(ssh_argv(files, port, pipeline.cloud_init.user)))
-        with VmRun(spec, qemu_binary(spec.arch), "console") as vm:
-            vm.wait(float("inf"), poll_s=0.5)
-    finally:
-        shutil.rmtree(files.folder, ignore_errors=True)
-
+    Resumed from the image's warm set like a test run (``test.warm: false`` boots it instead);
+    the console shows the guest from the moment it resumes or boots, and the SSH command for
+    another terminal is printed once the run's key works.
+    """
+    machine = Machine(pipeline, paths, label="console", prepare_guest=False, interactive=True)
+    with machine:
+        assert machine.vm is not None and machine.files is not None
+        log.info("console VM%s; from another terminal: %s\n  Ctrl-A X quits; the VM is thrown away",
+                 " (resumed warm)" if machine.warm_set is not None else "", shlex.join(machine.ssh_argv()))
+        machine.vm.wait(float("inf"), poll_s=0.5)

@@ -530,8 +530,9 @@ def test_doit_pull_of_a_missing_key_and_push_without_a_remote_say_what_to_do(reg
 
 @pytest.mark.e2e
 def test_the_shared_bake_pushed_is_pulled_by_a_fresh_checkout(baked, real_server, registry, tmp_path: Path) -> None:
-    """The real baked image through the installed `cloudbake`: push from the baker's checkout; a fresh
-    checkout (lock, no dist/, no download cache) bakes by pulling: no upstream request, no QEMU."""
+    """The real baked image and its warm set through the installed `cloudbake`: push from the baker's
+    checkout; a fresh checkout (lock, no dist/, no download cache) bakes by pulling both (no upstream
+    request, no QEMU), and its first test run resumes warm: no guest boots on the fresh machine."""
     from tests.fixture.e2e import cloudbake
 
     remote = f"oci://{registry.address}/cb/e2e"
@@ -541,12 +542,19 @@ def test_the_shared_bake_pushed_is_pulled_by_a_fresh_checkout(baked, real_server
         shutil.copytree(baked["folder"] / "cloud-init", folder / "cloud-init")
         shutil.copy(baked["folder"] / "pipeline.lock", folder / "pipeline.lock")
         text = baked["pipeline"].read_text().replace(str(baked["folder"] / "cache"), str(folder / "cache"))
+        # TCG on both sides, as the shared bake fell back to here: the fresh checkout has no KVM
+        # verdict yet and would otherwise look for a KVM set (the accelerator is not in the image key).
+        text = text.replace("accel: auto", "accel: tcg")
         (folder / "pipeline.yaml").write_text(text)
         with_remote(folder / "pipeline.yaml", remote)
         checkouts[name] = folder
-    shutil.copytree(baked["folder"] / "dist", checkouts["baker"] / "dist", symlinks=True)
+    shutil.copytree(baked["folder"] / "dist", checkouts["baker"] / "dist", symlinks=True,
+                    ignore=shutil.ignore_patterns(".runs"))
+    warmed = cloudbake(baked["cloudbake"], "warm", cwd=checkouts["baker"], timeout=900)
+    assert warmed.returncode == 0, warmed.stdout + warmed.stderr
     pushed = cloudbake(baked["cloudbake"], "push", cwd=checkouts["baker"], timeout=600)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert "pushed the warm set" in pushed.stderr
     before = len(real_server.state.requests)
     pulled = cloudbake(baked["cloudbake"], "bake", cwd=checkouts["fresh"], timeout=600)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
@@ -554,3 +562,114 @@ def test_the_shared_bake_pushed_is_pulled_by_a_fresh_checkout(baked, real_server
     assert len(real_server.state.requests) == before
     assert not (checkouts["fresh"] / "cache" / "images").exists()
     assert image_sha(checkouts["fresh"] / "dist" / baked["image"].name) == image_sha(baked["image"])
+    assert "pulled the warm set" in pulled.stderr
+    tested = cloudbake(baked["cloudbake"], "test-image", "--no-bake", cwd=checkouts["fresh"], timeout=900)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "resumed warm" in tested.stderr and "booting it once" not in tested.stderr
+    assert tested.stderr.count("starting qemu") == 1
+
+
+# --- warm sets through the registry ----------------------------------------------------------------
+
+
+def _project_with_image(folder: Path, remote: RemoteCache) -> tuple:
+    """A pipeline in ``folder`` whose image is published there, plus a warm set for this host made
+    of real files (no guest: the bytes stand for a saved state)."""
+    from cloudbake.host import qemu_binary, qemu_version
+    from cloudbake.machine import warm_inputs_for_key
+    from cloudbake.paths import resolve_paths
+    from cloudbake.store import read_manifest
+    from cloudbake.warm import WarmSet, keep_as_warm_set, warm_key, warm_set_for
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cloud-init").mkdir(exist_ok=True)
+    (folder / "cloud-init" / "user-data.yaml").write_text("#cloud-config\n")
+    (folder / "pipeline.yaml").write_text(textwrap.dedent(f"""\
+        name: img
+        vm: {{accel: tcg}}
+        cache: {{remote: "oci://{remote.registry}/{remote.repository}", plain_http: true}}
+        """))
+    pipeline = load_pipeline(folder / "pipeline.yaml")
+    paths = resolve_paths(pipeline)
+    image = make_published(folder, name="img", seed=b"warm")
+    manifest = read_manifest(image)
+    inputs = warm_inputs_for_key(pipeline, paths, manifest, "tcg", qemu_version(qemu_binary(pipeline.source.arch)))
+    run = folder / "dist" / ".runs" / "r1"
+    run.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", f"../../{image.name}",
+                    str(run / "disk.qcow2")], check=True)
+    for name, size in (("state.zst", 3 << 20), ("efivars.fd", 64 << 10), ("seed.iso", 8 << 10)):
+        (run / name).write_bytes(os.urandom(size))
+    warm: WarmSet = warm_set_for(image, warm_key(inputs))
+    keep_as_warm_set(warm, run / "disk.qcow2", run / "efivars.fd", run / "seed.iso", run / "state.zst",
+                     {"inputs": inputs, "accel": "tcg", "host_public": "ssh-ed25519 AAAA test", "state_bytes": 3 << 20,
+                      "memory_bytes": 1 << 30})
+    return pipeline, paths, image, warm
+
+
+def test_a_warm_set_travels_through_the_registry_and_an_altered_one_is_refused(registry, tmp_path, caplog):
+    from cloudbake.paths import resolve_paths
+    from cloudbake.warm import find_warm_set, verify_set
+    from cloudbake.warmshare import pull_warm_set, push_warm_set, try_pull_warm_set
+
+    remote = remote_for(registry.address, repository="cb/warm")
+    pipeline, paths, image, warm = _project_with_image(tmp_path / "baker", remote)
+    push_image(remote, image, SMALL)
+    tag = push_warm_set(remote, image, warm, SMALL)
+    assert tag.startswith(f"{KEY}-warm-") and tag in registry.tags("cb/warm")
+    # A fresh checkout of the same pipeline: the image, then the set this host would resume from.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copytree(tmp_path / "baker" / "cloud-init", fresh / "cloud-init")
+    shutil.copy(tmp_path / "baker" / "pipeline.yaml", fresh / "pipeline.yaml")
+    fresh_pipeline = load_pipeline(fresh / "pipeline.yaml")
+    fresh_paths = resolve_paths(fresh_pipeline)
+    pulled_image = pull_image(remote, fresh_paths, "img", KEY, SMALL)
+    assert pulled_image is not None
+    pulled = pull_warm_set(remote, fresh_pipeline, fresh_paths, pulled_image, SMALL)
+    assert pulled is not None and pulled.folder.name == warm.folder.name
+    for name in ("disk.qcow2", "state.zst", "efivars.fd", "seed.iso"):
+        assert (pulled.folder / name).read_bytes() == (warm.folder / name).read_bytes()
+    verify_set(pulled, pulled_image)
+    assert not [p for p in pulled.folder.iterdir() if p.name.startswith("id_")]
+    # The registry's copy of the state altered: refused by its digest, one warning, nothing installed.
+    shutil.rmtree(pulled.folder)
+    record = json.loads(warm.meta.read_text())
+    body = Registry(remote, SMALL).manifest(tag)
+    assert body is not None
+    state_layer = next(layer for layer in json.loads(body)["layers"]
+                       if layer["annotations"]["dev.cloudbake.warm.file"] == "state.zst")
+    blob = registry.blob_file(state_layer["digest"])
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[1000] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING, logger="cloudbake")
+    with pytest.raises(PipelineError, match="SHA-256 mismatch"):
+        pull_warm_set(remote, fresh_pipeline, fresh_paths, pulled_image, replace(SMALL, http=replace(
+            SMALL.http, attempts=1)))
+    try_pull_warm_set(fresh_pipeline, fresh_paths, pulled_image)
+    assert caplog.text.count("was not pulled") == 1
+    assert find_warm_set(pulled_image, pulled.folder.name.rsplit("-", 1)[1]) is None
+    assert record["sha256"]["state.zst"] != hashlib.sha256(bytes(data)).hexdigest()
+
+
+def test_a_warm_set_for_another_machine_or_with_a_key_is_refused(registry, tmp_path):
+    from cloudbake.warmshare import pull_warm_set, push_warm_set
+
+    remote = remote_for(registry.address, repository="cb/warm-other")
+    pipeline, paths, image, warm = _project_with_image(tmp_path / "baker", remote)
+    (warm.folder / "id_ed25519").write_text("PRIVATE")
+    with pytest.raises(PipelineError, match="holds a private key"):
+        push_warm_set(remote, image, warm, SMALL)
+    (warm.folder / "id_ed25519").unlink()
+    # A record that describes another machine under this host's tag (forged): refused before any file.
+    record = json.loads(warm.meta.read_text())
+    record["inputs"]["memory_mib"] = 8192
+    warm.meta.chmod(0o644)
+    warm.meta.write_text(json.dumps(record))
+    push_warm_set(remote, image, warm, SMALL)
+    shutil.rmtree(warm.folder)
+    with pytest.raises(PipelineError, match="describes another machine than this host's; refused"):
+        pull_warm_set(remote, pipeline, paths, image, SMALL)
+    assert not warm.folder.exists()
