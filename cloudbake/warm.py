@@ -175,8 +175,9 @@ def arm_key_listener_script(user: str, saved_with: str) -> str:
     listener = KEY_LISTENER.format(port=KEY_PORT_NAME)
     start = (f"sudo -n systemd-run -q --unit=cloudbake-key-{secrets.token_hex(4)} --collect /bin/sh -c "
              f"{shlex.quote(listener)} sh {shlex.quote(user)}")
-    drop = (f"grep -vxF {shlex.quote(saved_with)} ~/.ssh/authorized_keys > ~/.ssh/authorized_keys.new; "
-            "mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys")
+    # grep exits 1 when no other key is left: that is fine, the file is then empty.
+    drop = (f"{{ grep -vxF {shlex.quote(saved_with)} ~/.ssh/authorized_keys || true; }} "
+            "> ~/.ssh/authorized_keys.new && mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys")
     return f"set -e; {start}; {drop}"
 
 

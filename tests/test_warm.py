@@ -305,3 +305,48 @@ def test_a_failed_save_is_remembered_and_not_tried_again_for_a_day(tmp_path, mak
     assert machine._warm_set(manifest) is None
     assert "saving one failed within the last day (saving the VM's state failed" in caplog.text
     assert failed_save(image, key) is not None
+
+
+def test_the_key_port_is_on_the_command_line_of_savers_and_restores_only(tmp_path):
+    plain = build_qemu_argv(_spec(tmp_path), "qemu-system-x86_64")
+    keyed = build_qemu_argv(_spec(tmp_path, key_channel=tmp_path / "key.sock"), "qemu-system-x86_64")
+    assert "virtserialport,bus=cbserial.0,chardev=cbkey,name=dev.cloudbake.key" in keyed
+    assert f"socket,id=cbkey,path={tmp_path / 'key.sock'},server=on,wait=off" in keyed
+    assert not any("virtserialport" in arg for arg in plain)
+
+
+def test_the_key_hand_over_sends_time_key_and_randomness_then_waits_for_ok(tmp_path):
+    import socket
+    import threading
+
+    from cloudbake.errors import PipelineError
+    from cloudbake.warm import hand_over_key
+
+    path = tmp_path / "key.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    got: list[bytes] = []
+
+    def guest() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while data.count(b"\n") < 3:
+                data += conn.recv(4096)
+            got.append(data)
+            conn.sendall(b"ok\n")
+
+    thread = threading.Thread(target=guest)
+    thread.start()
+    before = time.time()
+    hand_over_key(path, "ssh-ed25519 AAAA run-key", timeout_s=10)
+    thread.join()
+    now, key, seed = got[0].decode().splitlines()
+    assert before <= float(now) <= time.time() and key == "ssh-ed25519 AAAA run-key" and len(seed) == 512
+    server.close()
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(tmp_path / "silent.sock"))
+    silent.listen(8)
+    with silent, pytest.raises(PipelineError, match="did not take this run's key"):
+        hand_over_key(tmp_path / "silent.sock", "k", timeout_s=1.5)
