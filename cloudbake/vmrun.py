@@ -79,9 +79,13 @@ def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, args: dic
     An error answer, no answer in time or no monitor raises PipelineError.
     """
     import asyncio
+    import logging
 
     from qemu.qmp import ExecuteError, QMPClient
     from qemu.qmp.protocol import ConnectError
+
+    # qemu.qmp logs every refused connection at ERROR; a monitor that is not up yet is expected here.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
     async def exchange() -> Any:
         client = QMPClient("cloudbake")

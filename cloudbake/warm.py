@@ -163,6 +163,7 @@ mkdir -p "$home/.ssh"
 printf '%s\n' "$key" >> "$home/.ssh/authorized_keys"
 chown "$user:" "$home/.ssh" "$home/.ssh/authorized_keys"
 echo ok >&3
+rm -f "$0"
 """
 KEY_HANDOVER_TIMEOUT_S = 60.0
 
@@ -173,8 +174,10 @@ def arm_key_listener_script(user: str, saved_with: str) -> str:
     from cloudbake.qemu import KEY_PORT_NAME
 
     listener = KEY_LISTENER.format(port=KEY_PORT_NAME)
-    start = (f"sudo -n systemd-run -q --unit=cloudbake-key-{secrets.token_hex(4)} --collect /bin/sh -c "
-             f"{shlex.quote(listener)} sh {shlex.quote(user)}")
+    # From a file, not `sh -c`: systemd expands $VARIABLES and %specifiers in a unit's command line.
+    script = f"/run/cloudbake-key-{secrets.token_hex(4)}.sh"
+    start = (f"printf '%s' {shlex.quote(listener)} | sudo -n tee {script} >/dev/null && "
+             f"sudo -n systemd-run -q --unit={Path(script).stem} --collect /bin/sh {script} {shlex.quote(user)}")
     # grep exits 1 when no other key is left: that is fine, the file is then empty.
     drop = (f"{{ grep -vxF {shlex.quote(saved_with)} ~/.ssh/authorized_keys || true; }} "
             "> ~/.ssh/authorized_keys.new && mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys")
