@@ -46,17 +46,17 @@ def test_macos_installs_through_homebrew_and_never_apt(tmp_path: Path) -> None:
     result = run_sh(tmp_path, "packages")
     assert result.returncode == 0, result.stderr
     log = calls.read_text()
-    assert "brew install qemu python@3.12" in log
+    assert "brew install qemu zstd python@3.12" in log
     assert "apt-get" not in log and "dpkg-query" not in log and "sudo" not in log
     test_result = run_sh(tmp_path, "packages", "test")
-    assert test_result.returncode == 0 and "brew install qemu python@3.12 distribution httpd" in calls.read_text()
+    assert test_result.returncode == 0 and "brew install qemu zstd python@3.12 distribution httpd" in calls.read_text()
 
 
 def test_macos_without_homebrew_prints_the_exact_command(tmp_path: Path) -> None:
     calls = standins(tmp_path, "Darwin", with_brew=False)
     result = run_sh(tmp_path, "packages", drop_brew_dirs=True)
     assert result.returncode == 1
-    assert "https://brew.sh" in result.stderr and "brew install qemu gnupg python@3.12" in result.stderr
+    assert "https://brew.sh" in result.stderr and "brew install qemu gnupg zstd python@3.12" in result.stderr
     assert not calls.exists() or "apt-get" not in calls.read_text()
 
 
