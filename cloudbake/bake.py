@@ -32,7 +32,6 @@ from cloudbake.pipeline import Firmware, Pipeline
 from cloudbake.qcow2 import MAGIC as QCOW2_MAGIC
 from cloudbake.qcow2 import check_standalone
 from cloudbake.qemu import VmSpec
-from cloudbake.registry import pull_before_bake, share_after_bake
 from cloudbake.runner import require_tool, run
 from cloudbake.seed import (
     GENERALIZED_MARKER,
@@ -41,6 +40,7 @@ from cloudbake.seed import (
     build_seed_iso,
     with_boot_nonce,
 )
+from cloudbake.share import pull_before_bake, share_after_bake
 from cloudbake.store import (
     is_published,
     manifest_path,

@@ -13,7 +13,7 @@ from cloudbake.fetch import cached_upstream, run_fetch, run_update
 from cloudbake.log import stage_logger
 from cloudbake.paths import Paths
 from cloudbake.pipeline import Pipeline
-from cloudbake.registry import pull_before_bake
+from cloudbake.share import pull_before_bake
 from cloudbake.store import is_published, published_image
 
 from .context import Image, flag, per_image

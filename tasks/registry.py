@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from cloudbake.registry import run_pull, run_push
+from cloudbake.share import run_pull, run_push
 
 from .bake import bake_is_current
 from .context import Image, per_image

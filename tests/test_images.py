@@ -351,7 +351,7 @@ def test_a_published_flattened_image_does_not_need_its_parent(tmp_path):
 def test_a_layer_is_not_pushed_or_pulled_through_the_registry(tmp_path, caplog):
     """`doit push` of a file pushes what can be shared: a layer is left out with a warning (the registry
     on port 9 is never contacted); `doit pull` of a layer is an error that says why."""
-    from cloudbake.registry import run_pull, run_push
+    from cloudbake.share import run_pull, run_push
     from tests.fixture.offline import offline_project
 
     file = offline_project(tmp_path, published=True, extra="images:\n  - name: base\n  - name: app\n    from: base\n"
