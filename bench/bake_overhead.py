@@ -21,8 +21,8 @@ from pathlib import Path
 
 from bench.common import report
 from bench.project import make_bench_project
-from cloudbake.pipeline import Arch
-from cloudbake.qemu import VmSpec, cpu_for
+from cloudbake.config.model import Arch
+from cloudbake.qemu.argv import VmSpec, cpu_for
 
 
 def main() -> None:

@@ -75,9 +75,9 @@ def packer_user_data(project: BenchProject) -> bytes:
     """What a Packer user would write: cloudbake's rendered user-data (the same user and keys) with the
     bake's finish script swapped for a plain power-off, and without cloudbake's bake-only shortcuts
     (``ssh_genkeytypes: []``): those are cloudbake's to claim, not the baseline's."""
-    from cloudbake.build import resolve_build
-    from cloudbake.paths import resolve_paths
-    from cloudbake.pipeline import load_pipeline
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.image.build import resolve_build
 
     pipeline = load_pipeline(project.pipeline)
     build = resolve_build(pipeline, resolve_paths(pipeline))

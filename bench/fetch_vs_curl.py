@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from bench.common import alternate, report
-from cloudbake.http import HttpSettings, download, make_session
+from cloudbake.source.download import download
+from cloudbake.source.http import HttpSettings, make_session
 from tests.fixture.server import MirrorServer
 
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import alternate, report
-from cloudbake.pipeline import Compression, RemoteCache
-from cloudbake.registry import pull_image, push_image
-from cloudbake.store import publish, published_image
+from cloudbake.config.model import Compression, RemoteCache
+from cloudbake.image.store import publish, published_image
+from cloudbake.remote.registry import pull_image, push_image
 from tests.fixture.registry import Registry
 
 KEY = "b" * 16
@@ -38,7 +38,7 @@ KEY = "b" * 16
 
 def published(folder: Path, size_mib: int) -> Path:
     """A published image of incompressible bytes (qemu-img made, store published)."""
-    from cloudbake.paths import Paths
+    from cloudbake.config.paths import Paths
 
     folder.mkdir(parents=True)
     raw = folder / "source.raw"
@@ -142,7 +142,7 @@ def main() -> None:
         curl_push(registry.address, "pull/bench", image, digest)   # the whole image as one blob for curl
 
         def cloudbake_pull() -> None:
-            from cloudbake.paths import Paths
+            from cloudbake.config.paths import Paths
 
             folder = work / f"pull{next(counter)}"
             assert pull_image(remote, Paths(folder / "w", folder / "dist", folder / "c", folder / "l", folder),

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import alternate, report
-from cloudbake.seed import SeedFiles, build_seed_iso
+from cloudbake.image.seed import SeedFiles, build_seed_iso
 
 USER_DATA = b"#cloud-config\npackages: [curl, git]\nruncmd:\n  - echo hello\n" + b"# padding\n" * 200
 META_DATA = b"instance-id: bench-1\nlocal-hostname: bench\n"
@@ -31,7 +31,7 @@ def main() -> None:
         (folder / "meta-data").write_bytes(META_DATA)
         files = SeedFiles(USER_DATA, META_DATA)
         code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
-                "from cloudbake.seed import SeedFiles, build_seed_iso; "
+                "from cloudbake.image.seed import SeedFiles, build_seed_iso; "
                 "build_seed_iso(SeedFiles(Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]).read_bytes()), "
                 "Path(sys.argv[4]))")
         root = str(Path(__file__).resolve().parent.parent)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from bench.common import report
 from bench.project import make_bench_project
-from cloudbake.machine import free_port, make_overlay, ssh_banner
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import load_pipeline
-from cloudbake.testrun import run_test_image
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.run.runs import free_port, make_overlay
+from cloudbake.run.ssh import ssh_banner
+from cloudbake.run.testrun import run_test_image
 
 
 class _MarkCommandStart(logging.Handler):

@@ -44,7 +44,7 @@ def main() -> None:
     import dataclasses
 
     import cloudbake
-    from cloudbake.pipeline import load_pipeline
+    from cloudbake.config.pipeline import load_pipeline
 
     project = make_bench_project()
     project.doit("bake")

@@ -19,9 +19,10 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from cloudbake.machine import Machine
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import Pipeline, load_pipeline
+from cloudbake.config.model import Pipeline
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.run.machine import Machine
 
 
 @contextlib.contextmanager

@@ -16,13 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from cloudbake.build import resolve_key
-from cloudbake.errors import PipelineError
-from cloudbake.lock import read_lock
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import load_images, load_pipeline
-from cloudbake.store import Manifest, published_image, read_manifest
-from cloudbake.units import human_bytes
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_images, load_pipeline
+from cloudbake.core.errors import PipelineError
+from cloudbake.core.units import human_bytes
+from cloudbake.image.build import resolve_key
+from cloudbake.image.store import Manifest, published_image, read_manifest
+from cloudbake.source.lock import read_lock
 
 
 def ci_images(pipeline_file: Path) -> list[dict[str, str]]:

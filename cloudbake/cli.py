@@ -3,7 +3,7 @@
     cloudbake list                  the tasks (doit's own commands all work: info, clean, help ...)
     cloudbake bake                  bake ./pipeline.yaml's image
     cloudbake -p ci.yaml test-image --cmd "make check"    exits with the command's status
-    cloudbake up / ssh / ps / down   throwaway VMs for people and harnesses (cloudbake.commands)
+    cloudbake up / ssh / ps / down   throwaway VMs for people and harnesses (cloudbake.run.commands)
 
 doit underneath, the way Nikola wraps doit: DoitMain with a task loader that hands doit the
 task definitions of ``cloudbake.tasks`` (this repository's tasks/ folder, mapped into the
@@ -21,7 +21,7 @@ from typing import Any
 from doit.cmd_base import ModuleTaskLoader
 from doit.doit_cmd import DoitMain
 
-from cloudbake import commands
+from cloudbake.run import commands
 
 TASK_MODULES = ("fetch", "seed", "bake", "testrun", "inspect", "registry")
 USAGE = "usage: cloudbake [-p PIPELINE] [doit command] [task] [options]   (cloudbake help: doit's help)"

@@ -6,26 +6,25 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from cloudbake.bake import clean_bake, run_bake
-from cloudbake.build import resolve_key, run_cache_key
-from cloudbake.errors import PipelineError
-from cloudbake.log import stage_logger
-from cloudbake.paths import Paths
-from cloudbake.pipeline import Pipeline
-from cloudbake.store import is_published, published_image, run_prune, verify_chain
+from cloudbake.config.model import Pipeline
+from cloudbake.config.paths import Paths
 
 from .context import Image, per_image
-from .doitutil import described, doit_action
+from .doitutil import described, doit_action, engine
 
 
 def bake_is_current(pipeline: Pipeline, paths: Paths) -> bool:
     """The image named by the current key is published and matches its manifest. No doit state needed,
     so a restored cache (``dist/`` alone) counts."""
+    from cloudbake.core.errors import PipelineError
+    from cloudbake.core.log import stage_logger
+    from cloudbake.image.build import resolve_build
+    from cloudbake.image.store import is_published, verify_chain
+
     try:
-        key = resolve_key(pipeline, paths)[0]
+        image = resolve_build(pipeline, paths).published(paths)
     except PipelineError:
         return False  # let the action run and report the problem
-    image = published_image(paths, pipeline.name, key)
     if not is_published(image):
         return False
     try:
@@ -55,7 +54,10 @@ def bake_action(pipeline: Pipeline, paths: Paths, force: bool = False) -> None:
     doit also runs this when a file it depends on looks changed (a restored CI cache has no
     doit state): then a published image for the current key is kept.
     """
-    run_bake(pipeline, paths, force=force or always_execute_requested(sys.argv[1:]))
+    from cloudbake.image.bake import run_bake
+    from cloudbake.remote.share import REGISTRY
+
+    run_bake(pipeline, paths, force=force or always_execute_requested(sys.argv[1:]), shared=REGISTRY)
 
 
 def not_forced(task: Any) -> bool:
@@ -80,7 +82,7 @@ def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
             "uptodate": [described("the image named by the current key is published in the output folder and "
                                    "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths)),
                          not_forced],
-            "clean": [(clean_bake, [pipeline, paths])],
+            "clean": [(engine("cloudbake.image.bake:clean_bake"), [pipeline, paths])],
             "verbosity": 2,
         }
     return per_image("bake", make)
@@ -91,7 +93,8 @@ def task_cache_key() -> dict[str, Any] | Iterator[dict[str, Any]]:
         return {
             "basename": "cache-key",
             "doc": "Print the baked image's key (offline), for CI caches",
-            "actions": [(doit_action(run_cache_key), [image.pipeline, image.paths, image.several])],
+            "actions": [(doit_action(engine("cloudbake.image.build:run_cache_key")),
+                         [image.pipeline, image.paths, image.several])],
             "uptodate": [False],
             "verbosity": 2,
         }
@@ -102,7 +105,7 @@ def task_prune() -> dict[str, Any] | Iterator[dict[str, Any]]:
     def make(image: Image) -> dict[str, Any]:
         return {
             "doc": "Delete all but the newest output.keep baked images of this pipeline",
-            "actions": [(doit_action(run_prune), [image.pipeline, image.paths])],
+            "actions": [(doit_action(engine("cloudbake.image.store:run_prune")), [image.pipeline, image.paths])],
             "uptodate": [False],
         }
     return per_image("prune", make)

@@ -12,9 +12,10 @@ from typing import Any
 from doit import doit_cmd, get_var
 from doit.exceptions import InvalidDodoFile
 
-from cloudbake.errors import PipelineError
-from cloudbake.paths import Paths, resolve_paths
-from cloudbake.pipeline import Pipeline, load_images
+from cloudbake.config.model import Pipeline
+from cloudbake.config.paths import Paths, resolve_paths
+from cloudbake.config.pipeline import load_images
+from cloudbake.core.errors import PipelineError
 
 from .doitutil import SizeMtimeChecker
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cloudbake.pipeline import load_schema
-from cloudbake.schemas import pipeline_schema_path
+from cloudbake.config.problems import load_schema
+from cloudbake.config.schemas import pipeline_schema_path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def write_configuration_reference(dest: Path = REFERENCE) -> None:
 
 
 def write_guide(dest: Path = GUIDE) -> None:
-    from cloudbake.explain import fill_generated
+    from cloudbake.image.explain import fill_generated
 
     dest.write_text(fill_generated(dest.read_text(encoding="utf-8")), encoding="utf-8")
 

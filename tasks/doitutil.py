@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
 
-from cloudbake.errors import Interrupted, PipelineError, stop_signals_unwind
+from cloudbake.core.errors import Interrupted, PipelineError, stop_signals_unwind
 
 
 class SizeMtimeChecker(FileChangedChecker):  # type: ignore[misc]
@@ -64,6 +65,20 @@ class value_changed:  # noqa: N801 (doit's own uptodate helpers are lower-case c
         return values.get(self.key) == self.value
 
 
+def engine(target: str) -> Callable[..., Any]:
+    """The engine function ``module:name``, imported when doit runs it, so describing tasks (``doit list``,
+    ``doit help``) imports no HTTP, registry or VM code. Only for functions that take no task options:
+    doit passes options by the action's parameter names, which this wrapper cannot show."""
+    module_name, _, name = target.partition(":")
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module_name), name)(*args)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{target}, imported when called"
+    return call
+
+
 def doit_action(func: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a task action so a PipelineError reaches the user as a clean doit failure."""
 
@@ -73,7 +88,7 @@ def doit_action(func: Callable[..., Any]) -> Callable[..., Any]:
             with stop_signals_unwind():
                 result = func(*args, **kwargs)
         except PipelineError as err:
-            from cloudbake.log import redact
+            from cloudbake.core.log import redact
 
             return TaskFailed(redact(str(err)))
         except KeyboardInterrupt as err:

@@ -7,17 +7,13 @@ from typing import Any
 
 from doit import get_var
 
-from cloudbake.build import resolve_key
-from cloudbake.errors import PipelineError
-from cloudbake.fetch import cached_upstream, run_fetch, run_update
-from cloudbake.log import stage_logger
-from cloudbake.paths import Paths
-from cloudbake.pipeline import Pipeline
-from cloudbake.share import pull_before_bake
-from cloudbake.store import is_published, published_image
+from cloudbake.config.model import Pipeline
+from cloudbake.config.paths import Paths
+from cloudbake.core.errors import PipelineError
+from cloudbake.core.log import stage_logger
 
 from .context import Image, flag, per_image
-from .doitutil import described, doit_action
+from .doitutil import described, doit_action, engine
 
 log = stage_logger("fetch")
 
@@ -25,24 +21,31 @@ log = stage_logger("fetch")
 def fetch_is_current(pipeline: Pipeline, paths: Paths) -> bool:
     """Nothing to fetch: the lock's image is cached and verified, or the bake it feeds is already published
     (a restored CI cache needs no download)."""
+    from cloudbake.image.build import resolve_build
+    from cloudbake.image.store import is_published
+    from cloudbake.source.fetch import cached_upstream
+
     if cached_upstream(pipeline, paths) is not None:
         return True
     try:
-        key = resolve_key(pipeline, paths)[0]
+        return is_published(resolve_build(pipeline, paths).published(paths))
     except PipelineError:
         return False
-    return is_published(published_image(paths, pipeline.name, key))
 
 
 def fetch_action(pipeline: Pipeline, paths: Paths) -> None:
     """Fetch unless nothing needs it (doit also runs this when only its file_dep looks changed)."""
+    from cloudbake.image.build import resolve_build
+    from cloudbake.remote.share import pull_before_bake
+    from cloudbake.source.fetch import cached_upstream, run_fetch
+
     if fetch_is_current(pipeline, paths):
         log.info("nothing to fetch: %s", "the pinned image is cached" if cached_upstream(pipeline, paths)
                  else "the image baked from it is published")
         return
     # With a remote cache, the baked image may be a pull away: then the upstream image is never needed.
     remote = pipeline.remote
-    if remote and paths.lock_file.exists() and pull_before_bake(pipeline, paths, resolve_key(pipeline, paths)[0]):
+    if remote and paths.lock_file.exists() and pull_before_bake(pipeline, paths, resolve_build(pipeline, paths).key):
         log.info("nothing to fetch: the image baked from it was pulled from %s", remote.url)
         return
     run_fetch(pipeline, paths)
@@ -72,7 +75,8 @@ def task_update() -> dict[str, Any] | Iterator[dict[str, Any]]:
         return {
             "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite the lock "
                    "(downgrade=1 accepts an older one)",
-            "actions": [(doit_action(run_update), [image.pipeline, image.paths, flag(get_var("downgrade", "0"))])],
+            "actions": [(doit_action(engine("cloudbake.source.fetch:run_update")),
+                         [image.pipeline, image.paths, flag(get_var("downgrade", "0"))])],
             "uptodate": [False],
             "verbosity": 2,
         }

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from cloudbake.share import run_pull, run_push
-
 from .bake import bake_is_current
 from .context import Image, per_image
-from .doitutil import described, doit_action
+from .doitutil import described, doit_action, engine
 
 
 def task_push() -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -17,7 +15,7 @@ def task_push() -> dict[str, Any] | Iterator[dict[str, Any]]:
         return {
             "doc": "Push the baked image for the current key to cache.remote (blobs the registry has are skipped)",
             "task_dep": [image.task("bake")],
-            "actions": [(doit_action(run_push), [image.pipeline, image.paths])],
+            "actions": [(doit_action(engine("cloudbake.remote.share:run_push")), [image.pipeline, image.paths])],
             "uptodate": [False],
             "verbosity": 2,
         }
@@ -29,7 +27,7 @@ def task_pull() -> dict[str, Any] | Iterator[dict[str, Any]]:
         pipeline, paths = image.pipeline, image.paths
         return {
             "doc": "Pull the image for the current key from cache.remote into the output folder (no bake)",
-            "actions": [(doit_action(run_pull), [pipeline, paths])],
+            "actions": [(doit_action(engine("cloudbake.remote.share:run_pull")), [pipeline, paths])],
             "uptodate": [described("the image named by the current key is published in the output folder and "
                                    "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
             "verbosity": 2,

@@ -6,12 +6,11 @@ import hashlib
 from collections.abc import Iterator
 from typing import Any
 
-from cloudbake.errors import PipelineError
-from cloudbake.pipeline import Pipeline
-from cloudbake.seed import resolve_authorized_keys, run_seed, source_date_epoch
+from cloudbake.config.model import Pipeline
+from cloudbake.core.errors import PipelineError
 
 from .context import Image, per_image
-from .doitutil import doit_action, value_changed
+from .doitutil import doit_action, engine, value_changed
 
 
 def seed_inputs(pipeline: Pipeline) -> list[str]:
@@ -22,6 +21,8 @@ def seed_inputs(pipeline: Pipeline) -> list[str]:
 
 
 def _seed_fingerprint(pipeline: Pipeline) -> str:
+    from cloudbake.image.seed import resolve_authorized_keys, source_date_epoch
+
     try:
         keys = resolve_authorized_keys(pipeline.cloud_init.ssh_authorized_keys, pipeline.file.parent, warn=False)
         epoch = source_date_epoch()
@@ -39,7 +40,7 @@ def task_seed() -> dict[str, Any] | Iterator[dict[str, Any]]:
             "targets": [str(paths.seed_iso)],
             # Keys named by path or glob change outside file_dep: check their content.
             "uptodate": [value_changed("seed", lambda: _seed_fingerprint(pipeline))],
-            "actions": [(doit_action(run_seed), [pipeline, paths])],
+            "actions": [(doit_action(engine("cloudbake.image.seed:run_seed")), [pipeline, paths])],
             "clean": True,
         }
     return per_image("seed", make)

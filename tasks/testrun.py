@@ -7,10 +7,36 @@ from typing import Any
 
 from doit import get_var
 
-from cloudbake.testrun import run_console, run_test_task, run_warm, warm_is_current
+from cloudbake.config.model import Pipeline
+from cloudbake.config.paths import Paths
 
 from .context import Image, flag, per_image
-from .doitutil import described, doit_action
+from .doitutil import described, doit_action, engine
+
+
+def warm_is_current(pipeline: Pipeline, paths: Paths) -> bool:
+    from cloudbake.run.testrun import warm_is_current
+
+    return warm_is_current(pipeline, paths)
+
+
+def warm_action(pipeline: Pipeline, paths: Paths) -> None:
+    """``doit warm``: save the warm set; with ``cache.push``, push it beside the image."""
+    from cloudbake.run.testrun import run_warm
+
+    warm = run_warm(pipeline, paths)
+    if warm is not None and pipeline.remote is not None and pipeline.remote.push:
+        from cloudbake.image.build import resolve_build
+        from cloudbake.remote.warmshare import share_warm_sets
+
+        share_warm_sets(pipeline, paths, resolve_build(pipeline, paths).published(paths))
+
+
+def test_image_action(pipeline: Pipeline, paths: Paths, command: str = "", keep: bool = False, jobs: int = 0) -> None:
+    """doit's test-image (its options are the task's params)."""
+    from cloudbake.run.testrun import run_test_task
+
+    run_test_task(pipeline, paths, command or None, keep, jobs or None)
 
 
 def task_warm() -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -20,7 +46,7 @@ def task_warm() -> dict[str, Any] | Iterator[dict[str, Any]]:
             "doc": "Save the baked image's warm state for this host (one boot), so test runs resume it; "
                    "run it before CI saves its cache",
             "task_dep": [image.task("bake")],
-            "actions": [(doit_action(run_warm), [pipeline, paths])],
+            "actions": [(doit_action(warm_action), [pipeline, paths])],
             "uptodate": [described("the warm state of the image for this host is saved (or test.warm is false)",
                                    lambda: warm_is_current(pipeline, paths))],
             "verbosity": 2,
@@ -42,7 +68,7 @@ def task_test_image() -> dict[str, Any] | Iterator[dict[str, Any]]:
                  "help": "VMs at once (default test.parallel)"},
             ],
             "task_dep": [image.task("bake")],
-            "actions": [(doit_action(run_test_task), [image.pipeline, image.paths])],
+            "actions": [(doit_action(test_image_action), [image.pipeline, image.paths])],
             "uptodate": [False],
             "verbosity": 2,
         }
@@ -54,7 +80,7 @@ def task_console() -> dict[str, Any] | Iterator[dict[str, Any]]:
         return {
             "doc": "Boot a throwaway VM of the baked image with its serial console on this terminal",
             "task_dep": [image.task("bake")],
-            "actions": [(doit_action(run_console), [image.pipeline, image.paths])],
+            "actions": [(doit_action(engine("cloudbake.run.testrun:run_console")), [image.pipeline, image.paths])],
             "uptodate": [False],
             "verbosity": 2,
         }

@@ -9,14 +9,15 @@ import time
 
 import pytest
 
-from cloudbake.bake import parse_cloud_init_result
-from cloudbake.build import compute_key, key_inputs, resolve_key
-from cloudbake.errors import PipelineError
-from cloudbake.lock import Lock, write_lock
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import Compression, load_pipeline
-from cloudbake.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, build_seed_files
-from cloudbake.store import convert_argv, run_prune
+from cloudbake.config.model import Compression
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.core.errors import PipelineError
+from cloudbake.image.bake import parse_cloud_init_result
+from cloudbake.image.build import compute_key, key_inputs, resolve_key
+from cloudbake.image.seed import GENERALIZED_MARKER, RESULT_MARKER, STATUS_MARKER, build_seed_files
+from cloudbake.image.store import convert_argv, run_prune
+from cloudbake.source.lock import Lock, write_lock
 
 PIPELINE = """\
 name: k
@@ -31,7 +32,7 @@ def locked(make_pipeline):
         kwargs = {} if user_data is None else {"user_data": user_data}
         pipeline = load_pipeline(make_pipeline(text, **kwargs))
         paths = resolve_paths(pipeline)
-        from cloudbake.lock import lock_source
+        from cloudbake.source.lock import lock_source
         write_lock(paths.lock_file, Lock(source=lock_source(pipeline.source), url="http://m/x.img", serial="1",
                                          sha256=sha, size=1, signed_by=None, signature_time=None))
         return pipeline, paths
@@ -136,8 +137,8 @@ def test_markers_of_another_boot_are_ignored():
 
 
 def test_boot_nonce_changes_the_iso_not_the_key(locked):
-    from cloudbake.build import resolve_key
-    from cloudbake.seed import BOOT_NONCE_PLACEHOLDER, seed_iso_bytes, with_boot_nonce
+    from cloudbake.image.build import resolve_key
+    from cloudbake.image.seed import BOOT_NONCE_PLACEHOLDER, seed_iso_bytes, with_boot_nonce
 
     pipeline, paths = locked()
     key, _, seed, _ = resolve_key(pipeline, paths)
@@ -196,7 +197,7 @@ def _qemu_img(*args: str) -> None:
     (lambda d: _qemu_img("create", "-q", "-f", "vmdk", str(d / "up.img"), "1M"), "is 'vmdk', not qcow2 or raw"),
 ])
 def test_upstream_that_names_other_files_is_refused(tmp_path, make, fragment):
-    from cloudbake.bake import inspect_upstream
+    from cloudbake.image.bake import inspect_upstream
 
     make(tmp_path)
     with pytest.raises(PipelineError) as caught:
@@ -205,7 +206,7 @@ def test_upstream_that_names_other_files_is_refused(tmp_path, make, fragment):
 
 
 def test_plain_qcow2_upstream_passes(tmp_path):
-    from cloudbake.bake import inspect_upstream
+    from cloudbake.image.bake import inspect_upstream
 
     _qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "up.img"), "1M")
     assert inspect_upstream(tmp_path / "up.img")["format"] == "qcow2"
@@ -227,8 +228,8 @@ def test_failing_cache_key_says_why_on_stderr_even_with_the_zero_reporter(make_p
 
 def test_published_image_is_checked_once_against_its_manifest(tmp_path):
     """A restored or copied image is hashed before first use; a changed byte is an error naming both digests."""
-    from cloudbake.files import verified_record
-    from cloudbake.store import verify_published
+    from cloudbake.core.files import verified_record
+    from cloudbake.image.store import verify_published
     from tests.fixture.offline import offline_project
 
     offline_project(tmp_path, published=True)
@@ -244,12 +245,12 @@ def test_published_image_is_checked_once_against_its_manifest(tmp_path):
         verify_published(image)
     message = str(caught.value)
     assert str(manifest.image_sha256) in message and "does not match its manifest" in message
-    actual = __import__("cloudbake.files", fromlist=["sha256_file"]).sha256_file(image)
+    actual = __import__("cloudbake.core.files", fromlist=["sha256_file"]).sha256_file(image)
     assert actual in message
 
 
 def test_manifest_without_a_digest_is_refused(tmp_path):
-    from cloudbake.store import manifest_path, verify_published
+    from cloudbake.image.store import manifest_path, verify_published
     from tests.fixture.offline import offline_project
 
     offline_project(tmp_path, published=True)

@@ -80,7 +80,7 @@ def test_a_file_of_several_images_needs_image_where_it_matters(tmp_path):
 
 def test_ps_lists_kept_vms_and_down_removes_them(tmp_path):
     """A kept run whose QEMU (here a sleeping stand-in) is alive is listed; down stops it and deletes its folder."""
-    from cloudbake.machine import RunFiles, _process_start_marker
+    from cloudbake.run.runs import RunFiles, process_start_marker
 
     offline_project(tmp_path, published=True)
     assert cloudbake(tmp_path, "ps").stdout.strip() == "no VMs are up"
@@ -90,7 +90,7 @@ def test_ps_lists_kept_vms_and_down_removes_them(tmp_path):
         folder.mkdir(parents=True)
         RunFiles(folder).update_record(pid=1 << 22, kept=True, base="offline-x.qcow2", user="ubuntu", ssh_port=2222,
                                        forwards={"8080": 18080}, qemu_pid=qemu.pid,
-                                       qemu_started=_process_start_marker(qemu.pid))
+                                       qemu_started=process_start_marker(qemu.pid))
         (folder / "id_ed25519").write_text("private")
         listed = json.loads(cloudbake(tmp_path, "ps", "--json").stdout)
         assert [(v["id"], v["state"], v["ssh_port"], v["ports"]) for v in listed] == [

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.explain import example_specs, explain_argv, fill_generated, parse_sudoers_rule, render_argv_table
-from cloudbake.pipeline import Arch
-from cloudbake.qemu import VmSpec, build_qemu_argv
-from cloudbake.seed import SUDO_NOPASSWD
+from cloudbake.config.model import Arch
+from cloudbake.image.explain import example_specs, explain_argv, fill_generated, parse_sudoers_rule, render_argv_table
+from cloudbake.image.seed import SUDO_NOPASSWD
+from cloudbake.qemu.argv import VmSpec, build_qemu_argv
 from tests.conftest import PROJECT
 
 GUIDE = PROJECT / "docs" / "guide.md"
@@ -63,8 +63,8 @@ def test_a_sudoers_rule_is_taken_apart_as_sudoers_5_reads_it(spec: str, parts: t
 
 
 def test_the_seed_gives_its_user_that_rule(tmp_path: Path) -> None:
-    from cloudbake.pipeline import load_pipeline
-    from cloudbake.seed import merge_user_data
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.image.seed import merge_user_data
     from tests.fixture.offline import offline_project
 
     pipeline = load_pipeline(offline_project(tmp_path))

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake import http, ubuntu
-from cloudbake.errors import PipelineError
-from cloudbake.fetch import ensure_image
-from cloudbake.files import is_verified
-from cloudbake.http import HttpSettings
-from cloudbake.lock import read_lock
-from cloudbake.openpgp import dearmor, key_fingerprints
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import load_pipeline
-from cloudbake.ubuntu import parse_sums, resolve_upstream
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.core.errors import PipelineError
+from cloudbake.core.files import is_verified
+from cloudbake.source import download, ubuntu
+from cloudbake.source.fetch import ensure_image
+from cloudbake.source.http import HttpSettings
+from cloudbake.source.lock import read_lock
+from cloudbake.source.openpgp import dearmor, key_fingerprints
+from cloudbake.source.ubuntu import parse_sums, resolve_upstream
 from tests.fixture.mirror import make_gpg_key, write_sums
 from tests.fixture.server import Fault, MirrorServer
 
@@ -324,7 +324,7 @@ def test_signature_off_warns_loudly(server, small_mirror, make, caplog, other_gp
                            "")
     from dataclasses import replace
 
-    from cloudbake.pipeline import SignaturePolicy
+    from cloudbake.config.model import SignaturePolicy
     off = replace(pipeline, source=replace(pipeline.source, verify=replace(pipeline.source.verify,
                                                                            signature=SignaturePolicy.off)))
     image, lock = ensure_image(off, paths, http=FAST)
@@ -360,10 +360,10 @@ def test_key_from_keyserver_is_trusted_only_by_fingerprint(server, small_mirror,
 # --- concurrency ------------------------------------------------------------------------------
 
 def _fetch_in_process(pipeline_file: str, queue) -> None:
-    from cloudbake.fetch import ensure_image
-    from cloudbake.http import HttpSettings
-    from cloudbake.paths import resolve_paths
-    from cloudbake.pipeline import load_pipeline
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.source.fetch import ensure_image
+    from cloudbake.source.http import HttpSettings
     pipeline = load_pipeline(pipeline_file)
     try:
         image, _ = ensure_image(pipeline, resolve_paths(pipeline), http=HttpSettings(attempts=2, backoff_s=0.01))
@@ -408,7 +408,7 @@ def test_doit_fetch_then_offline(small_mirror, make):
 def test_signature_by_a_revoked_key_is_refused(tmp_path):
     """A real key, a real signature, then the key's real revocation imported: gpgv still says VALIDSIG
     (the maths holds) but also REVKEYSIG, and that refuses it."""
-    from cloudbake.openpgp import check_signature
+    from cloudbake.source.openpgp import check_signature
     from tests.fixture.mirror import make_gpg_key
 
     key = make_gpg_key(tmp_path / "gnupg", "revoked")
@@ -431,7 +431,7 @@ def test_signature_by_a_revoked_key_is_refused(tmp_path):
 @pytest.mark.parametrize("code", ["REVKEYSIG", "EXPKEYSIG", "EXPSIG", "BADSIG", "ERRSIG"])
 def test_refusing_status_wins_over_validsig(tmp_path, monkeypatch, code):
     """A stand-in gpgv that prints VALIDSIG for the pinned key and one refusing code, exit 0."""
-    from cloudbake.openpgp import check_signature
+    from cloudbake.source.openpgp import check_signature
 
     fpr = "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81"
     gpgv = tmp_path / "bin" / "gpgv"
@@ -454,7 +454,7 @@ def test_refusing_status_wins_over_validsig(tmp_path, monkeypatch, code):
     ({"source": ["noble"]}, "source must be a mapping"),
 ])
 def test_hostile_lock_values_are_refused(tmp_path, change, fragment):
-    from cloudbake.lock import Lock, read_lock, write_lock
+    from cloudbake.source.lock import Lock, read_lock, write_lock
 
     lock_file = tmp_path / "pipeline.lock"
     write_lock(lock_file, Lock({"release": "noble"}, "http://m/x.img", "1", "a" * 64, 10, None, None))
@@ -467,7 +467,7 @@ def test_hostile_lock_values_are_refused(tmp_path, change, fragment):
 
 @pytest.mark.parametrize("text", ["[]", "\xff", "null"])
 def test_lock_that_is_not_a_lock(tmp_path, text):
-    from cloudbake.lock import read_lock
+    from cloudbake.source.lock import read_lock
 
     (tmp_path / "pipeline.lock").write_bytes(text.encode("latin-1"))
     with pytest.raises(PipelineError, match="not a valid cloudbake lock file"):
@@ -479,7 +479,7 @@ def test_lock_that_is_not_a_lock(tmp_path, text):
     (b"-----BEGIN PGP SIGNATURE-----", "SHA256SUMS.gpg"),
 ])
 def test_malformed_armor_is_a_clear_error(tmp_path, data, what):
-    from cloudbake.openpgp import check_signature
+    from cloudbake.source.openpgp import check_signature
 
     with pytest.raises(PipelineError, match=f"{what}: malformed ASCII armor"):
         check_signature(b"sums", data, tmp_path / "keyring.gpg", ("A" * 40,))
@@ -520,7 +520,7 @@ def test_mirror_credentials_are_used_but_never_stored_or_logged(server, small_mi
     """user:secret@ in source.mirror authenticates every request, and appears in no log line, lock or error."""
     import base64
 
-    from cloudbake.log import redact
+    from cloudbake.core.log import redact
 
     secret_url = server.url.replace("http://", "http://builder:s3cr3t@")
     pipeline, paths = make(secret_url, small_mirror.key.keyring, small_mirror.key.fingerprint)
@@ -543,7 +543,7 @@ def test_mirror_credentials_are_used_but_never_stored_or_logged(server, small_mi
 def test_update_refuses_an_older_signed_set_unless_asked(server, small_mirror, make):
     from dataclasses import replace
 
-    from cloudbake.lock import read_lock, write_lock
+    from cloudbake.source.lock import read_lock, write_lock
 
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     _, current = ensure_image(pipeline, paths, http=FAST)
@@ -566,7 +566,7 @@ def test_update_refuses_an_older_signed_set_unless_asked(server, small_mirror, m
     ((None, None), ("20240101", None), False),
 ])
 def test_older_serial_or_signature_time(pinned, resolved, refused):
-    from cloudbake.lock import Lock, check_not_older
+    from cloudbake.source.lock import Lock, check_not_older
 
     old = Lock({"release": "noble"}, "http://m/x.img", pinned[0], "a" * 64, 1, None, pinned[1])
     new = Lock({"release": "noble"}, "http://m/x.img", resolved[0], "b" * 64, 1, None, resolved[1])
@@ -611,7 +611,7 @@ def test_download_never_grows_past_the_pinned_size(server, small_mirror, make):
     """The lock pins the size: a server that sends more is cut off at that size, and nothing is kept."""
     from dataclasses import replace
 
-    from cloudbake.lock import write_lock
+    from cloudbake.source.lock import write_lock
 
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     image, lock = ensure_image(pipeline, paths, http=FAST)
@@ -627,7 +627,7 @@ def test_download_never_grows_past_the_pinned_size(server, small_mirror, make):
 
 
 def test_unpinned_download_is_capped(server, small_mirror, make, monkeypatch):
-    monkeypatch.setattr(http, "UNPINNED_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(download, "UNPINNED_MAX_BYTES", 1 << 20)
     server.fail(IMAGE_PATH, Fault(content_length=None))
     pipeline, paths = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     with pytest.raises(PipelineError, match="more than the 1.0 MiB allowed"):

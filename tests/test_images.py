@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.bake import make_layer_disk
-from cloudbake.build import resolve_build, resolve_key
 from cloudbake.ci import ci_images
-from cloudbake.errors import PipelineError
-from cloudbake.lock import Lock, lock_source, write_lock
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import Compression, load_images, load_pipeline
-from cloudbake.store import backing_files, publish, qemu_img_info, read_manifest, verify_chain
+from cloudbake.config.model import Compression
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_images, load_pipeline
+from cloudbake.core.errors import PipelineError
+from cloudbake.image.bake import make_layer_disk
+from cloudbake.image.build import resolve_build, resolve_key
+from cloudbake.image.store import backing_files, publish, qemu_img_info, read_manifest, verify_chain
+from cloudbake.source.lock import Lock, lock_source, write_lock
 from tests.conftest import PROJECT
 
 MATRIX = """\
@@ -312,7 +313,7 @@ def test_a_layer_never_shrinks_its_parent_disk(project, parent_published, tmp_pa
 
 
 def test_prune_keeps_a_parent_that_a_layer_needs(project, tmp_path, parent_published):
-    from cloudbake.store import run_prune
+    from cloudbake.image.store import run_prune
     layer = _publish_child(tmp_path, parent_published, flatten=False)
     file = project("name: base\noutput: {dir: dist, keep: 1}\ncloud_init: {ssh_authorized_keys: []}\n")
     pipeline = load_pipeline(file)
@@ -335,7 +336,7 @@ def test_the_images_example_describes_eight_images_with_their_parents():
 def test_a_published_flattened_image_does_not_need_its_parent(tmp_path):
     """Baking a self-contained child that is published already returns it without baking its parent
     (no QEMU here: a bake would fail)."""
-    from cloudbake.bake import run_bake
+    from cloudbake.image.bake import run_bake
     from tests.fixture.offline import offline_project
 
     file = offline_project(tmp_path, published=True, extra="images:\n  - name: base\n  - name: app\n    from: base\n")
@@ -351,7 +352,7 @@ def test_a_published_flattened_image_does_not_need_its_parent(tmp_path):
 def test_a_layer_is_not_pushed_or_pulled_through_the_registry(tmp_path, caplog):
     """`doit push` of a file pushes what can be shared: a layer is left out with a warning (the registry
     on port 9 is never contacted); `doit pull` of a layer is an error that says why."""
-    from cloudbake.share import run_pull, run_push
+    from cloudbake.remote.share import run_pull, run_push
     from tests.fixture.offline import offline_project
 
     file = offline_project(tmp_path, published=True, extra="images:\n  - name: base\n  - name: app\n    from: base\n"
@@ -370,7 +371,7 @@ def test_a_restored_image_whose_file_names_a_host_file_is_refused(tmp_path):
     import json
     import subprocess
 
-    from cloudbake.store import manifest_path
+    from cloudbake.image.store import manifest_path
     from tests.test_registry import make_published
 
     image = make_published(tmp_path / "dist-owner")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloudbake.junit import publish_summary, render_markdown, summarize_junit
+from cloudbake.run.junit import publish_summary, render_markdown, summarize_junit
 
 PYTEST_REPORT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4" failures="1" errors="1" skipped="1">
@@ -102,7 +102,7 @@ def test_github_job_summary_gets_a_table(tmp_path, monkeypatch):
 
 
 def test_available_memory_reads_memavailable(tmp_path):
-    from cloudbake.host import available_memory
+    from cloudbake.qemu.host import available_memory
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:    2000000 kB\n")

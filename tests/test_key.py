@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloudbake.lock import Lock, lock_source, write_lock
-from cloudbake.pipeline import load_pipeline
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.source.lock import Lock, lock_source, write_lock
 from tests.conftest import PROJECT
 
 PERSONAL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHomeKeyHomeKeyHomeKeyHomeKeyHomeKeyHomeKey me@laptop\n"
@@ -58,7 +58,7 @@ def test_one_key_for_every_baker(tmp_path):
 
 
 def test_default_pipeline_bakes_no_personal_key(tmp_path, monkeypatch):
-    from cloudbake.seed import build_seed_files
+    from cloudbake.image.seed import build_seed_files
 
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.errors import MachineryError, PipelineError
-from cloudbake.machine import CommandFailedError, Machine, RunFiles
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import load_pipeline
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.core.errors import MachineryError, PipelineError
+from cloudbake.run.machine import CommandFailedError, Machine
+from cloudbake.run.runs import RunFiles
+from cloudbake.run.ssh import GuestShell
 
 STANDIN_SSH = """#!/bin/sh
 while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do shift; done
@@ -61,6 +63,7 @@ def attached(make_pipeline, test: str = "{}", **kw) -> Machine:
     folder.mkdir()
     machine.files = RunFiles(folder)
     machine.ssh_port = 2222
+    machine.shell = GuestShell(machine.files, 2222, machine.user, pipeline.test.workdir, machine.output_prefix)
     machine._prepare_guest()
     machine._ready = True
     return machine
@@ -78,7 +81,8 @@ def test_a_command_that_exits_255_is_told_apart_from_a_lost_connection(guest, ma
     machine = attached(make_pipeline)
     assert machine.run("exit 255").status == 255
     monkeypatch.setenv("STANDIN_SSH_DROP", "1")
-    machine._status_nonce = "fresh"  # the lost run never recorded a status
+    assert machine.shell is not None
+    machine.shell._status_nonce = "fresh"  # the lost run never recorded a status
     monkeypatch.setenv("STANDIN_SSH_SLEEP", "")
     (guest / ".cloudbake" / "status.fresh").unlink(missing_ok=True)
     with pytest.raises(MachineryError, match="ssh: the SSH connection to the guest broke") as caught:
@@ -173,7 +177,7 @@ def test_put_and_get_files_and_folders(guest, make_pipeline, tmp_path):
 
 
 def test_port_names_ssh_and_forwards_only(guest, make_pipeline):
-    from cloudbake.pipeline import Forward
+    from cloudbake.config.model import Forward
 
     machine = attached(make_pipeline)
     machine.forwards = (Forward(18080, 8080),)
@@ -256,7 +260,7 @@ def test_cloudbake_vm_stays_the_api_whatever_is_imported():
 def test_a_leftover_run_that_another_process_removes_meanwhile_is_skipped(tmp_path, monkeypatch):
     """Eight test runs at once each sweep leftovers: a folder listed by one and removed by another
     before it looked closer is skipped, not a FileNotFoundError (seen in CI)."""
-    from cloudbake import machine
+    from cloudbake.run import runs as machine
 
     dist = tmp_path / "dist"
     (dist / ".runs" / "20261129-000000-1-abcdef").mkdir(parents=True)

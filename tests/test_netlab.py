@@ -53,7 +53,7 @@ def netlab(baked, tmp_path_factory):
 
 
 def test_the_example_pipeline_is_valid_as_shipped():
-    from cloudbake.pipeline import load_pipeline
+    from cloudbake.config.pipeline import load_pipeline
 
     for name in ("pipeline.yaml", "sharded.yaml"):
         pipeline = load_pipeline(EXAMPLE / name)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloudbake.errors import PipelineError
-from cloudbake.pipeline import Accel, Arch, Compression, SignaturePolicy, fill_defaults, load_pipeline, load_schema
+from cloudbake.config.model import Accel, Arch, Compression, SignaturePolicy
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.config.problems import fill_defaults, load_schema
+from cloudbake.core.errors import PipelineError
 from tests.conftest import PROJECT
 
 
@@ -141,7 +143,7 @@ def test_docs_examples_validate():
     """Every ```yaml block in docs/ that looks like a pipeline validates against the schema."""
     import jsonschema
 
-    from cloudbake.pipeline import plan_images
+    from cloudbake.config.plan import plan_images
 
     checked = 0
     for doc in sorted((PROJECT / "docs").glob("*.md")):
@@ -242,7 +244,7 @@ def test_bad_test_settings_are_named(make_pipeline, test_section, fragment):
 
 
 def test_test_settings_freeze_into_values(make_pipeline):
-    from cloudbake.pipeline import Forward
+    from cloudbake.config.model import Forward
 
     pipeline = load_pipeline(make_pipeline("test: {forward: [8080, '18080:80'], env: {B: '2', A: x}, "
                                            "upload: false, shards: 3}\n"))

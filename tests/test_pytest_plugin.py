@@ -21,9 +21,11 @@ import contextlib
 from pathlib import Path
 
 import cloudbake.pytest_plugin as plugin
-from cloudbake.machine import Machine, RunFiles
-from cloudbake.paths import resolve_paths
-from cloudbake.pipeline import load_pipeline
+from cloudbake.run.machine import Machine
+from cloudbake.run.runs import RunFiles
+from cloudbake.run.ssh import GuestShell
+from cloudbake.config.paths import resolve_paths
+from cloudbake.config.pipeline import load_pipeline
 
 STARTED = []
 
@@ -36,6 +38,7 @@ def attached(config):
     folder.mkdir(parents=True)
     machine.files = RunFiles(folder)
     machine.ssh_port = 2222
+    machine.shell = GuestShell(machine.files, 2222, machine.user, pipeline.test.workdir, machine.output_prefix)
     machine.files.serial_log.write_text(f"serial of VM {len(STARTED)}\\n")
     machine._prepare_guest()
     machine._ready = True

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.errors import PipelineError
-from cloudbake.firmware import (
+from cloudbake.config.model import Accel, Arch, Firmware
+from cloudbake.core.errors import PipelineError
+from cloudbake.qemu.argv import VmSpec, build_qemu_argv
+from cloudbake.qemu.firmware import (
     AARCH64_PFLASH_BYTES,
     find_uefi,
     image_has_esp,
@@ -23,10 +25,8 @@ from cloudbake.firmware import (
     prepare_vars,
     resolve_firmware,
 )
-from cloudbake.host import Host, choose_accel
-from cloudbake.pipeline import Accel, Arch, Firmware
-from cloudbake.qemu import VmSpec, build_qemu_argv
-from cloudbake.vmrun import KvmNoProgressError, VmRun
+from cloudbake.qemu.host import Host, choose_accel
+from cloudbake.qemu.vmrun import KvmNoProgressError, VmRun
 
 LINUX = Host("Linux", "x86_64", kvm_usable=True)
 LINUX_NO_KVM = Host("Linux", "x86_64", kvm_usable=False)
@@ -154,7 +154,7 @@ def _descriptor(folder: Path, name: str, arch: str, code: Path, vars_: Path, fea
 
 def test_fake_homebrew_tree_is_found_for_arm64(tmp_path, monkeypatch):
     """A Homebrew layout (as on an Apple-silicon Mac) built from files: descriptor first, then known names."""
-    import cloudbake.firmware as qemu
+    import cloudbake.qemu.firmware as qemu
     monkeypatch.setattr(qemu, "SYSTEM_DESCRIPTOR_DIRS", ())
     prefix = tmp_path / "homebrew"
     share = prefix / "share" / "qemu"
@@ -170,7 +170,7 @@ def test_fake_homebrew_tree_is_found_for_arm64(tmp_path, monkeypatch):
 
 
 def test_descriptor_precedence_and_secure_boot_skipped(tmp_path, monkeypatch):
-    import cloudbake.firmware as qemu
+    import cloudbake.qemu.firmware as qemu
     monkeypatch.setattr(qemu, "SYSTEM_DESCRIPTOR_DIRS", (tmp_path / "usr-share", tmp_path / "etc"))
     fw = tmp_path / "fw"
     fw.mkdir()
@@ -188,7 +188,7 @@ def test_descriptor_precedence_and_secure_boot_skipped(tmp_path, monkeypatch):
 
 
 def test_missing_firmware_names_the_package(tmp_path, monkeypatch):
-    import cloudbake.firmware as qemu
+    import cloudbake.qemu.firmware as qemu
 
     monkeypatch.setattr(qemu, "descriptor_dirs", lambda host, home=None: [])
     monkeypatch.setattr(qemu, "known_uefi_paths", lambda arch, host: [(tmp_path / "no", tmp_path / "no2")])
@@ -199,7 +199,7 @@ def test_missing_firmware_names_the_package(tmp_path, monkeypatch):
 
 
 def test_arm64_pflash_is_padded_to_64_mib(tmp_path):
-    from cloudbake.firmware import FirmwareFiles
+    from cloudbake.qemu.firmware import FirmwareFiles
     code, vars_ = tmp_path / "code.fd", tmp_path / "vars.fd"
     code.write_bytes(b"C" * 2048)
     vars_.write_bytes(b"V" * 2048)
@@ -243,7 +243,7 @@ def test_silent_guest_counts_as_no_progress(tmp_path, monkeypatch):
     spec = _spec(serial_log=tmp_path / "serial.log", qmp_socket=tmp_path / "qmp.sock")
     fake = [sys.executable, "-c", "import time; time.sleep(60)"]
     vm = VmRun(spec, "unused", "bake")
-    import cloudbake.vmrun as qemu
+    import cloudbake.qemu.vmrun as qemu
     monkeypatch.setattr(qemu, "build_qemu_argv", lambda spec, binary: fake)
     with pytest.raises(KvmNoProgressError), vm:
         vm.wait(30, progress_timeout_s=1.0, poll_s=0.1)
@@ -251,7 +251,7 @@ def test_silent_guest_counts_as_no_progress(tmp_path, monkeypatch):
 
 
 def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch):
-    import cloudbake.vmrun as qemu
+    import cloudbake.qemu.vmrun as qemu
     log_file = tmp_path / "serial.log"
     spec = _spec(serial_log=log_file, qmp_socket=tmp_path / "qmp.sock")
     script = f"import time\nopen({str(log_file)!r}, 'a').write('booting...\\nstuck here\\n')\ntime.sleep(60)\n"
@@ -266,7 +266,7 @@ def test_timeout_stops_the_guest_and_shows_the_serial_tail(tmp_path, monkeypatch
 
 def test_long_socket_paths_move_to_a_private_short_folder(tmp_path, monkeypatch):
     """Unix socket paths are limited to 107 bytes; deep work folders must still boot."""
-    import cloudbake.vmrun as qemu
+    import cloudbake.qemu.vmrun as qemu
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     seen = []
@@ -294,8 +294,8 @@ BROKEN_KVM = [
 
 
 def _standin_boot(tmp_path, monkeypatch, mode: str):
-    from cloudbake.host import AccelChoice
-    from cloudbake.vmrun import boot_with_fallback
+    from cloudbake.qemu.host import AccelChoice
+    from cloudbake.qemu.vmrun import boot_with_fallback
     from tests.fixture.standin import install_standin_qemu, path_with
 
     monkeypatch.setenv("PATH", path_with(install_standin_qemu(tmp_path / "bin", mode)))
@@ -311,7 +311,7 @@ def _standin_boot(tmp_path, monkeypatch, mode: str):
 
 @pytest.mark.parametrize(("mode", "words"), BROKEN_KVM)
 def test_broken_kvm_falls_back_to_tcg_and_remembers_why(tmp_path, monkeypatch, capsys, mode, words):
-    from cloudbake.host import kvm_verdict_file, read_kvm_verdict
+    from cloudbake.qemu.host import kvm_verdict_file, read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, mode)
     assert calls == ["kvm", "tcg"]
@@ -328,7 +328,7 @@ def test_broken_kvm_falls_back_to_tcg_and_remembers_why(tmp_path, monkeypatch, c
 
 
 def test_working_kvm_is_kept(tmp_path, monkeypatch):
-    from cloudbake.host import read_kvm_verdict
+    from cloudbake.qemu.host import read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "works")
     assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 0
@@ -338,7 +338,7 @@ def test_working_kvm_is_kept(tmp_path, monkeypatch):
 
 def test_a_qemu_failure_unrelated_to_kvm_is_not_a_kvm_verdict(tmp_path, monkeypatch):
     """A missing disk fails under TCG too: no fallback, no remembered verdict, QEMU's words reach the user."""
-    from cloudbake.host import read_kvm_verdict
+    from cloudbake.qemu.host import read_kvm_verdict
 
     used, exit_, calls, serial = _standin_boot(tmp_path, monkeypatch, "bad-disk")
     assert calls == ["kvm"] and used.accel == "kvm" and exit_.returncode == 1
@@ -353,13 +353,13 @@ def test_a_qemu_failure_unrelated_to_kvm_is_not_a_kvm_verdict(tmp_path, monkeypa
     (1, "qemu-system-x86_64: -nic user,hostfwd=tcp:127.0.0.1:2222-:22: could not set up host forwarding rule", False),
 ])
 def test_kvm_failure_verdict_reads_qemu_words(returncode, stderr, broken):
-    from cloudbake.host import kvm_failure_verdict
+    from cloudbake.qemu.host import kvm_failure_verdict
 
     assert (kvm_failure_verdict(returncode, stderr) is not None) is broken
 
 
 def test_corrupt_verdict_file_means_probe_again(tmp_path):
-    from cloudbake.host import kvm_verdict_file, read_kvm_verdict
+    from cloudbake.qemu.host import kvm_verdict_file, read_kvm_verdict
 
     for text in ("{", "[]", '{"host": 3}', "\xff"):
         kvm_verdict_file(tmp_path).parent.mkdir(parents=True, exist_ok=True)

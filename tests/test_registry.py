@@ -17,26 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.errors import PipelineError
-from cloudbake.http import HttpSettings
-from cloudbake.paths import Paths
-from cloudbake.pipeline import Compression, RemoteCache, load_pipeline, parse_remote
-from cloudbake.registry import (
-    ARTIFACT_TYPE,
-    CONFIG_TYPE,
-    LAYER_TYPE,
-    Credentials,
-    Registry,
-    RegistryAuth,
-    RegistrySettings,
-    parse_artifact,
-    parse_challenge,
-    pull_image,
-    push_image,
-    resolve_credentials,
-    try_pull,
-)
-from cloudbake.store import manifest_path, publish, published_image, verify_published
+from cloudbake.config.model import Compression, RemoteCache, parse_remote
+from cloudbake.config.paths import Paths
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.core.errors import PipelineError
+from cloudbake.image.store import manifest_path, publish, published_image, verify_published
+from cloudbake.remote.artifact import ARTIFACT_TYPE, CONFIG_TYPE, LAYER_TYPE, parse_artifact
+from cloudbake.remote.auth import RegistryAuth, parse_challenge
+from cloudbake.remote.client import Registry, RegistrySettings
+from cloudbake.remote.credentials import Credentials, resolve_credentials
+from cloudbake.remote.registry import pull_image, push_image, try_pull
+from cloudbake.source.http import HttpSettings
 from tests.fixture.registry import TOKEN, FaultProxy, Faults, make_htpasswd, make_tls
 from tests.fixture.registry import Registry as RegistryServer
 
@@ -575,11 +566,11 @@ def test_the_shared_bake_pushed_is_pulled_by_a_fresh_checkout(baked, real_server
 def _project_with_image(folder: Path, remote: RemoteCache) -> tuple:
     """A pipeline in ``folder`` whose image is published there, plus a warm set for this host made
     of real files (no guest: the bytes stand for a saved state)."""
-    from cloudbake.host import qemu_binary, qemu_version
-    from cloudbake.machine import warm_inputs_for_key
-    from cloudbake.paths import resolve_paths
-    from cloudbake.store import read_manifest
-    from cloudbake.warm import WarmSet, keep_as_warm_set, warm_key, warm_set_for
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.image.store import read_manifest
+    from cloudbake.qemu.host import qemu_binary, qemu_version
+    from cloudbake.run.warm import WarmSet, keep_as_warm_set, warm_key, warm_set_for
+    from cloudbake.run.warmstart import warm_inputs_for_key
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cloud-init").mkdir(exist_ok=True)
@@ -608,9 +599,9 @@ def _project_with_image(folder: Path, remote: RemoteCache) -> tuple:
 
 
 def test_a_warm_set_travels_through_the_registry_and_an_altered_one_is_refused(registry, tmp_path, caplog):
-    from cloudbake.paths import resolve_paths
-    from cloudbake.warm import find_warm_set, verify_set
-    from cloudbake.warmshare import pull_warm_set, push_warm_set, try_pull_warm_set
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.remote.warmshare import pull_warm_set, push_warm_set, try_pull_warm_set
+    from cloudbake.run.warm import find_warm_set, verify_set
 
     remote = remote_for(registry.address, repository="cb/warm")
     pipeline, paths, image, warm = _project_with_image(tmp_path / "baker", remote)
@@ -655,7 +646,7 @@ def test_a_warm_set_travels_through_the_registry_and_an_altered_one_is_refused(r
 
 
 def test_a_warm_set_for_another_machine_or_with_a_key_is_refused(registry, tmp_path):
-    from cloudbake.warmshare import pull_warm_set, push_warm_set
+    from cloudbake.remote.warmshare import pull_warm_set, push_warm_set
 
     remote = remote_for(registry.address, repository="cb/warm-other")
     pipeline, paths, image, warm = _project_with_image(tmp_path / "baker", remote)

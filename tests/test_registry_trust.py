@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.errors import PipelineError
-from cloudbake.http import HttpSettings
-from cloudbake.pipeline import RemoteCache
-from cloudbake.registry import Credentials, Registry, pull_image, push_image, try_pull
-from cloudbake.store import is_published, published_image, pull_staging, sweep_pull_staging
+from cloudbake.config.model import RemoteCache
+from cloudbake.core.errors import PipelineError
+from cloudbake.image.store import is_published, published_image, pull_staging, sweep_pull_staging
+from cloudbake.remote.client import Registry
+from cloudbake.remote.credentials import Credentials
+from cloudbake.remote.registry import pull_image, push_image, try_pull
+from cloudbake.source.http import HttpSettings
 from tests.conftest import PROJECT
 from tests.fixture.hostile_registry import Behaviour, HostileRegistry, artifact_for
 from tests.fixture.registry import make_tls
@@ -159,11 +161,12 @@ def test_a_trickling_manifest_is_cut_off_and_the_bake_goes_on(tmp_path, caplog):
 PULL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from cloudbake.errors import stop_signals_unwind, Interrupted
-    from cloudbake.http import HttpSettings
-    from cloudbake.paths import Paths
-    from cloudbake.pipeline import RemoteCache
-    from cloudbake.registry import RegistrySettings, pull_image
+    from cloudbake.core.errors import stop_signals_unwind, Interrupted
+    from cloudbake.source.http import HttpSettings
+    from cloudbake.config.paths import Paths
+    from cloudbake.config.model import RemoteCache
+    from cloudbake.remote.client import RegistrySettings
+    from cloudbake.remote.registry import pull_image
     folder = Path(sys.argv[2])
     paths = Paths(work_dir=folder / "w", output_dir=folder / "dist", cache_dir=folder / "c",
                   lock_file=folder / "l", state_dir=folder)
@@ -233,7 +236,7 @@ def test_old_staging_folders_are_swept(tmp_path):
 def test_stop_flag_ends_parts_between_chunks():
     import threading
 
-    from cloudbake.http import TransferStoppedError, run_parallel
+    from cloudbake.source.http import TransferStoppedError, run_parallel
 
     stop = threading.Event()
     done: list[int] = []

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from cloudbake.errors import PipelineError
-from cloudbake.runner import require_tool, run, spawn
+from cloudbake.core.errors import PipelineError
+from cloudbake.core.runner import require_tool, run, spawn
 
 
 def test_output_is_captured_and_decoded_leniently():
@@ -82,7 +82,7 @@ def test_uncaptured_output_reaches_our_own_streams(capfd):
 
 
 def test_timeout_is_its_own_error_type():
-    from cloudbake.runner import CommandTimeoutError
+    from cloudbake.core.runner import CommandTimeoutError
 
     with pytest.raises(CommandTimeoutError):
         run([sys.executable, "-c", "import time; time.sleep(30)"], stage="test", timeout=0.5, check=False)

@@ -15,9 +15,9 @@ import pycdlib
 import pytest
 import yaml
 
-from cloudbake.errors import PipelineError
-from cloudbake.pipeline import load_pipeline
-from cloudbake.seed import (
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.core.errors import PipelineError
+from cloudbake.image.seed import (
     GENERALIZED_MARKER,
     RESULT_MARKER,
     SeedFiles,
@@ -208,7 +208,7 @@ def test_iso_reads_back_with_pycdlib():
 
 def test_iso_is_byte_identical_across_runs_and_time_zones(tmp_path):
     code = ("import sys,time; sys.path.insert(0, sys.argv[1]); from tests.test_seed import FILES; "
-            "from cloudbake.seed import seed_iso_bytes; time.sleep(1.1); sys.stdout.buffer.write(seed_iso_bytes(FILES))")
+            "from cloudbake.image.seed import seed_iso_bytes; time.sleep(1.1); sys.stdout.buffer.write(seed_iso_bytes(FILES))")
     root = str(Path(__file__).resolve().parent.parent)
     outputs = {
         subprocess.run([sys.executable, "-c", code, root], capture_output=True, check=True,

@@ -9,8 +9,9 @@ import sys
 
 import yaml
 
-from cloudbake.machine import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root, ssh_argv
-from cloudbake.pipeline import load_pipeline
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.run.runs import RunFiles, clean_leftovers, make_overlay, run_seed_files, runs_root
+from cloudbake.run.ssh import ssh_argv
 
 
 def test_ssh_pins_the_host_key_and_uses_only_the_run_key(tmp_path):
@@ -55,7 +56,7 @@ def test_overlay_names_its_base_relatively(tmp_path):
 
 def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     """Dead owners and kept VMs whose QEMU is gone go; live owners and kept VMs still running stay."""
-    from cloudbake.machine import _process_start_marker
+    from cloudbake.run.runs import process_start_marker
 
     base = tmp_path / "dist" / "img.qcow2"
     root = runs_root(base)
@@ -63,7 +64,7 @@ def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
                                   text=True, check=True).stdout.strip())
     stand_in_qemu = subprocess.Popen(["sleep", "60"])
     try:
-        running = {"qemu_pid": stand_in_qemu.pid, "qemu_started": _process_start_marker(stand_in_qemu.pid)}
+        running = {"qemu_pid": stand_in_qemu.pid, "qemu_started": process_start_marker(stand_in_qemu.pid)}
         for name, info in (("dead", {"pid": dead_pid}), ("alive", {"pid": os.getpid()}),
                            ("kept", {"pid": dead_pid, "kept": True, **running}),
                            ("kept-but-gone", {"pid": dead_pid, "kept": True, "qemu_pid": dead_pid}),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.errors import MachineryError, PipelineError
-from cloudbake.transfer import extract_safely, member_parts
+from cloudbake.core.errors import MachineryError, PipelineError
+from cloudbake.run.transfer import extract_safely, member_parts
 from tests.test_machine import attached, guest  # noqa: F401  (the fixture)
 
 
@@ -129,7 +129,7 @@ def test_artifacts_count_extracted_sizes_against_the_cap(guest, make_pipeline, t
 
 def test_a_name_the_host_cannot_write_is_the_artifacts_stage_not_a_traceback(guest, make_pipeline,  # noqa: F811
                                                                                 tmp_path):
-    from cloudbake.testrun import EXIT_MACHINERY
+    from cloudbake.run.testrun import EXIT_MACHINERY
 
     machine = attached(make_pipeline)
     serve_tar(guest, make_tar(("d/" + "n" * 300, None, b"x")))

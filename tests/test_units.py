@@ -1,6 +1,6 @@
 import pytest
 
-from cloudbake.units import DiskSize, format_size, parse_disk_size, parse_duration, parse_size
+from cloudbake.core.units import DiskSize, format_size, parse_disk_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from cloudbake import upload
-from cloudbake.errors import PipelineError
-from cloudbake.pipeline import load_pipeline
-from cloudbake.upload import translate, upload_selection
+from cloudbake.config.pipeline import load_pipeline
+from cloudbake.core.errors import PipelineError
+from cloudbake.run import upload
+from cloudbake.run.upload import translate, upload_selection
 
 NEWCOMER = """\
 output: {dir: dist}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.pipeline import Arch
-from cloudbake.qemu import VmSpec, build_qemu_argv
-from cloudbake.warm import find_warm_set, warm_inputs, warm_key, warm_set_for
+from cloudbake.config.model import Arch
+from cloudbake.qemu.argv import VmSpec, build_qemu_argv
+from cloudbake.run.warm import find_warm_set, warm_inputs, warm_key, warm_set_for
 from tests.fixture.e2e import BAKED_KEY
 
 
@@ -84,11 +84,12 @@ def _clock_offset(vm) -> float:
 @pytest.mark.e2e
 def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked, monkeypatch):
     import cloudbake
-    from cloudbake.host import qemu_binary, qemu_version
-    from cloudbake.machine import resolve_warm_key
-    from cloudbake.paths import resolve_paths
-    from cloudbake.pipeline import Forward, load_pipeline
-    from cloudbake.store import verify_published
+    from cloudbake.config.model import Forward
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.image.store import verify_published
+    from cloudbake.qemu.host import qemu_binary, qemu_version
+    from cloudbake.run.warmstart import resolve_warm_key
 
     loaded = load_pipeline(baked["pipeline"])
     pipeline = dataclasses.replace(loaded, test=dataclasses.replace(loaded.test, forward=(Forward(0, 8080),)))
@@ -118,13 +119,14 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked, monke
     # it resumes on another port, and the shared set stays.
     import socket
 
-    from cloudbake import machine as machine_module
+    from cloudbake.run import warmstart as machine_module
+    from cloudbake.run.runs import free_port
 
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen(1)
     ports = iter([squatter.getsockname()[1]])
-    real_free_port = machine_module.free_port
+    real_free_port = free_port
     monkeypatch.setattr(machine_module, "free_port", lambda: next(ports, None) or real_free_port())
     with squatter, cloudbake.vm(pipeline, upload=False) as second:
         assert second.vm is not None and second.vm.spec.incoming is not None
@@ -145,7 +147,7 @@ def test_warm_runs_are_pristine_on_time_and_take_only_their_own_key(baked, monke
 def test_a_corrupt_state_falls_back_to_a_cold_boot_with_a_warning(baked, caplog):
     """Last of the warm tests: it breaks the shared warm set (the next warm run rebuilds it)."""
     import cloudbake
-    from cloudbake.pipeline import load_pipeline
+    from cloudbake.config.pipeline import load_pipeline
 
     pipeline = load_pipeline(baked["pipeline"])
     sets = [p for p in (baked["image"].parent / ".warm").iterdir() if (p / "warm.json").is_file()]
@@ -167,7 +169,7 @@ def test_a_corrupt_state_falls_back_to_a_cold_boot_with_a_warning(baked, caplog)
 def test_sets_of_pruned_images_go_and_builds_in_progress_stay(tmp_path):
     import os
 
-    from cloudbake.warm import sweep_orphans, warm_root
+    from cloudbake.run.warm import sweep_orphans, warm_root
 
     dist = tmp_path / "dist"
     dist.mkdir()
@@ -190,8 +192,8 @@ def test_sets_of_pruned_images_go_and_builds_in_progress_stay(tmp_path):
 
 def test_a_rebake_under_the_same_key_names_another_warm_set(tmp_path):
     """--force, -a, or a clean then a pull: same key, other bytes; a state of the old bytes must not resume."""
-    from cloudbake.store import read_manifest
-    from cloudbake.warm import image_identity
+    from cloudbake.image.store import read_manifest
+    from cloudbake.run.warm import image_identity
     from tests.test_registry import make_published
 
     first = read_manifest(make_published(tmp_path / "a", seed=b"first"))
@@ -219,7 +221,7 @@ def test_the_host_cpu_counts_under_kvm_and_hvf_only(tmp_path):
 
 
 def test_host_cpu_identity_reads_cpuinfo(tmp_path):
-    from cloudbake.host import host_cpu_identity
+    from cloudbake.qemu.host import host_cpu_identity
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) 8375C\n"
@@ -238,7 +240,7 @@ def _forged_set(image: Path, inputs: dict, **record) -> Path:
 
 
 def test_a_set_saved_on_another_cpu_is_never_resumed_and_says_so(tmp_path):
-    from cloudbake.warm import saved_on_another_cpu
+    from cloudbake.run.warm import saved_on_another_cpu
 
     image = tmp_path / "dist" / "img-0123.qcow2"
     image.parent.mkdir()
@@ -255,8 +257,8 @@ def test_a_set_saved_on_another_cpu_is_never_resumed_and_says_so(tmp_path):
 
 
 def test_an_altered_state_is_refused_by_its_digest(tmp_path):
-    from cloudbake.errors import PipelineError
-    from cloudbake.warm import WarmSet, keep_as_warm_set, verify_set
+    from cloudbake.core.errors import PipelineError
+    from cloudbake.run.warm import WarmSet, keep_as_warm_set, verify_set
 
     base = tmp_path / "dist" / "img-0123.qcow2"
     work = tmp_path / "dist" / ".runs" / "r1"
@@ -284,12 +286,12 @@ def test_a_failed_save_is_remembered_and_not_tried_again_for_a_day(tmp_path, mak
     """The next run boots cold at once instead of a second boot that would fail the same way."""
     import logging
 
-    from cloudbake.host import qemu_binary, qemu_version
-    from cloudbake.machine import Machine, resolve_warm_key
-    from cloudbake.paths import resolve_paths
-    from cloudbake.pipeline import load_pipeline
-    from cloudbake.store import read_manifest
-    from cloudbake.warm import failed_save, remember_failed_save
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.image.store import read_manifest
+    from cloudbake.qemu.host import qemu_binary, qemu_version
+    from cloudbake.run.warm import failed_save, remember_failed_save
+    from cloudbake.run.warmstart import choose_warm_set, resolve_warm_key
     from tests.test_registry import make_published
 
     caplog.set_level(logging.INFO, logger="cloudbake")
@@ -299,10 +301,7 @@ def test_a_failed_save_is_remembered_and_not_tried_again_for_a_day(tmp_path, mak
     manifest = read_manifest(image)
     key = resolve_warm_key(pipeline, paths, manifest, "tcg", qemu_version(qemu_binary(pipeline.source.arch)))
     remember_failed_save(image, key, "saving the VM's state failed (migration failed)")
-    machine = Machine(pipeline, paths)
-    machine.base = image
-    monkeypatch.setattr(Machine, "_build_warm_set", lambda *a: pytest.fail("tried to save again"))
-    assert machine._warm_set(manifest) is None
+    assert choose_warm_set(pipeline, paths, image, manifest, lambda version: pytest.fail("tried to save again")) is None
     assert "saving one failed within the last day (saving the VM's state failed" in caplog.text
     assert failed_save(image, key) is not None
 
@@ -319,8 +318,8 @@ def test_the_key_hand_over_sends_time_key_and_randomness_then_waits_for_ok(tmp_p
     import socket
     import threading
 
-    from cloudbake.errors import PipelineError
-    from cloudbake.warm import hand_over_key
+    from cloudbake.core.errors import PipelineError
+    from cloudbake.run.warm import hand_over_key
 
     path = tmp_path / "key.sock"
     server = socket.socket(socket.AF_UNIX)

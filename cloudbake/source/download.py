@@ -1,0 +1,232 @@
+"""Resumable verified downloads: the SHA-256 computed while the bytes arrive (on a second thread), a
+``.part`` file resumed with ``If-Range``, never grown past the size it was told to expect, a server
+that trickles bytes cut off, and the file renamed into place only when the digest matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from cloudbake.core.errors import PipelineError
+from cloudbake.core.files import file_lock, is_verified, record_verified, write_atomically
+from cloudbake.core.log import stage_logger
+from cloudbake.core.units import human_bytes
+from cloudbake.source.http import (
+    UNPINNED_MAX_BYTES,
+    HttpSettings,
+    Progress,
+    RateFloor,
+    ServerError,
+    body_chunks,
+    check_status,
+    with_retries,
+)
+
+log = stage_logger("fetch")
+
+
+def _hash_existing(path: Path) -> tuple[Any, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest, size
+
+
+def download(session: requests.Session, url: str, dest: Path, sha256: str, http: HttpSettings,
+             expected_size: int | None = None) -> Path:
+    """Download ``url`` to ``dest``, resuming a ``.part`` file, hashing while the bytes arrive.
+
+    ``dest`` appears only when the digest matches; a mismatch deletes the partial.
+    Concurrent calls for the same ``dest`` serialize on a lock; the second one then
+    finds the verified file and returns at once.
+    """
+    with file_lock(dest.with_name(dest.name + ".lock"), dest.name):
+        if is_verified(dest, sha256):
+            log.info("cached: %s (verified sha256 %s…)", dest, sha256[:12])
+            return dest
+        if url.startswith("file://"):
+            _copy_local(url, dest, sha256)
+            return dest
+        part = dest.with_name(dest.name + ".part")
+        validator_file = dest.with_name(dest.name + ".part.json")
+        def kept() -> str:
+            size = part.stat().st_size if part.exists() else 0
+            return f"; {human_bytes(size)} kept in {part} for the next run to resume"
+
+        try:
+            with_retries(lambda: _download_attempt(session, url, part, validator_file, http, expected_size), url,
+                         http, gave_up_detail=kept)
+        except _TooLargeError as err:
+            part.unlink(missing_ok=True)
+            validator_file.unlink(missing_ok=True)
+            _running.pop(part, None)
+            raise PipelineError(str(err), hint="check source.mirror; run doit update if the image really "
+                                               "changed") from None
+        digest, _ = _hash_existing_cached(part)
+        actual = digest.hexdigest()
+        if actual != sha256:
+            _running.pop(part, None)
+            part.unlink(missing_ok=True)
+            validator_file.unlink(missing_ok=True)
+            raise PipelineError(f"{url}: SHA-256 mismatch: expected {sha256}, got {actual}; the download was deleted",
+                                hint="run again; if it persists the mirror serves a corrupted or tampered file")
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+        _running.pop(part, None)
+        validator_file.unlink(missing_ok=True)
+        record_verified(dest, sha256)
+        log.info("verified %s (sha256 %s…)", dest.name, sha256[:12])
+        return dest
+
+
+# The running digest of the partial file, kept between attempts so a resume hashes only new bytes.
+_running: dict[Path, tuple[Any, int]] = {}
+
+
+def _hash_existing_cached(part: Path) -> tuple[Any, int]:
+    size = part.stat().st_size if part.exists() else 0
+    cached = _running.get(part)
+    if cached is not None and cached[1] == size:
+        return cached
+    _running[part] = _hash_existing(part) if part.exists() else (hashlib.sha256(), 0)
+    return _running[part]
+
+
+class BackgroundHasher:
+    """Feeds a digest on a second thread, so hashing overlaps with receiving and writing.
+
+    hashlib releases the GIL for large buffers; one extra thread takes the SHA-256 off
+    the download's critical path. ``finish()`` waits until every chunk is hashed.
+    """
+
+    def __init__(self, digest: Any, depth: int = 16) -> None:
+        import queue
+        import threading
+
+        self.digest = digest
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="cloudbake-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self.digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _download_attempt(session: requests.Session, url: str, part: Path, validator_file: Path,
+                      http: HttpSettings, expected_size: int | None) -> bool:
+    """One HTTP request; True when the whole file is in ``part``."""
+    validator = None
+    if part.exists() and validator_file.exists():
+        with contextlib.suppress(ValueError):
+            validator = json.loads(validator_file.read_text()).get("validator")
+    have = part.stat().st_size if (part.exists() and validator) else 0
+    # The checksum is of the bytes as published: never let a server compress them on the way.
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers.update({"Range": f"bytes={have}-", "If-Range": validator or ""})
+    with session.get(url, stream=True, headers=headers,
+                     timeout=(http.connect_timeout_s, http.read_timeout_s)) as response:
+        check_status(response, url)
+        if response.status_code == 416:
+            part.unlink(missing_ok=True)
+            validator_file.unlink(missing_ok=True)
+            raise ServerError(f"{url}: the partial download no longer fits the file on the server; restarting")
+        if response.status_code >= 500:
+            raise ServerError(f"{url} answered {response.status_code} {response.reason}")
+        if response.status_code == 206 and have:
+            digest, size = _hash_existing_cached(part)
+            mode = "ab"
+            log.info("resuming %s at %s", part.name.removesuffix(".part"), human_bytes(have))
+        else:
+            if have:
+                log.info("the server sent the whole file (no range support or the file changed); restarting")
+            digest, size, mode = hashlib.sha256(), 0, "wb"
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise PipelineError(f"{url}: the server sent the image with Content-Encoding: {encoding}; the checksum "
+                                "is of the bytes as published, so cloudbake takes them only unencoded",
+                                hint="a proxy or mirror is re-encoding the file; fetch from another mirror")
+        limit = expected_size if expected_size and expected_size > 0 else UNPINNED_MAX_BYTES
+        length = _content_length(response, url)
+        if length is not None and size + length > limit:
+            raise PipelineError(f"{url}: the server announces {human_bytes(size + length)}, more than the "
+                                f"{human_bytes(limit)} {'the lock pins' if limit == expected_size else 'allowed'}; "
+                                "refused", hint="check source.mirror; run doit update if the image really changed")
+        new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        write_atomically(validator_file, json.dumps({"url": url, "validator": new_validator}).encode())
+        total = size + length if length is not None else expected_size
+        progress = Progress(part.name.removesuffix(".part"), total, size)
+        _running.pop(part, None)
+        hasher = BackgroundHasher(digest)
+        try:
+            floor = RateFloor(url, http)
+            with open(part, mode) as out:
+                for chunk in body_chunks(response):
+                    if size + len(chunk) > limit:
+                        pinned = " (the size the lock pins)" if limit == expected_size else ""
+                        raise _TooLargeError(f"{url}: the server sent more than {human_bytes(limit)}{pinned}; refused")
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    progress.update(len(chunk))
+                    floor.add(len(chunk))
+        finally:
+            progress.close()
+            hasher.finish()
+            _running[part] = (digest, size)
+        if total is not None and size < total:
+            raise requests.exceptions.ChunkedEncodingError(f"connection closed after {human_bytes(size)}")
+        return True
+
+
+class _TooLargeError(Exception):
+    """More bytes than the limit: the partial download is worthless."""
+
+
+def _content_length(response: requests.Response, url: str) -> int | None:
+    value = response.headers.get("Content-Length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise PipelineError(f"{url}: the server sent a malformed Content-Length ({value[:40]!r})",
+                            hint="the mirror or a proxy in between is broken; try another mirror")
+    return int(value)
+
+
+def _copy_local(url: str, dest: Path, sha256: str) -> None:
+    source = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    if not source.is_file():
+        raise PipelineError(f"not found: {url}", hint="check source.mirror and source.release")
+    tmp = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(tmp, "wb") as out:
+        while chunk := src.read(16 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != sha256:
+        tmp.unlink()
+        raise PipelineError(f"{url}: SHA-256 mismatch: expected {sha256}, got {digest.hexdigest()}")
+    os.replace(tmp, dest)
+    record_verified(dest, sha256)
