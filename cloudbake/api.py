@@ -31,6 +31,9 @@ def vm(pipeline: str | Path | Pipeline = "pipeline.yaml", *, upload: bool = True
        image: str | None = None) -> Iterator[Machine]:
     """Boot a throwaway VM of the pipeline's baked image and yield it ready; it is gone when the block ends.
 
+    The public API: every parameter after ``pipeline`` is a keyword option with the default a
+    test wants, listed below.
+
     pipeline: the pipeline file (or a loaded Pipeline). The image must be baked already
         (``cloudbake bake``); a missing one raises MachineryError (stage ``base image``).
     upload: send ``test.upload`` (by default the git work tree holding the pipeline) into

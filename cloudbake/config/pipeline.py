@@ -224,64 +224,22 @@ def freeze_remote(cache: dict[str, Any], base: Path) -> RemoteCache | None:
 
 def freeze(doc: dict[str, Any], file: Path, *, parent: Pipeline | None = None, family: str = "",
            lock_file: Path | None = None) -> Pipeline:
+    """The frozen pipeline of one image's validated, defaults-filled document; paths resolved from ``file``."""
     base = file.resolve().parent
-    src, ver, disk, vm, ci, test = (doc["source"], doc["source"]["verify"], doc["disk"], doc["vm"],
-                                    doc["cloud_init"], doc["test"])
-    user_data = _resolve(base, ci["user_data"])
-    assert user_data is not None
     cache_dir = _resolve(base, doc["cache"]["dir"]) or default_cache_dir()
     output_dir = _resolve(base, doc["output"]["dir"])
     build_dir = _resolve(base, doc["build"]["dir"])
     assert output_dir is not None and build_dir is not None
+    disk = doc["disk"]
     return Pipeline(
         file=file.resolve(),
         name=doc["name"],
-        source=Source(
-            release=src["release"],
-            arch=Arch(src["arch"]),
-            mirror=src["mirror"] if src["mirror"].endswith("/") else src["mirror"] + "/",
-            channel=src["channel"],
-            verify=Verify(
-                signature=SignaturePolicy(ver["signature"]),
-                keyring=_resolve(base, ver["keyring"]),
-                fingerprints=tuple(fp.upper() for fp in ver["fingerprints"]),
-                sha256=ver["sha256"].lower() if ver["sha256"] else None,
-            ),
-        ),
+        source=freeze_source(doc["source"], base),
         disk=Disk(size=parse_disk_size(disk["size"]), compression=Compression(disk["compression"]),
                   flatten=disk["flatten"]),
-        vm=VM(
-            cpus=vm["cpus"],
-            memory_bytes=parse_size(vm["memory"]),
-            accel=Accel(vm["accel"]),
-            firmware=Firmware(vm["firmware"]),
-            timeout_s=parse_duration(vm["timeout"]),
-            qemu_args=tuple(vm["qemu_args"]),
-            bake_qemu_args=tuple(vm["bake_qemu_args"]),
-        ),
-        cloud_init=CloudInit(
-            user_data=user_data,
-            network_config=_resolve(base, ci["network_config"]),
-            vendor_data=_resolve(base, ci["vendor_data"]),
-            hostname=ci["hostname"],
-            user=ci["user"],
-            ssh_authorized_keys=tuple(ci["ssh_authorized_keys"]),
-            strict=ci["strict"],
-            generalize=ci["generalize"],
-        ),
-        test=TestSettings(
-            command=test["command"],
-            upload=None if test["upload"] is False else "git" if test["upload"] == "git" else tuple(test["upload"]),
-            workdir=test["workdir"],
-            env=tuple(sorted(test["env"].items())),
-            forward=tuple(parse_forward(item) for item in test["forward"]),
-            warm=test["warm"],
-            timeout_s=parse_duration(test["timeout"]),
-            artifacts=tuple(test["artifacts"]),
-            artifacts_max_bytes=parse_size(test["artifacts_max"]),
-            parallel=test["parallel"],
-            shards=test["shards"],
-        ),
+        vm=freeze_vm(doc["vm"]),
+        cloud_init=freeze_cloud_init(doc["cloud_init"], base),
+        test=freeze_test(doc["test"]),
         output_dir=output_dir,
         output_keep=doc["output"]["keep"],
         build_dir=build_dir,
@@ -291,4 +249,63 @@ def freeze(doc: dict[str, Any], file: Path, *, parent: Pipeline | None = None, f
         parent=parent,
         family=family or doc["name"],
         lock_file=lock_file or file.resolve().with_suffix(".lock"),
+    )
+
+
+def freeze_source(src: dict[str, Any], base: Path) -> Source:
+    ver = src["verify"]
+    return Source(
+        release=src["release"],
+        arch=Arch(src["arch"]),
+        mirror=src["mirror"] if src["mirror"].endswith("/") else src["mirror"] + "/",
+        channel=src["channel"],
+        verify=Verify(
+            signature=SignaturePolicy(ver["signature"]),
+            keyring=_resolve(base, ver["keyring"]),
+            fingerprints=tuple(fp.upper() for fp in ver["fingerprints"]),
+            sha256=ver["sha256"].lower() if ver["sha256"] else None,
+        ),
+    )
+
+
+def freeze_vm(vm: dict[str, Any]) -> VM:
+    return VM(
+        cpus=vm["cpus"],
+        memory_bytes=parse_size(vm["memory"]),
+        accel=Accel(vm["accel"]),
+        firmware=Firmware(vm["firmware"]),
+        timeout_s=parse_duration(vm["timeout"]),
+        qemu_args=tuple(vm["qemu_args"]),
+        bake_qemu_args=tuple(vm["bake_qemu_args"]),
+    )
+
+
+def freeze_cloud_init(ci: dict[str, Any], base: Path) -> CloudInit:
+    user_data = _resolve(base, ci["user_data"])
+    assert user_data is not None
+    return CloudInit(
+        user_data=user_data,
+        network_config=_resolve(base, ci["network_config"]),
+        vendor_data=_resolve(base, ci["vendor_data"]),
+        hostname=ci["hostname"],
+        user=ci["user"],
+        ssh_authorized_keys=tuple(ci["ssh_authorized_keys"]),
+        strict=ci["strict"],
+        generalize=ci["generalize"],
+    )
+
+
+def freeze_test(test: dict[str, Any]) -> TestSettings:
+    return TestSettings(
+        command=test["command"],
+        upload=None if test["upload"] is False else "git" if test["upload"] == "git" else tuple(test["upload"]),
+        workdir=test["workdir"],
+        env=tuple(sorted(test["env"].items())),
+        forward=tuple(parse_forward(item) for item in test["forward"]),
+        warm=test["warm"],
+        timeout_s=parse_duration(test["timeout"]),
+        artifacts=tuple(test["artifacts"]),
+        artifacts_max_bytes=parse_size(test["artifacts_max"]),
+        parallel=test["parallel"],
+        shards=test["shards"],
     )

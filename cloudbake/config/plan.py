@@ -156,26 +156,9 @@ def plan_images(document: dict[str, Any], root: yaml.Node | None) -> tuple[list[
     plans: dict[str, ImagePlan] = {}
     for index, entry in enumerate(entries):
         entry_index = index if "images" in document else None
-        for key in entry:
-            if key in SHARED_ONLY and key != "name":
-                line, col = locate(root, ["images", index, key], key=True)
-                problems.append(Problem(line, col, f"images[{index}].{key}",
-                                        f"{key}: is shared by every image of the file; set it at the top level"))
-        parent = entry.get("from")
-        if parent is not None and parent not in entry_names:
-            line, col = locate(root, ["images", index, "from"])
-            problems.append(Problem(line, col, f"images[{index}].from",
-                                    f"no image named {parent!r} in this file{suggest(str(parent), entry_names)}; "
-                                    f"its images: {', '.join(entry_names)}"))
-            parent = None
+        parent, entry_problems = _entry_problems(entry, index, entry_names, matrix, root)
+        problems += entry_problems
         overrides = {key: value for key, value in entry.items() if key not in ("name", "from")}
-        for written in matrix:
-            spanned: list[str | int] = list(MATRIX_SHORTHANDS.get(written, written).split("."))
-            if _has_path(overrides, spanned):
-                line, col = locate(root, ["images", index, *spanned], key=True)
-                problems.append(Problem(line, col, dotted(["images", index, *spanned]),
-                                        f"the matrix spans {written} already; an image cannot set it too (its "
-                                        "name would say one value and the image hold another)"))
         for cell in cells:
             suffix = "".join(f"-{_name_part(matrix[written][i])}" for written, _, i in cell)
             merged = shared
@@ -192,6 +175,34 @@ def plan_images(document: dict[str, Any], root: yaml.Node | None) -> tuple[list[
                                     cell)
     ordered, cycle_problems = _parents_first(plans, root)
     return ordered, problems + cycle_problems
+
+
+def _entry_problems(entry: dict[str, Any], index: int, entry_names: list[str], matrix: dict[str, list[Any]],
+                    root: yaml.Node | None) -> tuple[str | None, list[Problem]]:
+    """One ``images:`` entry's parent (None when it names no image of the file) and what is wrong with it:
+    keys only the file may set, a ``from:`` naming no image, a key the matrix spans set again."""
+    problems = []
+    for key in entry:
+        if key in SHARED_ONLY and key != "name":
+            line, col = locate(root, ["images", index, key], key=True)
+            problems.append(Problem(line, col, f"images[{index}].{key}",
+                                    f"{key}: is shared by every image of the file; set it at the top level"))
+    parent = entry.get("from")
+    if parent is not None and parent not in entry_names:
+        line, col = locate(root, ["images", index, "from"])
+        problems.append(Problem(line, col, f"images[{index}].from",
+                                f"no image named {parent!r} in this file{suggest(str(parent), entry_names)}; "
+                                f"its images: {', '.join(entry_names)}"))
+        parent = None
+    overrides = {key: value for key, value in entry.items() if key not in ("name", "from")}
+    for written in matrix:
+        spanned: list[str | int] = list(MATRIX_SHORTHANDS.get(written, written).split("."))
+        if _has_path(overrides, spanned):
+            line, col = locate(root, ["images", index, *spanned], key=True)
+            problems.append(Problem(line, col, dotted(["images", index, *spanned]),
+                                    f"the matrix spans {written} already; an image cannot set it too (its "
+                                    "name would say one value and the image hold another)"))
+    return (str(parent) if parent is not None else None), problems
 
 
 def _parents_first(plans: dict[str, ImagePlan], root: yaml.Node | None) -> tuple[list[ImagePlan], list[Problem]]:

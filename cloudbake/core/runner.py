@@ -78,6 +78,9 @@ def run(
 ) -> Result:
     """Run argv to completion and capture its output (decoded leniently).
 
+    The parameters after ``argv`` are keyword options, each defaulting to what most callers
+    want, in the manner of ``subprocess.run``: the one runner serves every program cloudbake runs.
+
     ``capture=False`` lets the output through to this process's own (a test command the
     user watches). A non-zero exit (with ``check``) raises PipelineError naming the program
     and showing the tail of its stderr; a timeout raises CommandTimeoutError.
@@ -139,6 +142,8 @@ def spawn(
     cwd: Path | None = None,
 ) -> Iterator[Spawned]:
     """Start a long-running program (a VM) and guarantee it is gone when the block ends.
+
+    Keyword options as ``subprocess.Popen`` has them (streams, session, folder) with safe defaults.
 
     Whatever ends the block (success, error, Ctrl-C), the process is terminated,
     given ``grace`` seconds, then killed and reaped, unless the caller asked to

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,18 +93,35 @@ class Artifact:
     config_size: int
     layers: tuple[tuple[str, int], ...]
 
+    @property
+    def total(self) -> int:
+        """The image's size: its layers' sizes added up."""
+        return sum(size for _, size in self.layers)
 
-def parse_artifact(body: bytes, where: str) -> Artifact:
-    """Refuse anything that is not a cloudbake image artifact, before a byte of it is fetched."""
+
+def refusal(where: str, what: str) -> Callable[[str], PipelineError]:
+    """The error for a registry's answer that is not a cloudbake ``what`` (image, warm set), and why."""
     def refuse(why: str) -> PipelineError:
-        return PipelineError(f"{where}: not a cloudbake image ({why}); refused",
+        return PipelineError(f"{where}: not a cloudbake {what} ({why}); refused",
                              hint="cache.remote must name a repository that only cloudbake pushes to")
+    return refuse
+
+
+def manifest_document(body: bytes, refuse: Callable[[str], PipelineError]) -> dict[str, Any]:
+    """A pulled OCI manifest as a JSON object, or a refusal."""
     try:
         doc = json.loads(body)
     except ValueError:
         raise refuse("the manifest is not JSON") from None
     if not isinstance(doc, dict):
         raise refuse("the manifest is not a JSON object")
+    return doc
+
+
+def parse_artifact(body: bytes, where: str) -> Artifact:
+    """Refuse anything that is not a cloudbake image artifact, before a byte of it is fetched."""
+    refuse = refusal(where, "image")
+    doc = manifest_document(body, refuse)
     if doc.get("artifactType") != ARTIFACT_TYPE:
         raise refuse(f"artifactType {str(doc.get('artifactType'))[:80]!r}")
     config, layers = doc.get("config"), doc.get("layers")

@@ -28,6 +28,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -146,62 +147,82 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
             log.info("%s is not in the registry", where)
             return None
         artifact = parse_artifact(body, where)
-        config = registry.small_blob(artifact.config_digest, artifact.config_size, MAX_CONFIG_BYTES)
-        try:
-            manifest = Manifest.from_document(json.loads(config), Path(where))
-        except ValueError:
-            raise PipelineError(f"{where}: the image's manifest is not JSON; refused") from None
-        total = sum(size for _, size in artifact.layers)
-        file_size = (manifest.document.get("image") or {}).get("file_size")
-        if manifest.name != name or manifest.key != key or manifest.image_file != dest.name:
-            raise PipelineError(f"{where}: the registry's artifact is of {manifest.name} key {manifest.key}, not "
-                                f"{name} key {key}; refused", hint="cache.remote must name a repository that only "
-                                                                   "cloudbake pushes to")
-        if manifest.image_sha256 is None or total != file_size:
-            raise PipelineError(f"{where}: the layers ({human_bytes(total)}) do not add up to the image its manifest "
-                                "describes; refused", hint="push the image again")
-        if total > settings.max_image_bytes:
-            raise PipelineError(f"{where}: the artifact's layers add up to {human_bytes(total)}, more than the "
-                                f"{human_bytes(settings.max_image_bytes)} an image may be; refused before any layer "
-                                "is fetched", hint="cache.remote must name a repository that only cloudbake "
-                                                   "pushes to")
-        if manifest.document.get("image", {}).get("backing"):
-            raise PipelineError(f"{where}: the artifact describes a layer over another image; refused (the registry "
-                                "cache holds self-contained images only)")
+        manifest = _artifact_manifest(registry, artifact, where, dest, settings)
         sweep_pull_staging(paths.output_dir)
         started = time.monotonic()
-        log.info("pulling %s (%s in %d layer%s) from %s", dest.name, human_bytes(total), len(artifact.layers),
+        log.info("pulling %s (%s in %d layer%s) from %s", dest.name, human_bytes(artifact.total), len(artifact.layers),
                  "" if len(artifact.layers) == 1 else "s", where)
         work = pull_staging(dest)
-        image = work / "image"
-        try:
-            fetch_layers(registry, artifact, work, settings)
-            matches = sha256_file(image) == manifest.image_sha256
-        except OSError as err:
-            raise PipelineError(f"cannot write the pulled image under {work}: {err.strerror or err}",
-                                hint="free space in output.dir (the pull keeps what it has for the next try)") from None
-        if not matches:
-            shutil.rmtree(work, ignore_errors=True)
-            raise PipelineError(f"{dest.name}: the pulled image does not match the SHA-256 its manifest records; "
-                                "refused", hint="push the image again")
-        # The registry is data from outside, like the upstream mirror: the joined image must
-        # stand alone before anything (qemu-img included) opens it.
-        try:
-            check_standalone(image, "the pulled image", hint="the registry serves an image cloudbake did not push; "
-                                                             "cache.remote must name a repository only cloudbake "
-                                                             "pushes to")
-            info = qemu_img_info(image)
-            if info.get("format") != "qcow2" or info.get("backing-filename") or \
-                    (info.get("format-specific") or {}).get("data", {}).get("data-file"):
-                raise PipelineError(f"{dest.name} (the pulled image): qemu-img reads it as "
-                                    f"{str(info.get('format'))[:40]!r} naming other files; refused")
-        except PipelineError:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        image = _fetch_checked(registry, artifact, manifest, work, settings)
         install(image, dest, manifest.document)
         shutil.rmtree(work, ignore_errors=True)
         log.info("pulled %s in %.1f s", dest.name, time.monotonic() - started)
         return dest
+
+
+def _artifact_manifest(registry: Registry, artifact: Artifact, where: str, dest: Path,
+                       settings: RegistrySettings) -> Manifest:
+    """The image manifest the artifact carries, refused unless it is of exactly the image asked for, adds up
+    to its layers, stays under the size cap and describes a self-contained image."""
+    config = registry.small_blob(artifact.config_digest, artifact.config_size, MAX_CONFIG_BYTES)
+    try:
+        manifest = Manifest.from_document(json.loads(config), Path(where))
+    except ValueError:
+        raise PipelineError(f"{where}: the image's manifest is not JSON; refused") from None
+    total = artifact.total
+    file_size = (manifest.document.get("image") or {}).get("file_size")
+    name, _, key = dest.name.removesuffix(".qcow2").rpartition("-")   # keys are hex: the last '-' splits
+    if manifest.name != name or manifest.key != key or manifest.image_file != dest.name:
+        raise PipelineError(f"{where}: the registry's artifact is of {manifest.name} key {manifest.key}, not "
+                            f"{name} key {key}; refused", hint="cache.remote must name a repository that only "
+                                                               "cloudbake pushes to")
+    if manifest.image_sha256 is None or total != file_size:
+        raise PipelineError(f"{where}: the layers ({human_bytes(total)}) do not add up to the image its manifest "
+                            "describes; refused", hint="push the image again")
+    if total > settings.max_image_bytes:
+        raise PipelineError(f"{where}: the artifact's layers add up to {human_bytes(total)}, more than the "
+                            f"{human_bytes(settings.max_image_bytes)} an image may be; refused before any layer "
+                            "is fetched", hint="cache.remote must name a repository that only cloudbake "
+                                               "pushes to")
+    if manifest.document.get("image", {}).get("backing"):
+        raise PipelineError(f"{where}: the artifact describes a layer over another image; refused (the registry "
+                            "cache holds self-contained images only)")
+    return manifest
+
+
+def _fetch_checked(registry: Registry, artifact: Artifact, manifest: Manifest, work: Path,
+                   settings: RegistrySettings) -> Path:
+    """The layers joined in ``work/image``, matching the manifest's SHA-256 and standing alone.
+
+    A failed digest or a refused image empties ``work``; anything else keeps what was fetched
+    for the next try.
+    """
+    image = work / "image"
+    try:
+        fetch_layers(registry, artifact, work, settings)
+        matches = sha256_file(image) == manifest.image_sha256
+    except OSError as err:
+        raise PipelineError(f"cannot write the pulled image under {work}: {err.strerror or err}",
+                            hint="free space in output.dir (the pull keeps what it has for the next try)") from None
+    if not matches:
+        shutil.rmtree(work, ignore_errors=True)
+        raise PipelineError(f"{manifest.image_file}: the pulled image does not match the SHA-256 its manifest "
+                            "records; refused", hint="push the image again")
+    # The registry is data from outside, like the upstream mirror: the joined image must
+    # stand alone before anything (qemu-img included) opens it.
+    try:
+        check_standalone(image, "the pulled image", hint="the registry serves an image cloudbake did not push; "
+                                                         "cache.remote must name a repository only cloudbake "
+                                                         "pushes to")
+        info = qemu_img_info(image)
+        if info.get("format") != "qcow2" or info.get("backing-filename") or \
+                (info.get("format-specific") or {}).get("data", {}).get("data-file"):
+            raise PipelineError(f"{manifest.image_file} (the pulled image): qemu-img reads it as "
+                                f"{str(info.get('format'))[:40]!r} naming other files; refused")
+    except PipelineError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return image
 
 
 def fetch_layers(registry: Registry, artifact: Artifact, work: Path, settings: RegistrySettings) -> None:
@@ -232,7 +253,7 @@ def fetch_layers(registry: Registry, artifact: Artifact, work: Path, settings: R
         # running after the caller unwound never writes into a descriptor the caller reused.
         fd = os.open(image, os.O_WRONLY)
         try:
-            fetch_layer(registry, digest, size, fd, offsets[index], settings.http, progress)
+            fetch_layer(registry, LayerAt(digest, size, offsets[index]), fd, settings.http, progress)
         finally:
             os.close(fd)
         with lock:
@@ -248,9 +269,18 @@ def fetch_layers(registry: Registry, artifact: Artifact, work: Path, settings: R
         progress.close()
 
 
-def fetch_layer(registry: Registry, digest: str, size: int, fd: int, offset: int, http: HttpSettings,
-                progress: Progress) -> None:
-    """One blob into ``fd`` at ``offset``, hashed as it streams; a drop resumes with Range from the bytes kept."""
+@dataclass(frozen=True)
+class LayerAt:
+    """A layer of an artifact and where its bytes go in the joined file."""
+
+    digest: str
+    size: int
+    offset: int
+
+
+def fetch_layer(registry: Registry, layer: LayerAt, fd: int, http: HttpSettings, progress: Progress) -> None:
+    """One blob into ``fd`` at its offset, hashed as it streams; a drop resumes with Range from the bytes kept."""
+    digest, size, offset = layer.digest, layer.size, layer.offset
     url = registry.blob_url(digest)
     have, hasher = 0, hashlib.sha256()
 

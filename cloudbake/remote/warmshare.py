@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 from cloudbake.config.model import Pipeline, RemoteCache
 from cloudbake.config.paths import Paths
@@ -35,10 +36,10 @@ from cloudbake.core.log import stage_logger
 from cloudbake.core.units import human_bytes
 from cloudbake.image.qcow2 import check_standalone
 from cloudbake.image.store import read_manifest
-from cloudbake.remote.artifact import KEY_ANNOTATION, plan_layers
+from cloudbake.remote.artifact import KEY_ANNOTATION, manifest_document, plan_layers, refusal
 from cloudbake.remote.client import DIGEST, MANIFEST_TYPE, TITLE, Blob, Registry, RegistrySettings
 from cloudbake.remote.credentials import resolve_credentials
-from cloudbake.remote.registry import fetch_layer
+from cloudbake.remote.registry import LayerAt, fetch_layer
 from cloudbake.run.warm import WARM_FILES, WarmSet, disk_backing, find_warm_set, sets_of, warm_key, warm_root
 from cloudbake.source.http import Progress, run_parallel
 
@@ -100,14 +101,9 @@ def push_warm_set(remote: RemoteCache, image: Path, warm: WarmSet, settings: Reg
 
 def _parse_warm_artifact(body: bytes, where: str, limit: int) -> tuple[str, int, list[tuple[str, str, int]]]:
     """(config digest, its size, [(file, layer digest, size)] in order), or a refusal."""
-    def refuse(why: str) -> PipelineError:
-        return PipelineError(f"{where}: not a cloudbake warm set ({why}); refused",
-                             hint="cache.remote must name a repository that only cloudbake pushes to")
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise refuse("the manifest is not JSON") from None
-    if not isinstance(doc, dict) or doc.get("artifactType") != WARM_ARTIFACT_TYPE:
+    refuse = refusal(where, "warm set")
+    doc = manifest_document(body, refuse)
+    if doc.get("artifactType") != WARM_ARTIFACT_TYPE:
         raise refuse("another artifactType")
     config, layers = doc.get("config"), doc.get("layers")
     if not isinstance(config, dict) or config.get("mediaType") != WARM_CONFIG_TYPE or \
@@ -133,14 +129,11 @@ def _parse_warm_artifact(body: bytes, where: str, limit: int) -> tuple[str, int,
 def pull_warm_set(remote: RemoteCache, pipeline: Pipeline, paths: Paths, image: Path,
                   settings: RegistrySettings | None = None) -> WarmSet | None:
     """The warm set this host would resume ``image`` from, from the registry; None when it has none."""
-    from cloudbake.qemu.host import detect_host, qemu_binary, qemu_version, resolve_accel
-    from cloudbake.run.warmstart import warm_inputs_for_key
+    from cloudbake.run.warmstart import host_warm_inputs
 
     settings = settings or RegistrySettings()
     manifest = read_manifest(image)
-    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, detect_host(), paths.cache_dir)
-    version = qemu_version(qemu_binary(pipeline.source.arch))
-    inputs = warm_inputs_for_key(pipeline, paths, manifest, choice.accel, version)
+    inputs, _ = host_warm_inputs(pipeline, paths, manifest)
     set_key = warm_key(inputs)
     found = find_warm_set(image, set_key)
     if found is not None:
@@ -154,29 +147,20 @@ def pull_warm_set(remote: RemoteCache, pipeline: Pipeline, paths: Paths, image: 
         return None
     config_digest, config_size, parts = _parse_warm_artifact(body, where, settings.max_image_bytes)
     record_bytes = registry.small_blob(config_digest, config_size, MAX_RECORD_BYTES)
-    try:
-        record = json.loads(record_bytes)
-    except ValueError:
-        raise PipelineError(f"{where}: the warm set's record is not JSON; refused") from None
-    if not isinstance(record, dict) or record.get("inputs") != inputs:
-        raise PipelineError(f"{where}: the warm set's record describes another machine than this host's; refused")
-    digests = record.get("sha256")
-    files = {name for name, _, _ in parts}
-    if not isinstance(digests, dict) or set(digests) != files:
-        raise PipelineError(f"{where}: the warm set's record names no digest for every file; refused")
+    digests = _checked_digests(record_bytes, inputs, {name for name, _, _ in parts}, where)
     warm = WarmSet(warm_root(image) / f"{image.stem}-{set_key}")
     staging = warm.folder.with_name(f".{warm.folder.name}.pull")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, mode=0o700)
     try:
         _fetch_files(registry, parts, staging, settings)
-        for name in sorted(files):
+        for name in sorted(digests):
             if sha256_file(staging / name) != digests[name]:
                 raise PipelineError(f"{where}: {name} does not match the SHA-256 the set's record holds; refused")
         check_standalone(staging / "disk.qcow2", "a pulled warm set's disk",
                          allowed_backing=disk_backing(image, warm.folder),
                          hint="cache.remote must name a repository that only cloudbake pushes to")
-        for name in files:
+        for name in digests:
             (staging / name).chmod(0o444)
             record_verified(staging / name, digests[name])
         write_atomically(staging / "warm.json", record_bytes, mode=0o644)
@@ -187,6 +171,20 @@ def pull_warm_set(remote: RemoteCache, pipeline: Pipeline, paths: Paths, image: 
         shutil.rmtree(staging, ignore_errors=True)
     log.info("pulled the warm set %s from %s", warm.folder.name, where)
     return warm
+
+
+def _checked_digests(record_bytes: bytes, inputs: dict[str, Any], files: set[str], where: str) -> dict[str, str]:
+    """The SHA-256 of each file, from a pulled set's record that must describe exactly this host's inputs."""
+    try:
+        record = json.loads(record_bytes)
+    except ValueError:
+        raise PipelineError(f"{where}: the warm set's record is not JSON; refused") from None
+    if not isinstance(record, dict) or record.get("inputs") != inputs:
+        raise PipelineError(f"{where}: the warm set's record describes another machine than this host's; refused")
+    digests = record.get("sha256")
+    if not isinstance(digests, dict) or set(digests) != files:
+        raise PipelineError(f"{where}: the warm set's record names no digest for every file; refused")
+    return {str(name): str(digest) for name, digest in digests.items()}
 
 
 def _fetch_files(registry: Registry, parts: list[tuple[str, str, int]], folder: Path,
@@ -208,7 +206,7 @@ def _fetch_files(registry: Registry, parts: list[tuple[str, str, int]], folder: 
         with lock:
             fd = os.open(folder / name, os.O_WRONLY)
         try:
-            fetch_layer(registry, digest, size, fd, offsets[index], settings.http, progress)
+            fetch_layer(registry, LayerAt(digest, size, offsets[index]), fd, settings.http, progress)
         finally:
             os.close(fd)
 

@@ -102,17 +102,8 @@ def _test_image(pipeline: Pipeline, paths: Paths, args: argparse.Namespace, bake
         if status != 0:
             raise MachineryError("bake", f"baking the image failed (doit exit status {status}); see above")
     outcome = run_test_image(pipeline, paths, args.cmd, args.keep, args.jobs)
-    status = outcome.exit_status
-    if status == 0:
-        log.info("the test command passed" + (f" in all {len(outcome.runs)} runs" if len(outcome.runs) > 1 else ""))
-    else:
-        for result in outcome.runs:
-            if result.exit_status != 0:
-                what = (f"cloudbake's machinery failed at stage {result.stage}" if result.stage
-                        else "the test command failed")
-                where = f"run {result.index}: " if len(outcome.runs) > 1 else ""
-                log.error("%s%s (exit status %d)", where, what, result.exit_status)
-    return status
+    outcome.log_verdict()
+    return outcome.exit_status
 
 
 def _up(pipeline: Pipeline, paths: Paths, as_json: bool) -> int:

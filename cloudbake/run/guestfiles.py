@@ -16,7 +16,7 @@ from pathlib import Path
 from cloudbake.core.errors import MachineryError, PipelineError
 from cloudbake.core.runner import Arg, require_tool
 from cloudbake.run.ssh import remote_path
-from cloudbake.run.transfer import receive_tar, send_tar
+from cloudbake.run.transfer import Cap, receive_tar, send_tar
 
 # The VM's SSH argv for a command run there (Machine.ssh_argv).
 SshCommand = Callable[[str], list[str]]
@@ -57,8 +57,7 @@ def get_path(ssh: SshCommand, remote: str, local: Path | str, *, max_bytes: int,
                                      else None) as tmp:
         try:
             names = receive_tar(ssh(pack), Path(tmp), what=f"copying {remote} out of the guest",
-                                max_bytes=max_bytes, timeout_s=timeout_s,
-                                limit_name="max_bytes", too_large_hint="pass a larger max_bytes")
+                                cap=Cap(max_bytes, "max_bytes", "pass a larger max_bytes"), timeout_s=timeout_s)
         except PipelineError as err:
             raise MachineryError.from_error("get", err) from None
         if not names:
@@ -92,10 +91,8 @@ def fetch_artifacts(ssh: SshCommand, patterns: Sequence[str], dest: Path, *, max
     remote = "sudo -n sh -c " + shlex.quote(ARTIFACTS_SCRIPT) + " sh " + " ".join(shlex.quote(p) for p in patterns)
     try:
         return receive_tar(ssh(remote), dest, what="copying the artifacts",
-                           max_bytes=max_bytes,
-                           timeout_s=timeout_s,
-                           limit_name="test.artifacts_max",
-                           too_large_hint="raise test.artifacts_max or narrow test.artifacts")
+                           cap=Cap(max_bytes, "test.artifacts_max",
+                                   "raise test.artifacts_max or narrow test.artifacts"), timeout_s=timeout_s)
     except PipelineError as err:
         raise MachineryError.from_error("artifacts", err) from None
 

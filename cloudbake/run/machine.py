@@ -88,7 +88,7 @@ class Machine:
         self._ready = False
 
     def __enter__(self) -> Machine:
-        return self.start()
+        return self if self.files is not None else self.start()   # ``with machine.start(base):`` too
 
     def __exit__(self, *exc: Any) -> None:
         self.close(*exc)

@@ -35,7 +35,8 @@ def ssh_argv(files: RunFiles, port: int, user: str, command: str | None = None, 
              tty: bool = False, identity: Path | None = None) -> list[str]:
     """OpenSSH with the host key pinned: no trust on first use, no agent, no user config.
 
-    ``identity`` is the client key (default: the run's own).
+    ``identity`` is the client key (default: the run's own). The keyword options are OpenSSH's,
+    each with the value a test run wants.
     """
     argv = ["ssh", "-F", "none"]
     argv += ["-i", str(identity or files.client_key)]

@@ -19,6 +19,7 @@ from cloudbake.config.paths import Paths
 from cloudbake.core.errors import MachineryError, PipelineError
 from cloudbake.core.log import stage_logger
 from cloudbake.core.units import human_bytes
+from cloudbake.image.store import Manifest
 from cloudbake.qemu.host import available_memory
 from cloudbake.run.junit import JunitSummary, publish_summary, summarize_junit
 from cloudbake.run.machine import Machine
@@ -61,6 +62,19 @@ class Outcome:
                 return worst
         return next((s for s in statuses if s != 0), 0)
 
+    def log_verdict(self) -> None:
+        """The outcome in the log: that the command passed, or one line per failed run saying what failed."""
+        several = len(self.runs) > 1
+        if self.exit_status == 0:
+            log.info("the test command passed" + (f" in all {len(self.runs)} runs" if several else ""))
+            return
+        for result in self.runs:
+            if result.exit_status != 0:
+                what = (f"cloudbake's machinery failed at stage {result.stage}" if result.stage
+                        else "the test command failed")
+                log.error("%s%s (exit status %d)", f"run {result.index}: " if several else "", what,
+                          result.exit_status)
+
 
 def run_plan(pipeline: Pipeline, jobs: int | None) -> tuple[int, int, bool]:
     """(runs, at once, sharded): test.shards runs when set, else one run per parallel VM."""
@@ -82,6 +96,19 @@ def check_memory(pipeline: Pipeline, at_once: int) -> None:
                              hint=f"run at most -j {fits}, or lower vm.memory")
 
 
+@dataclass(frozen=True)
+class TestRuns:
+    """One test-image command, resolved once and handed to every run: the image's base looked up once."""
+
+    pipeline: Pipeline
+    paths: Paths
+    base: tuple[Path, Manifest]   # the published image and its manifest, checked
+    command: str
+    runs: int
+    sharded: bool
+    timeout_s: float | None
+
+
 def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None, keep: bool = False,
                    jobs: int | None = None, timeout_s: float | None = None) -> Outcome:
     """Run the test command in fresh VMs of the baked image: upload, command, artifacts, summary."""
@@ -91,19 +118,19 @@ def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None,
                             hint="drop -j/test.shards, or use cloudbake up for VMs to keep")
     check_memory(pipeline, at_once)
     try:
-        base, _ = current_base(pipeline, paths)
+        base = current_base(pipeline, paths)
     except PipelineError as err:
         raise MachineryError.from_error("base image", err) from None
-    clean_leftovers(base)
-    command = command or pipeline.test.command
+    clean_leftovers(base[0])
+    plan = TestRuns(pipeline, paths, base, command or pipeline.test.command, runs, sharded, timeout_s)
     if runs == 1:
-        return Outcome([_one_run(pipeline, paths, command, 0, runs, sharded, keep, timeout_s, None)])
-    log.info("%d runs of %s, %d at a time%s", runs, base.name, at_once, " (sharded)" if sharded else "")
+        return Outcome([_one_run(plan, 0, keep, None)])
+    log.info("%d runs of %s, %d at a time%s", runs, base[0].name, at_once, " (sharded)" if sharded else "")
     machines: list[Machine] = []
     lock = threading.Lock()
 
     def one(index: int) -> RunResult:
-        return _one_run(pipeline, paths, command, index, runs, sharded, False, timeout_s, (machines, lock))
+        return _one_run(plan, index, False, (machines, lock))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = [pool.submit(one, index) for index in range(runs)]
@@ -119,23 +146,25 @@ def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None,
     return Outcome(results)
 
 
-def _one_run(pipeline: Pipeline, paths: Paths, command: str, index: int, runs: int, sharded: bool, keep: bool,
-             timeout_s: float | None, registry: tuple[list[Machine], threading.Lock] | None) -> RunResult:
+def _one_run(plan: TestRuns, index: int, keep: bool,
+             registry: tuple[list[Machine], threading.Lock] | None) -> RunResult:
+    """Run ``index`` of the plan; ``registry`` collects the machines of parallel runs (Ctrl-C stops them all)."""
+    pipeline, runs = plan.pipeline, plan.runs
     prefix = f"[run {index}]" if runs > 1 else None
     env = {"CLOUDBAKE_RUN": str(index)}
-    if sharded:
+    if plan.sharded:
         env |= {"CLOUDBAKE_SHARD": str(index), "CLOUDBAKE_SHARDS": str(runs)}
-    machine = Machine(pipeline, paths, timeout_s=timeout_s, env=env, output_prefix=prefix)
+    machine = Machine(pipeline, plan.paths, timeout_s=plan.timeout_s, env=env, output_prefix=prefix)
     if registry is not None:
         with registry[1]:
             registry[0].append(machine)
-    artifacts_dir = paths.work_dir / "artifacts"
+    artifacts_dir = plan.paths.work_dir / "artifacts"
     try:
-        with machine:
+        with machine.start(plan.base):
             artifacts_dir = artifacts_dir / machine.id
             machine.upload_project()
-            machine.say("running: %s", command)
-            status = machine.run(command, capture=False).status
+            machine.say("running: %s", plan.command)
+            status = machine.run(plan.command, capture=False).status
             artifacts = machine.fetch_artifacts(pipeline.test.artifacts, artifacts_dir)
             if artifacts:
                 machine.say("copied %d artifact(s) into %s", len(artifacts), artifacts_dir)
@@ -163,9 +192,9 @@ def run_test_task(pipeline: Pipeline, paths: Paths, command: str | None = None, 
                   jobs: int | None = None) -> None:
     """doit's test-image: the task fails with the exit status (cloudbake test-image exits with it)."""
     outcome = run_test_image(pipeline, paths, command, keep, jobs or None)
+    outcome.log_verdict()
     status = outcome.exit_status
     if status == 0:
-        log.info("the test command passed" + (f" in all {len(outcome.runs)} runs" if len(outcome.runs) > 1 else ""))
         return
     failed = [r for r in outcome.runs if r.exit_status != 0]
     if any(r.stage for r in failed):

@@ -17,6 +17,7 @@ import subprocess
 import tarfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,15 +161,26 @@ def extract_safely(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path
         return extractor.extract(archive, member)
 
 
-def receive_tar(argv: list[str], dest: Path, *, what: str, max_bytes: int, timeout_s: float,
-                limit_name: str, too_large_hint: str) -> list[str]:
+@dataclass(frozen=True)
+class Cap:
+    """The most a stream from the guest may hold, the setting that says so, and how to allow more."""
+
+    max_bytes: int
+    setting: str          # e.g. test.artifacts_max
+    hint: str
+
+
+def receive_tar(argv: list[str], dest: Path, *, what: str, cap: Cap, timeout_s: float) -> list[str]:
     """Run ``argv`` (ssh writing a tar stream) and extract it safely into ``dest``.
 
-    Bounded: at most ``max_bytes`` of stream and of extracted sizes, and ``timeout_s``
+    Bounded: at most ``cap.max_bytes`` of stream and of extracted sizes, and ``timeout_s``
     seconds; a stream that ends with tar or SSH failing is an error, never a partial
     success. Returns the names as extracted. Any OSError on the host side (a name too
-    long, a full disk) is a PipelineError naming the member.
+    long, a full disk) is a PipelineError naming the member. Longer than most functions
+    because it is the one place that turns every way a hostile or broken stream can end
+    into an error.
     """
+    max_bytes = cap.max_bytes
     with spawn(argv, stage="test-image", stdout=subprocess.PIPE, stderr=subprocess.PIPE) as spawned:
         proc = spawned.proc
         assert proc.stdout is not None and proc.stderr is not None
@@ -187,9 +199,9 @@ def receive_tar(argv: list[str], dest: Path, *, what: str, max_bytes: int, timeo
             proc.wait(30)
         except StreamTooLargeError:
             stop_process(proc, 1)
-            raise PipelineError(f"{what}: larger than {limit_name} ({human_bytes(max_bytes)}); "
+            raise PipelineError(f"{what}: larger than {cap.setting} ({human_bytes(max_bytes)}); "
                                 f"{len(names)} file(s) copied into {dest} before stopping",
-                                hint=too_large_hint) from None
+                                hint=cap.hint) from None
         except PipelineError:
             stop_process(proc, 1)
             raise

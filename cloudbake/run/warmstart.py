@@ -86,12 +86,17 @@ def resolve_warm_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel
     return warm_key(warm_inputs_for_key(pipeline, paths, manifest, accel, version))
 
 
+def host_warm_inputs(pipeline: Pipeline, paths: Paths, manifest: Manifest) -> tuple[dict[str, Any], str]:
+    """What a warm set of this image depends on here (this host's accelerator and QEMU), and the QEMU version."""
+    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, detect_host(), paths.cache_dir)
+    version = qemu_version(qemu_binary(pipeline.source.arch))
+    return warm_inputs_for_key(pipeline, paths, manifest, choice.accel, version), version
+
+
 def current_warm_set(pipeline: Pipeline, paths: Paths) -> WarmSet | None:
     """The warm set this host's test VMs of the published image would resume from, if it is saved."""
     base, manifest = current_base(pipeline, paths)
-    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, detect_host(), paths.cache_dir)
-    version = qemu_version(qemu_binary(pipeline.source.arch))
-    return find_warm_set(base, resolve_warm_key(pipeline, paths, manifest, choice.accel, version))
+    return find_warm_set(base, warm_key(host_warm_inputs(pipeline, paths, manifest)[0]))
 
 
 def choose_warm_set(pipeline: Pipeline, paths: Paths, base: Path, manifest: Manifest,
@@ -101,9 +106,7 @@ def choose_warm_set(pipeline: Pipeline, paths: Paths, base: Path, manifest: Mani
     A save that fails is reported and remembered for a day, and the run boots cold.
     """
     sweep_orphans(base)
-    choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, detect_host(), paths.cache_dir)
-    version = qemu_version(qemu_binary(pipeline.source.arch))
-    inputs = warm_inputs_for_key(pipeline, paths, manifest, choice.accel, version)
+    inputs, version = host_warm_inputs(pipeline, paths, manifest)
     key = warm_key(inputs)
     found = find_warm_set(base, key)
     if found is not None:

@@ -134,7 +134,10 @@ class BackgroundHasher:
 
 def _download_attempt(session: requests.Session, url: str, part: Path, validator_file: Path,
                       http: HttpSettings, expected_size: int | None) -> bool:
-    """One HTTP request; True when the whole file is in ``part``."""
+    """One HTTP request; True when the whole file is in ``part``.
+
+    Six parameters because one attempt of ``download`` needs them all, and they are its own.
+    """
     validator = None
     if part.exists() and validator_file.exists():
         with contextlib.suppress(ValueError):
@@ -146,26 +149,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         headers.update({"Range": f"bytes={have}-", "If-Range": validator or ""})
     with session.get(url, stream=True, headers=headers,
                      timeout=(http.connect_timeout_s, http.read_timeout_s)) as response:
-        check_status(response, url)
-        if response.status_code == 416:
-            part.unlink(missing_ok=True)
-            validator_file.unlink(missing_ok=True)
-            raise ServerError(f"{url}: the partial download no longer fits the file on the server; restarting")
-        if response.status_code >= 500:
-            raise ServerError(f"{url} answered {response.status_code} {response.reason}")
-        if response.status_code == 206 and have:
-            digest, size = _hash_existing_cached(part)
-            mode = "ab"
-            log.info("resuming %s at %s", part.name.removesuffix(".part"), human_bytes(have))
-        else:
-            if have:
-                log.info("the server sent the whole file (no range support or the file changed); restarting")
-            digest, size, mode = hashlib.sha256(), 0, "wb"
-        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise PipelineError(f"{url}: the server sent the image with Content-Encoding: {encoding}; the checksum "
-                                "is of the bytes as published, so cloudbake takes them only unencoded",
-                                hint="a proxy or mirror is re-encoding the file; fetch from another mirror")
+        digest, size, mode = _start_of_body(response, url, part, validator_file, have)
         limit = expected_size if expected_size and expected_size > 0 else UNPINNED_MAX_BYTES
         length = _content_length(response, url)
         if length is not None and size + length > limit:
@@ -197,6 +181,31 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         if total is not None and size < total:
             raise requests.exceptions.ChunkedEncodingError(f"connection closed after {human_bytes(size)}")
         return True
+
+
+def _start_of_body(response: requests.Response, url: str, part: Path, validator_file: Path,
+                   have: int) -> tuple[Any, int, str]:
+    """How the body continues the partial file: (running digest, bytes kept, open mode); a status or an
+    encoding that cannot be taken raises."""
+    check_status(response, url)
+    if response.status_code == 416:
+        part.unlink(missing_ok=True)
+        validator_file.unlink(missing_ok=True)
+        raise ServerError(f"{url}: the partial download no longer fits the file on the server; restarting")
+    if response.status_code >= 500:
+        raise ServerError(f"{url} answered {response.status_code} {response.reason}")
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise PipelineError(f"{url}: the server sent the image with Content-Encoding: {encoding}; the checksum "
+                            "is of the bytes as published, so cloudbake takes them only unencoded",
+                            hint="a proxy or mirror is re-encoding the file; fetch from another mirror")
+    if response.status_code == 206 and have:
+        digest, size = _hash_existing_cached(part)
+        log.info("resuming %s at %s", part.name.removesuffix(".part"), human_bytes(have))
+        return digest, size, "ab"
+    if have:
+        log.info("the server sent the whole file (no range support or the file changed); restarting")
+    return hashlib.sha256(), 0, "wb"
 
 
 class _TooLargeError(Exception):

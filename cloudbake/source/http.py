@@ -251,6 +251,9 @@ def read_body(response: requests.Response, max_bytes: int, url: str, http: HttpS
 def run_parallel(task: Callable[[int], None], items: list[int], workers: int, stop: threading.Event) -> None:
     """``task(item)`` for every item on up to ``workers`` daemon threads; returns when all are done.
 
+    (Its length is the worker, the wait and the unwinding, which belong together: split, each
+    part would need the others' state.)
+
     The first error sets ``stop`` and is raised here; so does Ctrl-C or SIGTERM arriving in the
     caller (the main thread). Tasks check ``stop`` between chunks, so the caller unwinds within
     a couple of seconds instead of waiting for every part in flight: the threads are daemons and
