@@ -1,9 +1,9 @@
 """The pytest plugin's fixtures and failure evidence, in a pytest run of their own.
 
 The VM is the one part swapped: the inner conftest hands the plugin a Machine attached to the
-stand-in `ssh` of tests/test_machine.py (commands run here, HOME playing the guest's home)
+stand-in `ssh` of tests/run/test_machine.py (commands run here, HOME playing the guest's home)
 instead of booting one; the fixtures, hooks, artifact copy and clean-up are the plugin's own.
-Real guests run the plugin in tests/test_netlab.py.
+Real guests run the plugin in tests/e2e/test_netlab.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from tests.conftest import PROJECT, USER_DATA
-from tests.test_machine import install_guest_tools
+from tests.run.test_machine import install_guest_tools
 
 INNER_CONFTEST = '''
 import contextlib

@@ -17,51 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from cloudbake.config.model import Compression, RemoteCache, parse_remote
-from cloudbake.config.paths import Paths
+from cloudbake.config.model import RemoteCache, parse_remote
 from cloudbake.config.pipeline import load_pipeline
 from cloudbake.core.errors import PipelineError
-from cloudbake.image.store import manifest_path, publish, published_image, verify_published
+from cloudbake.image.store import manifest_path, published_image, verify_published
 from cloudbake.remote.artifact import ARTIFACT_TYPE, CONFIG_TYPE, LAYER_TYPE, parse_artifact
 from cloudbake.remote.auth import RegistryAuth, parse_challenge
-from cloudbake.remote.client import Registry, RegistrySettings
+from cloudbake.remote.client import Registry
 from cloudbake.remote.credentials import Credentials, resolve_credentials
 from cloudbake.remote.registry import pull_image, push_image, try_pull
 from cloudbake.source.http import HttpSettings
+from tests.fixture.published import KEY, SMALL, image_sha, make_published, remote_for, store_at, with_remote
 from tests.fixture.registry import TOKEN, FaultProxy, Faults, make_htpasswd, make_tls
 from tests.fixture.registry import Registry as RegistryServer
-
-KEY = "0123456789abcdef"
-IMAGE_BYTES = 5 * (1 << 20) + 4321     # five layers and a bit at 1 MiB per layer
-SMALL = RegistrySettings(layer_bytes=1 << 20, upload_chunk_bytes=256 << 10, pull_parallel=3,
-                         http=HttpSettings(connect_timeout_s=5, read_timeout_s=10, attempts=3, backoff_s=0.05))
-
-
-def remote_for(address: str, *, plain_http: bool = True, ca_file: Path | None = None,
-               repository: str = "cb/images") -> RemoteCache:
-    return RemoteCache(registry=address, repository=repository, push=False, tag_latest=False, plain_http=plain_http,
-                       ca_file=ca_file)
-
-
-def store_at(folder: Path) -> Paths:
-    return Paths(work_dir=folder / "build" / "img", output_dir=folder / "dist", cache_dir=folder / "cache",
-                 lock_file=folder / "pipeline.lock", state_dir=folder)
-
-
-def make_published(folder: Path, *, seed: bytes = b"", name: str = "img", key: str = KEY) -> Path:
-    """A real published image: random data in a qcow2 made by qemu-img, with its manifest, through the store."""
-    folder.mkdir(parents=True, exist_ok=True)
-    raw = folder / "source.raw"
-    data = hashlib.sha256(seed).digest() * (IMAGE_BYTES // 32) if seed else os.urandom(IMAGE_BYTES)
-    raw.write_bytes(data + os.urandom(64))
-    qcow = folder / "source.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)], check=True)
-    dest = published_image(store_at(folder), name, key)
-    manifest = {"name": name, "key": key, "created": "2026-11-29T00:00:00Z",
-                "inputs": {"upstream": {"serial": "20261127"}},
-                "image": {"file": dest.name, "compression": "none"}}
-    publish(qcow, dest, manifest, Compression.none)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +183,6 @@ def test_credentials_never_travel_in_plain_http_to_another_host() -> None:
 
 
 # --- against the registry ------------------------------------------------------------------
-
-
-def image_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_push_then_pull_into_another_store(registry, published: Path, tmp_path: Path) -> None:
@@ -474,13 +438,6 @@ def test_removed_copy_is_pulled_again(registry, published: Path, tmp_path: Path)
 # --- through doit: push, pull, and the pull before a bake ---------------------------------------
 
 
-def with_remote(pipeline: Path, remote: str, extra: str = "") -> None:
-    text = pipeline.read_text()
-    start = text.index("cache: {dir: ")
-    end = text.index("}", start)
-    pipeline.write_text(text[:end] + f", remote: '{remote}', plain_http: true{extra}" + text[end:])
-
-
 def test_doit_push_then_a_fresh_project_bakes_by_pulling(registry, tmp_path: Path) -> None:
     from tests.fixture.e2e import doit
     from tests.fixture.offline import offline_project
@@ -518,46 +475,6 @@ def test_doit_pull_of_a_missing_key_and_push_without_a_remote_say_what_to_do(reg
     assert pulled.returncode != 0 and "is not in the registry" in said and "doit push" in said
     assert "Traceback" not in said
 
-
-@pytest.mark.e2e
-def test_the_shared_bake_pushed_is_pulled_by_a_fresh_checkout(baked, real_server, registry, tmp_path: Path) -> None:
-    """The real baked image and its warm set through the installed `cloudbake`: push from the baker's
-    checkout; a fresh checkout (lock, no dist/, no download cache) bakes by pulling both (no upstream
-    request, no QEMU), and its first test run resumes warm: no guest boots on the fresh machine."""
-    from tests.fixture.e2e import cloudbake
-
-    remote = f"oci://{registry.address}/cb/e2e"
-    checkouts = {}
-    for name in ("baker", "fresh"):
-        folder = tmp_path / name
-        shutil.copytree(baked["folder"] / "cloud-init", folder / "cloud-init")
-        shutil.copy(baked["folder"] / "pipeline.lock", folder / "pipeline.lock")
-        text = baked["pipeline"].read_text().replace(str(baked["folder"] / "cache"), str(folder / "cache"))
-        # TCG on both sides, as the shared bake fell back to here: the fresh checkout has no KVM
-        # verdict yet and would otherwise look for a KVM set (the accelerator is not in the image key).
-        text = text.replace("accel: auto", "accel: tcg")
-        (folder / "pipeline.yaml").write_text(text)
-        with_remote(folder / "pipeline.yaml", remote)
-        checkouts[name] = folder
-    shutil.copytree(baked["folder"] / "dist", checkouts["baker"] / "dist", symlinks=True,
-                    ignore=shutil.ignore_patterns(".runs"))
-    warmed = cloudbake(baked["cloudbake"], "warm", cwd=checkouts["baker"], timeout=900)
-    assert warmed.returncode == 0, warmed.stdout + warmed.stderr
-    pushed = cloudbake(baked["cloudbake"], "push", cwd=checkouts["baker"], timeout=600)
-    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    assert "pushed the warm set" in pushed.stderr
-    before = len(real_server.state.requests)
-    pulled = cloudbake(baked["cloudbake"], "bake", cwd=checkouts["fresh"], timeout=600)
-    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    assert "pulled" in pulled.stderr and "starting qemu" not in pulled.stderr
-    assert len(real_server.state.requests) == before
-    assert not (checkouts["fresh"] / "cache" / "images").exists()
-    assert image_sha(checkouts["fresh"] / "dist" / baked["image"].name) == image_sha(baked["image"])
-    assert "pulled the warm set" in pulled.stderr
-    tested = cloudbake(baked["cloudbake"], "test-image", "--no-bake", cwd=checkouts["fresh"], timeout=900)
-    assert tested.returncode == 0, tested.stdout + tested.stderr
-    assert "resumed warm" in tested.stderr and "booting it once" not in tested.stderr
-    assert tested.stderr.count("starting qemu") == 1
 
 
 # --- warm sets through the registry ----------------------------------------------------------------

@@ -67,3 +67,53 @@ def test_default_pipeline_bakes_no_personal_key(tmp_path, monkeypatch):
     pipeline = load_pipeline(_checkout(tmp_path / "checkout"))
     assert pipeline.cloud_init.ssh_authorized_keys == ()
     assert b"HomeKey" not in build_seed_files(pipeline).user_data
+
+
+def _bake_in_process(pipeline: Path, monkeypatch) -> int:
+    """``cloudbake -p PIPELINE bake`` in this process, so the engine's counters can be read afterwards."""
+    from cloudbake import cli
+
+    context, _ = cli.task_definitions()
+    monkeypatch.setattr(context, "_default_pipeline", context.DEFAULT_PIPELINE)
+    monkeypatch.chdir(pipeline.parent)
+    return cli.main(["-p", str(pipeline), "bake"])
+
+
+def test_a_command_resolves_the_build_once_per_image(tmp_path, monkeypatch):
+    """`doit bake` asks fetch and bake whether they are up to date, and bake's action would resolve it again:
+    they share one resolution. A layered file resolves each of its two images once (the child's build
+    holds its parent's)."""
+    from cloudbake.image import build
+    from tests.fixture.offline import offline_project
+
+    single = offline_project(tmp_path / "one", published=True)
+    monkeypatch.setattr(build, "resolutions", 0)
+    assert _bake_in_process(single, monkeypatch) == 0
+    assert build.resolutions == 1
+    layered = offline_project(tmp_path / "two", published=True,
+                              extra="images:\n  - name: base\n  - name: app\n    from: base\n")
+    monkeypatch.setattr(build, "resolutions", 0)
+    assert _bake_in_process(layered, monkeypatch) == 0
+    assert build.resolutions == 2
+
+
+def test_a_rewritten_lock_or_user_data_resolves_afresh(tmp_path):
+    """What is kept is the build of the pipeline as it is: a new lock (doit fetch in the same command) or an
+    edited user-data gives a new build, and an unchanged one the same object."""
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.image.build import resolve_build
+    from tests.fixture.offline import offline_project
+
+    pipeline = load_pipeline(offline_project(tmp_path, published=True))
+    paths = resolve_paths(pipeline)
+    first = resolve_build(pipeline, paths)
+    assert resolve_build(pipeline, paths) is first
+    lock = paths.lock_file.read_text()
+    paths.lock_file.write_text(lock.replace(first.lock.serial, "20261201"))
+    moved = resolve_build(pipeline, paths)
+    assert moved is not first and moved.lock.serial == "20261201" and moved.key == first.key
+    paths.lock_file.write_text(lock)
+    user_data = pipeline.cloud_init.user_data
+    user_data.write_text(user_data.read_text() + "\nbootcmd: [[touch, /etc/edited]]\n")
+    edited = resolve_build(pipeline, paths)
+    assert edited.key != first.key

@@ -27,8 +27,8 @@ from cloudbake.remote.registry import pull_image, push_image, try_pull
 from cloudbake.source.http import HttpSettings
 from tests.conftest import PROJECT
 from tests.fixture.hostile_registry import Behaviour, HostileRegistry, artifact_for
+from tests.fixture.published import KEY, SMALL, make_published, store_at
 from tests.fixture.registry import make_tls
-from tests.test_registry import KEY, SMALL, make_published, store_at
 
 FAST = replace(SMALL, http=HttpSettings(connect_timeout_s=3, read_timeout_s=5, attempts=2, backoff_s=0.01))
 

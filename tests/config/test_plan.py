@@ -372,7 +372,7 @@ def test_a_restored_image_whose_file_names_a_host_file_is_refused(tmp_path):
     import subprocess
 
     from cloudbake.image.store import manifest_path
-    from tests.test_registry import make_published
+    from tests.fixture.published import make_published
 
     image = make_published(tmp_path / "dist-owner")
     evil = tmp_path / "evil.qcow2"

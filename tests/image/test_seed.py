@@ -207,9 +207,9 @@ def test_iso_reads_back_with_pycdlib():
 
 
 def test_iso_is_byte_identical_across_runs_and_time_zones(tmp_path):
-    code = ("import sys,time; sys.path.insert(0, sys.argv[1]); from tests.test_seed import FILES; "
+    code = ("import sys,time; sys.path.insert(0, sys.argv[1]); from tests.image.test_seed import FILES; "
             "from cloudbake.image.seed import seed_iso_bytes; time.sleep(1.1); sys.stdout.buffer.write(seed_iso_bytes(FILES))")
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     outputs = {
         subprocess.run([sys.executable, "-c", code, root], capture_output=True, check=True,
                        env={**os.environ, "TZ": tz}).stdout

@@ -2,7 +2,7 @@
 
 A stand-in `ssh` runs the remote command on this machine with HOME set to a folder that plays
 the guest user's home (and `sudo -n` runs it as is), so the real scripts cloudbake sends, the
-host's real GNU tar and a real shell do the work. Real guests run them in tests/test_e2e.py.
+host's real GNU tar and a real shell do the work. Real guests run them in tests/e2e/test_e2e.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a guest sends back is hostile: extraction takes plain files and folders only, on any Python.
 
 Streams are built here with tarfile (and GNU tar for a sparse member) and fed through the
-stand-in `ssh` of tests/test_machine.py, so Machine.get() and fetch_artifacts() run their
+stand-in `ssh` of tests/run/test_machine.py, so Machine.get() and fetch_artifacts() run their
 real code on them. tarfile's ``data`` filter is removed in some cases to show that safety
 does not depend on it (it is bypassable before Python 3.11.13, CVE-2025-4517).
 """
@@ -18,7 +18,7 @@ import pytest
 
 from cloudbake.core.errors import MachineryError, PipelineError
 from cloudbake.run.transfer import extract_safely, member_parts
-from tests.test_machine import attached, guest  # noqa: F401  (the fixture)
+from tests.run.test_machine import attached, guest  # noqa: F401  (the fixture)
 
 
 def make_tar(*members: tuple[str, bytes | None, bytes], **kw) -> bytes:

@@ -80,3 +80,32 @@ def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     finally:
         stand_in_qemu.kill()
         stand_in_qemu.wait()
+
+
+def test_a_test_run_command_looks_the_base_image_up_once(tmp_path, monkeypatch):
+    """Two runs at once (and the warm set each would save first) share the one lookup of the published image
+    and its check against the manifest, and the one resolution of the build. A stand-in QEMU that exits at
+    once makes both runs fail at their boot, quickly."""
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.image import build
+    from cloudbake.run import runs
+    from cloudbake.run.testrun import run_test_image
+    from tests.fixture.offline import offline_project
+
+    file = offline_project(tmp_path, published=True)
+    file.write_text(file.read_text().replace("accel: auto", "accel: tcg"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    qemu = bin_dir / "qemu-system-x86_64"
+    qemu.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'QEMU emulator version 7.2.0' && exit 0\n"
+                    "echo 'no guest here' >&2; exit 1\n")
+    qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    checked = []
+    real_verify = runs.verify_chain
+    monkeypatch.setattr(runs, "verify_chain", lambda image: checked.append(image) or real_verify(image))
+    pipeline = load_pipeline(file)
+    monkeypatch.setattr(build, "resolutions", 0)
+    outcome = run_test_image(pipeline, resolve_paths(pipeline), jobs=2)
+    assert [result.stage for result in outcome.runs] == ["boot", "boot"]
+    assert len(checked) == 1 and build.resolutions == 1
