@@ -109,6 +109,7 @@ def test_a_rewritten_lock_or_user_data_resolves_afresh(tmp_path):
     first = resolve_build(pipeline, paths)
     assert resolve_build(pipeline, paths) is first
     lock = paths.lock_file.read_text()
+    assert first.lock.serial is not None
     paths.lock_file.write_text(lock.replace(first.lock.serial, "20261201"))
     moved = resolve_build(pipeline, paths)
     assert moved is not first and moved.lock.serial == "20261201" and moved.key == first.key

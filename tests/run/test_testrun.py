@@ -102,8 +102,13 @@ def test_a_test_run_command_looks_the_base_image_up_once(tmp_path, monkeypatch):
     qemu.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     checked = []
-    real_verify = runs.verify_chain
-    monkeypatch.setattr(runs, "verify_chain", lambda image: checked.append(image) or real_verify(image))
+    real_verify = runs.verify_chain  # type: ignore[attr-defined]
+
+    def counted(image):
+        checked.append(image)
+        return real_verify(image)
+
+    monkeypatch.setattr(runs, "verify_chain", counted)
     pipeline = load_pipeline(file)
     monkeypatch.setattr(build, "resolutions", 0)
     outcome = run_test_image(pipeline, resolve_paths(pipeline), jobs=2)
