@@ -1,4 +1,4 @@
-"""The OCI registry cache (cloudbake/registry.py) against a real registry: Debian's docker-registry on 127.0.0.1."""
+"""The OCI registry cache (cloudbake/remote/registry.py) against a real registry: Debian's docker-registry on 127.0.0.1."""
 
 from __future__ import annotations
 
