@@ -65,47 +65,53 @@ def not_forced(task: Any) -> bool:
     return not (task.options or {}).get("force")  # doit info checks before options are parsed
 
 
+def _bake_task(image: Image) -> dict[str, Any]:
+    pipeline, paths = image.pipeline, image.paths
+    parent = pipeline.parent
+    return {
+        "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2 (-a bakes again)",
+        # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first. A
+        # layered image's parent is baked first, when the image itself is not up to date (a
+        # published self-contained child needs no parent).
+        "file_dep": [str(paths.lock_file), str(paths.seed_iso)],
+        "setup": [f"bake:{parent.name}"] if parent else [],  # a parent implies subtasks
+        "params": [{"name": "force", "long": "force", "type": bool, "default": False,
+                    "help": "bake again even when the image for the current key is published (like -a)"}],
+        "actions": [(doit_action(bake_action), [pipeline, paths])],
+        "uptodate": [described("the image named by the current key is published in the output folder and "
+                               "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths)),
+                     not_forced],
+        "clean": [(engine("cloudbake.image.bake:clean_bake"), [pipeline, paths])],
+        "verbosity": 2,
+    }
+
+
 def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        pipeline, paths = image.pipeline, image.paths
-        parent = pipeline.parent
-        return {
-            "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2 (-a bakes again)",
-            # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first. A
-            # layered image's parent is baked first, when the image itself is not up to date (a
-            # published self-contained child needs no parent).
-            "file_dep": [str(paths.lock_file), str(paths.seed_iso)],
-            "setup": [f"bake:{parent.name}"] if parent else [],  # a parent implies subtasks
-            "params": [{"name": "force", "long": "force", "type": bool, "default": False,
-                        "help": "bake again even when the image for the current key is published (like -a)"}],
-            "actions": [(doit_action(bake_action), [pipeline, paths])],
-            "uptodate": [described("the image named by the current key is published in the output folder and "
-                                   "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths)),
-                         not_forced],
-            "clean": [(engine("cloudbake.image.bake:clean_bake"), [pipeline, paths])],
-            "verbosity": 2,
-        }
-    return per_image("bake", make)
+    return per_image("bake", _bake_task)
+
+
+def _cache_key_task(image: Image) -> dict[str, Any]:
+    return {
+        "basename": "cache-key",
+        "doc": "Print the baked image's key (offline), for CI caches",
+        "actions": [(doit_action(engine("cloudbake.image.build:run_cache_key")),
+                     [image.pipeline, image.paths, image.several])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 def task_cache_key() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "basename": "cache-key",
-            "doc": "Print the baked image's key (offline), for CI caches",
-            "actions": [(doit_action(engine("cloudbake.image.build:run_cache_key")),
-                         [image.pipeline, image.paths, image.several])],
-            "uptodate": [False],
-            "verbosity": 2,
-        }
-    return per_image("cache-key", make)
+    return per_image("cache-key", _cache_key_task)
+
+
+def _prune_task(image: Image) -> dict[str, Any]:
+    return {
+        "doc": "Delete all but the newest output.keep baked images of this pipeline",
+        "actions": [(doit_action(engine("cloudbake.image.store:run_prune")), [image.pipeline, image.paths])],
+        "uptodate": [False],
+    }
 
 
 def task_prune() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "doc": "Delete all but the newest output.keep baked images of this pipeline",
-            "actions": [(doit_action(engine("cloudbake.image.store:run_prune")), [image.pipeline, image.paths])],
-            "uptodate": [False],
-        }
-    return per_image("prune", make)
+    return per_image("prune", _prune_task)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ def check_variables() -> None:
     given = doit_cmd._CMDLINE_VARS or {}  # doit keeps them here; get_var() reads the same dict
     for name in sorted(given):
         if name not in KNOWN_VARIABLES:
+            import difflib
+
             close = difflib.get_close_matches(name, list(KNOWN_VARIABLES), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             known = "; ".join(f"{k}= {v}" for k, v in KNOWN_VARIABLES.items())

@@ -10,12 +10,9 @@ from doit import get_var
 from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.log import stage_logger
 
 from .context import Image, flag, per_image
 from .doitutil import described, doit_action, engine
-
-log = stage_logger("fetch")
 
 
 def fetch_is_current(pipeline: Pipeline, paths: Paths) -> bool:
@@ -35,10 +32,12 @@ def fetch_is_current(pipeline: Pipeline, paths: Paths) -> bool:
 
 def fetch_action(pipeline: Pipeline, paths: Paths) -> None:
     """Fetch unless nothing needs it (doit also runs this when only its file_dep looks changed)."""
+    from cloudbake.core.log import stage_logger
     from cloudbake.image.build import resolve_build
     from cloudbake.remote.share import pull_before_bake
     from cloudbake.source.fetch import cached_upstream, run_fetch
 
+    log = stage_logger("fetch")
     if fetch_is_current(pipeline, paths):
         log.info("nothing to fetch: %s", "the pinned image is cached" if cached_upstream(pipeline, paths)
                  else "the image baked from it is published")
@@ -55,29 +54,33 @@ def _pins_upstream(image: Image) -> bool:
     return image.pipeline.parent is None  # a layered image starts from its parent's, not the upstream image
 
 
+def _fetch_task(image: Image) -> dict[str, Any]:
+    pipeline, paths = image.pipeline, image.paths
+    return {
+        "doc": "Download and verify the upstream image; pin it in the lock file",
+        "file_dep": [str(pipeline.file)],
+        "targets": [str(paths.lock_file)],
+        "actions": [(doit_action(fetch_action), [pipeline, paths])],
+        "uptodate": [described("the image pinned by the lock is in the download cache, verified, or the image "
+                               "baked from it is already published", lambda: fetch_is_current(pipeline, paths))],
+        "verbosity": 2,
+    }
+
+
 def task_fetch() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        pipeline, paths = image.pipeline, image.paths
-        return {
-            "doc": "Download and verify the upstream image; pin it in the lock file",
-            "file_dep": [str(pipeline.file)],
-            "targets": [str(paths.lock_file)],
-            "actions": [(doit_action(fetch_action), [pipeline, paths])],
-            "uptodate": [described("the image pinned by the lock is in the download cache, verified, or the image "
-                                   "baked from it is already published", lambda: fetch_is_current(pipeline, paths))],
-            "verbosity": 2,
-        }
-    return per_image("fetch", make, only=_pins_upstream)
+    return per_image("fetch", _fetch_task, only=_pins_upstream)
+
+
+def _update_task(image: Image) -> dict[str, Any]:
+    return {
+        "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite the lock "
+               "(downgrade=1 accepts an older one)",
+        "actions": [(doit_action(engine("cloudbake.source.fetch:run_update")),
+                     [image.pipeline, image.paths, flag(get_var("downgrade", "0"))])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 def task_update() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite the lock "
-                   "(downgrade=1 accepts an older one)",
-            "actions": [(doit_action(engine("cloudbake.source.fetch:run_update")),
-                         [image.pipeline, image.paths, flag(get_var("downgrade", "0"))])],
-            "uptodate": [False],
-            "verbosity": 2,
-        }
-    return per_image("update", make, only=_pins_upstream)
+    return per_image("update", _update_task, only=_pins_upstream)

@@ -18,28 +18,32 @@ def status_action(pipeline: Pipeline, paths: Paths, as_json: bool = False) -> No
     run_status(pipeline, paths, as_json)
 
 
+def _validate_task(image: Image) -> dict[str, Any]:
+    return {
+        "doc": "Check the pipeline, the user-data, the lock and the host (QEMU, firmware, accelerator, disk)",
+        "actions": [(doit_action(engine("cloudbake.image.inspect:run_validate")), [image.pipeline, image.paths])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
 def task_validate() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "doc": "Check the pipeline, the user-data, the lock and the host (QEMU, firmware, accelerator, disk)",
-            "actions": [(doit_action(engine("cloudbake.image.inspect:run_validate")), [image.pipeline, image.paths])],
-            "uptodate": [False],
-            "verbosity": 2,
-        }
-    return per_image("validate", make)
+    return per_image("validate", _validate_task)
+
+
+def _status_task(image: Image) -> dict[str, Any]:
+    return {
+        "doc": "Show the key, the lock, whether the image is baked, cache sizes and the accelerator (--json)",
+        "params": [{"name": "as_json", "long": "json", "type": bool, "default": False,
+                    "help": "print JSON instead of text"}],
+        "actions": [(doit_action(status_action), [image.pipeline, image.paths])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 def task_status() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "doc": "Show the key, the lock, whether the image is baked, cache sizes and the accelerator (--json)",
-            "params": [{"name": "as_json", "long": "json", "type": bool, "default": False,
-                        "help": "print JSON instead of text"}],
-            "actions": [(doit_action(status_action), [image.pipeline, image.paths])],
-            "uptodate": [False],
-            "verbosity": 2,
-        }
-    return per_image("status", make)
+    return per_image("status", _status_task)
 
 
 def task_prune_downloads() -> dict[str, Any]:

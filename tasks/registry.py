@@ -10,26 +10,30 @@ from .context import Image, per_image
 from .doitutil import described, doit_action, engine
 
 
+def _push_task(image: Image) -> dict[str, Any]:
+    return {
+        "doc": "Push the baked image for the current key to cache.remote (blobs the registry has are skipped)",
+        "task_dep": [image.task("bake")],
+        "actions": [(doit_action(engine("cloudbake.remote.share:run_push")), [image.pipeline, image.paths])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
 def task_push() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "doc": "Push the baked image for the current key to cache.remote (blobs the registry has are skipped)",
-            "task_dep": [image.task("bake")],
-            "actions": [(doit_action(engine("cloudbake.remote.share:run_push")), [image.pipeline, image.paths])],
-            "uptodate": [False],
-            "verbosity": 2,
-        }
-    return per_image("push", make)
+    return per_image("push", _push_task)
+
+
+def _pull_task(image: Image) -> dict[str, Any]:
+    pipeline, paths = image.pipeline, image.paths
+    return {
+        "doc": "Pull the image for the current key from cache.remote into the output folder (no bake)",
+        "actions": [(doit_action(engine("cloudbake.remote.share:run_pull")), [pipeline, paths])],
+        "uptodate": [described("the image named by the current key is published in the output folder and "
+                               "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
+        "verbosity": 2,
+    }
 
 
 def task_pull() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        pipeline, paths = image.pipeline, image.paths
-        return {
-            "doc": "Pull the image for the current key from cache.remote into the output folder (no bake)",
-            "actions": [(doit_action(engine("cloudbake.remote.share:run_pull")), [pipeline, paths])],
-            "uptodate": [described("the image named by the current key is published in the output folder and "
-                                   "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],
-            "verbosity": 2,
-        }
-    return per_image("pull", make)
+    return per_image("pull", _pull_task)

@@ -31,16 +31,18 @@ def _seed_fingerprint(pipeline: Pipeline) -> str:
     return hashlib.sha256(("\n".join(keys) + f"\n{epoch}").encode()).hexdigest()
 
 
+def _seed_task(image: Image) -> dict[str, Any]:
+    pipeline, paths = image.pipeline, image.paths
+    return {
+        "doc": "Validate the user-data and build the NoCloud seed ISO (cidata) from cloud-init/ and the pipeline",
+        "file_dep": seed_inputs(pipeline),
+        "targets": [str(paths.seed_iso)],
+        # Keys named by path or glob change outside file_dep: check their content.
+        "uptodate": [value_changed("seed", lambda: _seed_fingerprint(pipeline))],
+        "actions": [(doit_action(engine("cloudbake.image.seed:run_seed")), [pipeline, paths])],
+        "clean": True,
+    }
+
+
 def task_seed() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        pipeline, paths = image.pipeline, image.paths
-        return {
-            "doc": "Validate the user-data and build the NoCloud seed ISO (cidata) from cloud-init/ and the pipeline",
-            "file_dep": seed_inputs(pipeline),
-            "targets": [str(paths.seed_iso)],
-            # Keys named by path or glob change outside file_dep: check their content.
-            "uptodate": [value_changed("seed", lambda: _seed_fingerprint(pipeline))],
-            "actions": [(doit_action(engine("cloudbake.image.seed:run_seed")), [pipeline, paths])],
-            "clean": True,
-        }
-    return per_image("seed", make)
+    return per_image("seed", _seed_task)

@@ -39,49 +39,55 @@ def test_image_action(pipeline: Pipeline, paths: Paths, command: str = "", keep:
     run_test_task(pipeline, paths, command or None, keep, jobs or None)
 
 
+def _warm_task(image: Image) -> dict[str, Any]:
+    pipeline, paths = image.pipeline, image.paths
+    return {
+        "doc": "Save the baked image's warm state for this host (one boot), so test runs resume it; "
+               "run it before CI saves its cache",
+        "task_dep": [image.task("bake")],
+        "actions": [(doit_action(warm_action), [pipeline, paths])],
+        "uptodate": [described("the warm state of the image for this host is saved (or test.warm is false)",
+                               lambda: warm_is_current(pipeline, paths))],
+        "verbosity": 2,
+    }
+
+
 def task_warm() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        pipeline, paths = image.pipeline, image.paths
-        return {
-            "doc": "Save the baked image's warm state for this host (one boot), so test runs resume it; "
-                   "run it before CI saves its cache",
-            "task_dep": [image.task("bake")],
-            "actions": [(doit_action(warm_action), [pipeline, paths])],
-            "uptodate": [described("the warm state of the image for this host is saved (or test.warm is false)",
-                                   lambda: warm_is_current(pipeline, paths))],
-            "verbosity": 2,
-        }
-    return per_image("warm", make)
+    return per_image("warm", _warm_task)
+
+
+def _test_image_task(image: Image) -> dict[str, Any]:
+    return {
+        "basename": "test-image",
+        "doc": "Upload the project and run test.command (or --cmd) in throwaway VMs of the baked image",
+        "params": [
+            {"name": "command", "long": "cmd", "type": str, "default": str(get_var("cmd", "") or ""),
+             "help": "command to run instead of test.command (cmd=... works too)"},
+            {"name": "keep", "long": "keep", "type": bool, "default": flag(get_var("keep", "0")),
+             "help": "keep the VM running afterwards, with its SSH command printed (keep=1 works too)"},
+            {"name": "jobs", "short": "j", "long": "jobs", "type": int, "default": 0,
+             "help": "VMs at once (default test.parallel)"},
+        ],
+        "task_dep": [image.task("bake")],
+        "actions": [(doit_action(test_image_action), [image.pipeline, image.paths])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 def task_test_image() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "basename": "test-image",
-            "doc": "Upload the project and run test.command (or --cmd) in throwaway VMs of the baked image",
-            "params": [
-                {"name": "command", "long": "cmd", "type": str, "default": str(get_var("cmd", "") or ""),
-                 "help": "command to run instead of test.command (cmd=... works too)"},
-                {"name": "keep", "long": "keep", "type": bool, "default": flag(get_var("keep", "0")),
-                 "help": "keep the VM running afterwards, with its SSH command printed (keep=1 works too)"},
-                {"name": "jobs", "short": "j", "long": "jobs", "type": int, "default": 0,
-                 "help": "VMs at once (default test.parallel)"},
-            ],
-            "task_dep": [image.task("bake")],
-            "actions": [(doit_action(test_image_action), [image.pipeline, image.paths])],
-            "uptodate": [False],
-            "verbosity": 2,
-        }
-    return per_image("test-image", make)
+    return per_image("test-image", _test_image_task)
+
+
+def _console_task(image: Image) -> dict[str, Any]:
+    return {
+        "doc": "Boot a throwaway VM of the baked image with its serial console on this terminal",
+        "task_dep": [image.task("bake")],
+        "actions": [(doit_action(engine("cloudbake.run.testrun:run_console")), [image.pipeline, image.paths])],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 def task_console() -> dict[str, Any] | Iterator[dict[str, Any]]:
-    def make(image: Image) -> dict[str, Any]:
-        return {
-            "doc": "Boot a throwaway VM of the baked image with its serial console on this terminal",
-            "task_dep": [image.task("bake")],
-            "actions": [(doit_action(engine("cloudbake.run.testrun:run_console")), [image.pipeline, image.paths])],
-            "uptodate": [False],
-            "verbosity": 2,
-        }
-    return per_image("console", make)
+    return per_image("console", _console_task)
