@@ -15,6 +15,7 @@ at 100; header extensions follow the header (version 2: at 72), each type (u32),
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -86,3 +87,11 @@ def check_standalone(image: Path, what: str, *, allowed_backing: str | None = No
     if data_file is not None:
         raise PipelineError(f"{where} keeps its data in an external file ({data_file[:200]!r}); refused",
                             hint=hint)
+
+
+def overlay_backing(base: Path, folder: Path) -> str:
+    """The backing file name an overlay in ``folder`` gives ``base``: relative when ``folder`` lies below
+    ``base``'s folder (the pair then moves as one, as a restored cache does), else absolute."""
+    beside = base.parent.resolve() in folder.resolve().parents
+    return os.path.relpath(base.resolve(), folder.resolve()) if beside else str(base.resolve())
+

@@ -4,6 +4,7 @@ remembered about a broken KVM."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -66,7 +67,14 @@ def _homebrew_prefix() -> Path | None:
     return next((p for p in HOMEBREW_PREFIXES if (p / "share" / "qemu").is_dir()), None)
 
 
-def host_cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+@functools.cache
+def host_cpu_identity() -> dict[str, str]:
+    """This host's CPU identity (``cpu_identity``), read once per process: the CPU does not change under
+    it. Callers must not modify the dict."""
+    return cpu_identity()
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     """The host CPU a hardware-accelerated guest's ``-cpu host`` copies: its model and a digest of its features.
 
     A state saved under KVM or hvf with ``-cpu host`` restores only onto a CPU that offers the

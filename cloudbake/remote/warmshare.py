@@ -34,13 +34,13 @@ from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import record_verified, sha256_file, write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.units import human_bytes
-from cloudbake.image.qcow2 import check_standalone
+from cloudbake.image.qcow2 import check_standalone, overlay_backing
 from cloudbake.image.store import read_manifest
 from cloudbake.remote.artifact import KEY_ANNOTATION, manifest_document, plan_layers, refusal
 from cloudbake.remote.client import DIGEST, MANIFEST_TYPE, TITLE, Blob, Registry, RegistrySettings
 from cloudbake.remote.credentials import resolve_credentials
 from cloudbake.remote.registry import LayerAt, fetch_layer
-from cloudbake.run.warm import WARM_FILES, WarmSet, disk_backing, find_warm_set, sets_of, warm_key, warm_root
+from cloudbake.run.warm import WARM_FILES, WarmSet, find_warm_set, sets_of, warm_key, warm_root
 from cloudbake.source.http import Progress, run_parallel
 
 log = stage_logger("registry")
@@ -158,7 +158,7 @@ def pull_warm_set(remote: RemoteCache, pipeline: Pipeline, paths: Paths, image: 
             if sha256_file(staging / name) != digests[name]:
                 raise PipelineError(f"{where}: {name} does not match the SHA-256 the set's record holds; refused")
         check_standalone(staging / "disk.qcow2", "a pulled warm set's disk",
-                         allowed_backing=disk_backing(image, warm.folder),
+                         allowed_backing=overlay_backing(image, warm.folder),
                          hint="cache.remote must name a repository that only cloudbake pushes to")
         for name in digests:
             (staging / name).chmod(0o444)

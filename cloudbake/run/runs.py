@@ -29,6 +29,7 @@ from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.runner import require_tool, run
 from cloudbake.image.build import resolve_key
+from cloudbake.image.qcow2 import overlay_backing
 from cloudbake.image.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
 from cloudbake.image.store import Manifest, published_image, verify_chain
 from cloudbake.qemu.argv import VmSpec
@@ -236,8 +237,7 @@ def clean_leftovers(base: Path) -> list[Path]:
 def make_overlay(base: Path, overlay: Path) -> None:
     """A copy-on-write overlay; the backing path is relative when the overlay sits beside the base."""
     qemu_img = require_tool("qemu-img", "qemu-utils")
-    beside = base.parent.resolve() in overlay.parent.resolve().parents
-    backing = os.path.relpath(base.resolve(), overlay.parent.resolve()) if beside else str(base.resolve())
+    backing = overlay_backing(base, overlay.parent)
     run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay], stage="test-image",
         timeout=60)
 

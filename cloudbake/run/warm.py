@@ -30,6 +30,7 @@ from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import file_lock, is_verified, record_verified, sha256_file, write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.runner import require_tool
+from cloudbake.image.qcow2 import overlay_backing
 from cloudbake.image.store import Manifest
 from cloudbake.qemu.argv import VmSpec, cpu_for, machine_for
 from cloudbake.qemu.vmrun import VmRun, qmp_command
@@ -271,18 +272,12 @@ def set_digests(folder: Path) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in WARM_FILES if (folder / name).is_file()}
 
 
-def disk_backing(base: Path, folder: Path) -> str:
-    """The backing file name a qcow2 overlay in ``folder`` has over ``base`` (as make_overlay writes it)."""
-    beside = base.parent.resolve() in folder.resolve().parents
-    return os.path.relpath(base.resolve(), folder.resolve()) if beside else str(base.resolve())
-
-
 def verify_set(warm: WarmSet, base: Path) -> None:
     """The set's files match the digests its record holds (hashed once, then remembered per file),
     and its disk names no file but ``base`` (a set may come from a cache or a registry)."""
     from cloudbake.image.qcow2 import check_standalone
 
-    check_standalone(warm.disk, "a warm set's disk", allowed_backing=disk_backing(base, warm.folder))
+    check_standalone(warm.disk, "a warm set's disk", allowed_backing=overlay_backing(base, warm.folder))
     record = warm.record()
     recorded = record.get("sha256") if isinstance(record, dict) else None
     if not isinstance(recorded, dict) or set(recorded) != {n for n in WARM_FILES if (warm.folder / n).exists()}:

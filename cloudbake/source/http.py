@@ -188,17 +188,21 @@ class ServerError(Exception):
     """A 5xx, a 429 or a cut-off: worth another attempt (the retry loop's kind of error)."""
 
 
-def body_chunks(response: requests.Response) -> Iterator[bytes]:
-    """The body as it arrives; unlike iter_content, bytes received before a drop are not lost in a buffer."""
+def body_chunks(response: requests.Response, size: int = CHUNK_BYTES, *, decode: bool = False) -> Iterator[bytes]:
+    """The body as it arrives; unlike iter_content, bytes received before a drop are not lost in a buffer.
+
+    A drop or a stall is the retry loop's kind of error (requests' own types). ``decode``
+    undoes a Content-Encoding (a mirror may gzip a checksum file); images are never decoded.
+    """
     import urllib3
 
     raw = response.raw
     try:
-        while chunk := raw.read1(CHUNK_BYTES):
+        while chunk := raw.read1(size, decode_content=decode):
             yield chunk
     except urllib3.exceptions.ReadTimeoutError as err:
         raise requests.ReadTimeout(str(err)) from None
-    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.IncompleteRead, OSError) as err:
+    except (urllib3.exceptions.HTTPError, OSError) as err:
         raise requests.exceptions.ChunkedEncodingError(str(err)) from None
 
 
@@ -229,22 +233,14 @@ class TransferStoppedError(Exception):
 
 def read_body(response: requests.Response, max_bytes: int, url: str, http: HttpSettings) -> bytes:
     """A small body (a manifest, a token), at most ``max_bytes`` + 1 bytes, under the rate floor."""
-    import urllib3
-
     floor = RateFloor(url, http)
     data = bytearray()
-    try:
-        # Decoded (a mirror may gzip a checksum file), in small reads so a compressed bomb
-        # never expands far past the cap in one step.
-        while chunk := response.raw.read1(64 << 10, decode_content=True):
-            data += chunk
-            floor.add(len(chunk))
-            if len(data) > max_bytes:
-                break
-    except urllib3.exceptions.ReadTimeoutError as err:
-        raise requests.ReadTimeout(str(err)) from None
-    except (urllib3.exceptions.HTTPError, OSError) as err:
-        raise requests.exceptions.ChunkedEncodingError(str(err)) from None
+    # Decoded, in small reads, so a compressed bomb never expands far past the cap in one step.
+    for chunk in body_chunks(response, 64 << 10, decode=True):
+        data += chunk
+        floor.add(len(chunk))
+        if len(data) > max_bytes:
+            break
     return bytes(data)
 
 

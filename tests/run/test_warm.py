@@ -115,14 +115,14 @@ def test_the_host_cpu_counts_under_kvm_and_hvf_only(tmp_path):
 
 
 def test_host_cpu_identity_reads_cpuinfo(tmp_path):
-    from cloudbake.qemu.host import host_cpu_identity
+    from cloudbake.qemu.host import cpu_identity, host_cpu_identity
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) 8375C\n"
                     "flags\t\t: sse avx2 fpu\n\nprocessor\t: 1\nflags\t\t: other\n")
-    first = host_cpu_identity(info)
+    first = cpu_identity(info)
     info.write_text(info.read_text().replace("avx2 ", ""))
-    assert first["model"] == "Intel(R) Xeon(R) 8375C" and host_cpu_identity(info)["id"] != first["id"]
+    assert first["model"] == "Intel(R) Xeon(R) 8375C" and cpu_identity(info)["id"] != first["id"]
     assert host_cpu_identity()["id"], "this machine's own CPU has an identity"
 
 
