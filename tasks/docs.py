@@ -60,8 +60,37 @@ def render_configuration_reference() -> str:
         "|---|---|---|---|",
         *_rows(schema, ""),
         "",
+        *_distributions(),
     ]
     return "\n".join(lines)
+
+
+def _distributions() -> list[str]:
+    """What ``source.*`` means per distribution, from the table the pipeline is checked against."""
+    from cloudbake.config.distros import DISTROS
+
+    lines = [
+        "## Distributions",
+        "",
+        "`source.release` and `source.channel` are checked at load against these values.",
+        "",
+        "| `source.distro` | releases | channels | default mirror | checksums trusted by | cloud-init's own user |",
+        "|---|---|---|---|---|---|",
+    ]
+    for distro, facts in DISTROS.items():
+        releases = ", ".join(f"`{codename}` ({version})" if codename != version else f"`{version}`"
+                             for version, codename in facts.releases.items())
+        if facts.signed:
+            keys = "; ".join(f"{release}: `{' '.join(fps)}`" if release != "*" else f"`{' '.join(fps)}`"
+                             for release, fps in facts.fingerprints.items())
+            trust = f"an OpenPGP signature by the pinned key ({keys})"
+        else:
+            trust = ("nothing: `verify.signature: none` is required; TLS to the mirror and the first fetch, "
+                     "then the lock")
+        lines.append(f"| `{distro}` | {releases} | `current`, or a build such as `{facts.channel_example}` | "
+                     f"`{facts.mirror}` | {trust} | `{facts.default_user}` |")
+    lines.append("")
+    return lines
 
 
 def write_configuration_reference(dest: Path = REFERENCE) -> None:

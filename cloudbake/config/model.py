@@ -40,6 +40,13 @@ class Compression(enum.StrEnum):
 class SignaturePolicy(enum.StrEnum):
     required = "required"
     off = "off"
+    none = "none"   # the distribution signs nothing: trust TLS and the first fetch, then the lock
+
+
+class Distro(enum.StrEnum):
+    ubuntu = "ubuntu"
+    debian = "debian"
+    fedora = "fedora"
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Source:
     mirror: str
     channel: str
     verify: Verify
+    distro: Distro = Distro.ubuntu
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,15 @@ from typing import Any
 
 import yaml
 
+from cloudbake.config import distros
 from cloudbake.config.model import (
-    RELEASES,
     VM,
     Accel,
     Arch,
     CloudInit,
     Compression,
     Disk,
+    Distro,
     Firmware,
     Forward,
     Pipeline,
@@ -164,13 +165,47 @@ def _file_problems(document: dict[str, Any], where: Locator, base: Path) -> list
             line, col = where(path)
             problems.append(Problem(line, col, dotted(path), reason))
     problems += _test_problems(filled["test"], where)
-    release = str(filled["source"]["release"])
-    if release not in RELEASES and release not in RELEASES.values():
+    problems += _source_problems(filled["source"], where)
+    return problems
+
+
+def _source_problems(source: dict[str, Any], where: Locator) -> list[Problem]:
+    """What the schema cannot say per distribution: its releases, its channels, how its sums are trusted."""
+    distro = Distro(source["distro"])
+    facts = distros.facts(distro)
+    problems = []
+    release, channel = str(source["release"]), str(source["channel"])
+    if not distros.known_release(distro, release):
         line, col = where(["source", "release"])
-        known = ", ".join(f"{codename} ({version})" for version, codename in RELEASES.items())
+        known = ", ".join(f"{codename} ({version})" if codename != version else version
+                          for version, codename in facts.releases.items())
+        names = [*facts.releases, *facts.releases.values()]
         problems.append(Problem(line, col, "source.release",
-                                f"unknown Ubuntu release {release!r}"
-                                f"{suggest(release, [*RELEASES, *RELEASES.values()])}; known: {known}"))
+                                f"unknown {facts.label} release {release!r}{suggest(release, names)}; known: {known}"))
+    if not distros.known_channel(distro, channel):
+        line, col = where(["source", "channel"])
+        problems.append(Problem(line, col, "source.channel",
+                                f"{channel!r} is not a {facts.label} channel: use current or a build such as "
+                                f"{facts.channel_example}"))
+    signature = SignaturePolicy(source["verify"]["signature"])
+    if not facts.signed and signature is not SignaturePolicy.none:
+        line, col = where(["source", "verify", "signature"])
+        problems.append(Problem(line, col, "source.verify.signature",
+                                f"{facts.label} publishes no signature over its cloud images' checksums, so "
+                                f"'{signature}' cannot be met: set source.verify.signature: none to trust the "
+                                "checksums as served over TLS on the first fetch (the lock then pins the digest, and "
+                                "only doit update moves it)"))
+    if facts.signed and signature is SignaturePolicy.none:
+        line, col = where(["source", "verify", "signature"])
+        problems.append(Problem(line, col, "source.verify.signature",
+                                f"none is for distributions that sign nothing; {facts.label} signs its checksums: "
+                                "use required (or off, to skip the check loudly)"))
+    if facts.signed and signature is SignaturePolicy.required and not source["verify"]["fingerprints"] \
+            and not distros.default_fingerprints(distro, release) and distros.known_release(distro, release):
+        line, col = where(["source", "verify", "fingerprints"])
+        problems.append(Problem(line, col, "source.verify.fingerprints",
+                                f"cloudbake pins no signing key for {facts.label} {release}: name its key's "
+                                "fingerprint here"))
     return problems
 
 
@@ -253,18 +288,22 @@ def freeze(doc: dict[str, Any], file: Path, *, parent: Pipeline | None = None, f
 
 
 def freeze_source(src: dict[str, Any], base: Path) -> Source:
-    ver = src["verify"]
+    """The source with the distribution's own mirror and keys where the pipeline names none."""
+    ver, distro = src["verify"], Distro(src["distro"])
+    mirror = src["mirror"] or distros.facts(distro).mirror
+    fingerprints = ver["fingerprints"] or distros.default_fingerprints(distro, str(src["release"]))
     return Source(
-        release=src["release"],
+        release=str(src["release"]),
         arch=Arch(src["arch"]),
-        mirror=src["mirror"] if src["mirror"].endswith("/") else src["mirror"] + "/",
+        mirror=mirror if mirror.endswith("/") else mirror + "/",
         channel=src["channel"],
         verify=Verify(
             signature=SignaturePolicy(ver["signature"]),
             keyring=_resolve(base, ver["keyring"]),
-            fingerprints=tuple(fp.upper() for fp in ver["fingerprints"]),
+            fingerprints=tuple(fp.upper() for fp in fingerprints),
             sha256=ver["sha256"].lower() if ver["sha256"] else None,
         ),
+        distro=distro,
     )
 
 

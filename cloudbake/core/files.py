@@ -94,13 +94,20 @@ def verified_record(path: Path) -> Path:
 
 def is_verified(path: Path, sha256: str) -> bool:
     """True when ``path`` was verified as ``sha256`` and has not changed since (size, mtime_ns)."""
+    return verified_sha256(path) == sha256
+
+
+def verified_sha256(path: Path) -> str | None:
+    """The SHA-256 ``path`` was verified as, if it has not changed since (size, mtime_ns); else None."""
     try:
         record = json.loads(verified_record(path).read_text())
         stat = path.stat()
     except (OSError, ValueError):
-        return False
-    return bool(isinstance(record, dict) and record.get("sha256") == sha256 and record.get("size") == stat.st_size
-                and record.get("mtime_ns") == stat.st_mtime_ns)
+        return None
+    if isinstance(record, dict) and record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns \
+            and isinstance(record.get("sha256"), str):
+        return str(record["sha256"])
+    return None
 
 
 def record_verified(path: Path, sha256: str) -> None:

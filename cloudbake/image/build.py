@@ -37,7 +37,10 @@ def image_settings(pipeline: Pipeline) -> dict[str, Any]:
     test and output settings, and ``vm.qemu_args`` (every boot's run-time arguments).
     docs/how-it-works.md lists both sides.
     """
+    # An Ubuntu image's key stays what it was before there were other distributions.
+    distro = {"distro": str(pipeline.source.distro)} if pipeline.source.distro != "ubuntu" else {}
     return {
+        **distro,
         "arch": str(pipeline.source.arch),
         "disk_size": str(pipeline.disk.size),
         "compression": str(pipeline.disk.compression),

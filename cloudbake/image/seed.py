@@ -244,11 +244,15 @@ def resolve_authorized_keys(entries: tuple[str, ...], base: Path, *, warn: bool 
 # --- the merge ---------------------------------------------------------------------
 
 
-def bake_finish_script(generalize: bool) -> str:
+def bake_finish_script(generalize: bool, relabel: bool = False) -> str:
     """Runs as power_state's condition: after cloud-init's final stage, right before power-off.
 
     It reports cloud-init's status and result on the console behind markers the bake
-    parses, then generalizes the guest so every clone is a new machine.
+    parses, then generalizes the guest so every clone is a new machine. ``relabel`` (Fedora,
+    whose SELinux enforces labels) restores the SELinux labels of what the bake wrote: files
+    written by cloud-init's modules or the user's commands can carry the wrong context, which
+    ``cloud-init clean`` does not mend and an enforcing clone would refuse (an unreadable
+    authorized_keys, a service that cannot start).
     """
     # No `cloud-init status` here: the status and result files say the same, and every start of
     # cloud-init's Python costs seconds under TCG (docs/how-it-works.md, "Bake time").
@@ -269,6 +273,9 @@ def bake_finish_script(generalize: bool) -> str:
             f'echo "{GENERALIZED_MARKER} {BOOT_NONCE_PLACEHOLDER}"',
             step("generalized"),
         ]
+    if relabel:
+        lines += ["command -v restorecon >/dev/null && restorecon -R /etc /home /root /var /usr/local 2>/dev/null || :",
+                  step("relabelled")]
     # Free blocks reach the host as discards, so the published image stays compact.
     lines += ["fstrim -a >/dev/null 2>&1 || true", step("trimmed"), "sync", step("synced"), "exit 0"]
     return "\n".join(lines) + "\n"
@@ -308,7 +315,8 @@ def merge_user_data(user: dict[str, Any], pipeline: Pipeline, keys: list[str], *
             "delay": state.get("delay", "now"),
             "message": state.get("message", "cloudbake: cloud-init finished, powering off"),
             "timeout": state.get("timeout", 120),
-            "condition": ["sh", "-c", bake_finish_script(pipeline.cloud_init.generalize)],
+            "condition": ["sh", "-c", bake_finish_script(pipeline.cloud_init.generalize,
+                                                         relabel=pipeline.source.distro == "fedora")],
         }
     return merged
 

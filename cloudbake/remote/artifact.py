@@ -25,6 +25,7 @@ ARTIFACT_TYPE = "application/vnd.cloudbake.image.v1"
 CONFIG_TYPE = "application/vnd.cloudbake.manifest.v1+json"
 LAYER_TYPE = "application/vnd.cloudbake.image.qcow2.part.v1"
 KEY_ANNOTATION = "dev.cloudbake.key"
+DISTRO_ANNOTATION = "dev.cloudbake.distro"
 
 
 # --- the artifact ----------------------------------------------------------------------

@@ -52,6 +52,7 @@ from cloudbake.image.store import (
     verify_published,
 )
 from cloudbake.remote.artifact import (
+    DISTRO_ANNOTATION,
     KEY_ANNOTATION,
     Artifact,
     artifact_manifest,
@@ -111,6 +112,8 @@ def push_image(remote: RemoteCache, image: Path, settings: RegistrySettings | No
         "org.opencontainers.image.created": str(doc.get("created") or ""),
         "org.opencontainers.image.title": manifest.name,
         KEY_ANNOTATION: manifest.key,
+        # The key covers the distribution; an image baked before there were others is Ubuntu's.
+        DISTRO_ANNOTATION: str((doc.get("inputs") or {}).get("settings", {}).get("distro", "ubuntu")),
         "dev.cloudbake.upstream.serial": str((doc.get("inputs") or {}).get("upstream", {}).get("serial", "")),
         **provenance(pipeline_dir or image.parent),
     }

@@ -10,13 +10,14 @@ import hashlib
 import json
 import os
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.files import file_lock, is_verified, record_verified, write_atomically
+from cloudbake.core.files import file_lock, is_verified, record_verified, sha256_file, write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.units import human_bytes
 from cloudbake.source.http import (
@@ -33,8 +34,20 @@ from cloudbake.source.http import (
 log = stage_logger("fetch")
 
 
-def _hash_existing(path: Path) -> tuple[Any, int]:
-    digest = hashlib.sha256()
+@dataclass(frozen=True)
+class Digest:
+    """What a download must hash to: ``sha256`` (what the lock pins) or what the publisher lists (``sha512``)."""
+
+    algorithm: str
+    hexdigest: str
+
+    @property
+    def short(self) -> str:
+        return f"{self.algorithm} {self.hexdigest[:12]}…"
+
+
+def _hash_existing(path: Path, algorithm: str) -> tuple[Any, int]:
+    digest = hashlib.new(algorithm)
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):
@@ -43,20 +56,23 @@ def _hash_existing(path: Path) -> tuple[Any, int]:
     return digest, size
 
 
-def download(session: requests.Session, url: str, dest: Path, sha256: str, http: HttpSettings,
+def download(session: requests.Session, url: str, dest: Path, sha256: str | Digest, http: HttpSettings,
              expected_size: int | None = None) -> Path:
     """Download ``url`` to ``dest``, resuming a ``.part`` file, hashing while the bytes arrive.
 
-    ``dest`` appears only when the digest matches; a mismatch deletes the partial.
-    Concurrent calls for the same ``dest`` serialize on a lock; the second one then
-    finds the verified file and returns at once.
+    ``dest`` appears only when the digest matches (``sha256``: the hex SHA-256, or a ``Digest``
+    of another algorithm); a mismatch deletes the partial. The file is remembered as verified
+    by its SHA-256, computed once more when another algorithm checked it. Concurrent calls for
+    the same ``dest`` serialize on a lock; the second one then finds the verified file and
+    returns at once.
     """
+    expected = sha256 if isinstance(sha256, Digest) else Digest("sha256", sha256)
     with file_lock(dest.with_name(dest.name + ".lock"), dest.name):
-        if is_verified(dest, sha256):
-            log.info("cached: %s (verified sha256 %s…)", dest, sha256[:12])
+        if expected.algorithm == "sha256" and is_verified(dest, expected.hexdigest):
+            log.info("cached: %s (verified sha256 %s…)", dest, expected.hexdigest[:12])
             return dest
         if url.startswith("file://"):
-            _copy_local(url, dest, sha256)
+            _copy_local(url, dest, expected)
             return dest
         part = dest.with_name(dest.name + ".part")
         validator_file = dest.with_name(dest.name + ".part.json")
@@ -65,7 +81,8 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str, http:
             return f"; {human_bytes(size)} kept in {part} for the next run to resume"
 
         try:
-            with_retries(lambda: _download_attempt(session, url, part, validator_file, http, expected_size), url,
+            with_retries(lambda: _download_attempt(session, url, part, validator_file, http,
+                                                   (expected_size, expected.algorithm)), url,
                          http, gave_up_detail=kept)
         except _TooLargeError as err:
             part.unlink(missing_ok=True)
@@ -73,21 +90,23 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str, http:
             _running.pop(part, None)
             raise PipelineError(str(err), hint="check source.mirror; run doit update if the image really "
                                                "changed") from None
-        digest, _ = _hash_existing_cached(part)
+        digest, _ = _hash_existing_cached(part, expected.algorithm)
         actual = digest.hexdigest()
-        if actual != sha256:
+        if actual != expected.hexdigest:
             _running.pop(part, None)
             part.unlink(missing_ok=True)
             validator_file.unlink(missing_ok=True)
-            raise PipelineError(f"{url}: SHA-256 mismatch: expected {sha256}, got {actual}; the download was deleted",
+            name = "SHA-256" if expected.algorithm == "sha256" else expected.algorithm.upper()
+            raise PipelineError(f"{url}: {name} mismatch: expected {expected.hexdigest}, got {actual}; the download "
+                                "was deleted",
                                 hint="run again; if it persists the mirror serves a corrupted or tampered file")
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(part, dest)
         _running.pop(part, None)
         validator_file.unlink(missing_ok=True)
-        record_verified(dest, sha256)
-        log.info("verified %s (sha256 %s…)", dest.name, sha256[:12])
+        record_verified(dest, actual if expected.algorithm == "sha256" else sha256_file(dest))
+        log.info("verified %s (%s)", dest.name, expected.short)
         return dest
 
 
@@ -95,12 +114,12 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str, http:
 _running: dict[Path, tuple[Any, int]] = {}
 
 
-def _hash_existing_cached(part: Path) -> tuple[Any, int]:
+def _hash_existing_cached(part: Path, algorithm: str) -> tuple[Any, int]:
     size = part.stat().st_size if part.exists() else 0
     cached = _running.get(part)
-    if cached is not None and cached[1] == size:
+    if cached is not None and cached[1] == size and cached[0].name == algorithm:
         return cached
-    _running[part] = _hash_existing(part) if part.exists() else (hashlib.sha256(), 0)
+    _running[part] = _hash_existing(part, algorithm) if part.exists() else (hashlib.new(algorithm), 0)
     return _running[part]
 
 
@@ -133,11 +152,13 @@ class BackgroundHasher:
 
 
 def _download_attempt(session: requests.Session, url: str, part: Path, validator_file: Path,
-                      http: HttpSettings, expected_size: int | None) -> bool:
-    """One HTTP request; True when the whole file is in ``part``.
+                      http: HttpSettings, expecting: tuple[int | None, str]) -> bool:
+    """One HTTP request; True when the whole file is in ``part``. ``expecting``: (the size, if known;
+    the digest's algorithm).
 
     Six parameters because one attempt of ``download`` needs them all, and they are its own.
     """
+    expected_size, algorithm = expecting
     validator = None
     if part.exists() and validator_file.exists():
         with contextlib.suppress(ValueError):
@@ -149,7 +170,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         headers.update({"Range": f"bytes={have}-", "If-Range": validator or ""})
     with session.get(url, stream=True, headers=headers,
                      timeout=(http.connect_timeout_s, http.read_timeout_s)) as response:
-        digest, size, mode = _start_of_body(response, url, part, validator_file, have)
+        digest, size, mode = _start_of_body(response, url, part, validator_file, (have, algorithm))
         limit = expected_size if expected_size and expected_size > 0 else UNPINNED_MAX_BYTES
         length = _content_length(response, url)
         if length is not None and size + length > limit:
@@ -184,9 +205,10 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
 
 
 def _start_of_body(response: requests.Response, url: str, part: Path, validator_file: Path,
-                   have: int) -> tuple[Any, int, str]:
+                   kept: tuple[int, str]) -> tuple[Any, int, str]:
     """How the body continues the partial file: (running digest, bytes kept, open mode); a status or an
-    encoding that cannot be taken raises."""
+    encoding that cannot be taken raises. ``kept``: the bytes of the partial file, the digest's algorithm."""
+    have, algorithm = kept
     check_status(response, url)
     if response.status_code == 416:
         part.unlink(missing_ok=True)
@@ -200,12 +222,12 @@ def _start_of_body(response: requests.Response, url: str, part: Path, validator_
                             "is of the bytes as published, so cloudbake takes them only unencoded",
                             hint="a proxy or mirror is re-encoding the file; fetch from another mirror")
     if response.status_code == 206 and have:
-        digest, size = _hash_existing_cached(part)
+        digest, size = _hash_existing_cached(part, algorithm)
         log.info("resuming %s at %s", part.name.removesuffix(".part"), human_bytes(have))
         return digest, size, "ab"
     if have:
         log.info("the server sent the whole file (no range support or the file changed); restarting")
-    return hashlib.sha256(), 0, "wb"
+    return hashlib.new(algorithm), 0, "wb"
 
 
 class _TooLargeError(Exception):
@@ -222,20 +244,22 @@ def _content_length(response: requests.Response, url: str) -> int | None:
     return int(value)
 
 
-def _copy_local(url: str, dest: Path, sha256: str) -> None:
+def _copy_local(url: str, dest: Path, expected: Digest) -> None:
     source = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
     if not source.is_file():
         raise PipelineError(f"not found: {url}", hint="check source.mirror and source.release")
     tmp = dest.with_name(dest.name + ".part")
-    digest = hashlib.sha256()
+    digest, sha256 = hashlib.new(expected.algorithm), hashlib.sha256()
     with open(source, "rb") as src, open(tmp, "wb") as out:
         while chunk := src.read(16 << 20):
             digest.update(chunk)
+            sha256.update(chunk)
             out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
-    if digest.hexdigest() != sha256:
+    if digest.hexdigest() != expected.hexdigest:
         tmp.unlink()
-        raise PipelineError(f"{url}: SHA-256 mismatch: expected {sha256}, got {digest.hexdigest()}")
+        raise PipelineError(f"{url}: {expected.algorithm.upper().replace('SHA', 'SHA-')} mismatch: expected "
+                            f"{expected.hexdigest}, got {digest.hexdigest()}")
     os.replace(tmp, dest)
-    record_verified(dest, sha256)
+    record_verified(dest, sha256.hexdigest())

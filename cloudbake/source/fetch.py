@@ -1,26 +1,30 @@
 """fetch: the verified upstream image in the cache, and the lock that pins it.
 
-Order matters for security: SHA256SUMS and its signature are fetched and checked first
-(cloudbake.source.ubuntu, cloudbake.source.openpgp); the image is requested only once the expected digest
-is known from a signature we trust, and it is renamed into the cache only when its bytes
-match (cloudbake.source.http). The lock (cloudbake.source.lock) pins what was verified.
+Order matters for security: the distribution's checksums are fetched and verified first, its own
+way (``ubuntu``: SHA256SUMS and its detached signature; ``fedora``: the clear-signed CHECKSUM;
+``debian``: SHA512SUMS, which nothing signs, as the pipeline must say); the image is requested
+only once its digest is known, and it is renamed into the cache only when its bytes match
+(``download``). The lock (``lock``) pins the SHA-256 of what was verified.
 """
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 
-from cloudbake.config.model import Pipeline
+import requests
+
+from cloudbake.config.model import Distro, Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.files import is_verified
+from cloudbake.core.files import is_verified, record_verified, sha256_file, verified_record, verified_sha256
 from cloudbake.core.log import stage_logger
-from cloudbake.source.download import download
+from cloudbake.source import debian, fedora, ubuntu
+from cloudbake.source.download import Digest, download
 from cloudbake.source.http import HttpSettings, make_session
 from cloudbake.source.lock import Lock, check_not_older, lock_source, read_lock, with_mirror_credentials, write_lock
-from cloudbake.source.ubuntu import resolve_and_verify, resolve_upstream
 
 log = stage_logger("fetch")
 
@@ -43,9 +47,8 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
     if lock is not None and not lock.matches(pipeline.source) and not update:
         raise PipelineError(f"{paths.lock_file} pins {lock.source} but the pipeline's source is now "
                             f"{lock_source(pipeline.source)}", hint="run doit update to resolve and pin it again")
-    name = Path(urllib.parse.urlparse(lock.url if lock and not update else resolve_upstream(pipeline.source)
-                                      .image_url).path).name
     if lock is not None and not update:
+        name = Path(urllib.parse.urlparse(lock.url).path).name
         image = cached_image_path(paths, lock.sha256, name)
         if is_verified(image, lock.sha256):
             log.info("cached: %s (pinned by %s)", image, paths.lock_file.name)
@@ -63,17 +66,51 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
                 raise
         return image, lock
     with make_session() as session:
-        resolved = resolve_and_verify(pipeline, paths, session, http)
+        resolved, digest = resolve_and_verify(pipeline, paths, session, http)
         check_not_older(lock, resolved, allow_downgrade)
-        upstream_url = with_mirror_credentials(resolved.url, pipeline.source.mirror)
-        image = cached_image_path(paths, resolved.sha256, name)
-        download(session, upstream_url, image, resolved.sha256, http)
-    resolved = Lock(**{**asdict(resolved), "size": image.stat().st_size})
+        image = _download_verified(session, pipeline, paths, resolved, digest, http)
+    sha256 = verified_sha256(image) or sha256_file(image)
+    if pipeline.source.verify.sha256 and pipeline.source.verify.sha256 != sha256:
+        raise PipelineError(f"source.verify.sha256 pins {pipeline.source.verify.sha256} but the image that matched "
+                            f"the {digest.algorithm.upper()} checksums is {sha256}",
+                            hint="update the pin if the new image is expected")
+    resolved = Lock(**{**asdict(resolved), "sha256": sha256, "size": image.stat().st_size})
     if lock != resolved:
         write_lock(paths.lock_file, resolved)
         log.info("pinned %s (sha256 %s…, serial %s) in %s", resolved.url, resolved.sha256[:12], resolved.serial,
                  paths.lock_file)
     return image, resolved
+
+
+def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Session,
+                       http: HttpSettings) -> tuple[Lock, Digest]:
+    """What to download and the digest its bytes must have, from the distribution's own checksums (verified
+    its own way); the lock's SHA-256 is that of the bytes (for Debian, known once they match SHA-512)."""
+    distro = pipeline.source.distro
+    if distro is Distro.debian:
+        return debian.resolve_and_verify(pipeline, paths, session, http)
+    if distro is Distro.fedora:
+        return fedora.resolve_and_verify(pipeline, paths, session, http)
+    lock = ubuntu.resolve_and_verify(pipeline, paths, session, http)
+    return lock, Digest("sha256", lock.sha256)
+
+
+def _download_verified(session: requests.Session, pipeline: Pipeline, paths: Paths, resolved: Lock, digest: Digest,
+                       http: HttpSettings) -> Path:
+    """The image in the download cache, named by its SHA-256: checked against ``digest`` as it arrives,
+    staged under the publisher's digest first when that is another algorithm."""
+    url = with_mirror_credentials(resolved.url, pipeline.source.mirror)
+    name = Path(urllib.parse.urlparse(resolved.url).path).name
+    if digest.algorithm == "sha256":
+        return download(session, url, cached_image_path(paths, digest.hexdigest, name), digest, http)
+    staged = paths.images_cache / f"{digest.algorithm}-{digest.hexdigest[:16]}-{name}"
+    download(session, url, staged, digest, http)
+    sha256 = verified_sha256(staged) or sha256_file(staged)
+    image = cached_image_path(paths, sha256, name)
+    os.replace(staged, image)
+    verified_record(staged).unlink(missing_ok=True)
+    record_verified(image, sha256)
+    return image
 
 
 def cached_upstream(pipeline: Pipeline, paths: Paths) -> Path | None:

@@ -33,7 +33,9 @@ class Lock:
 
 def lock_source(source: Source) -> dict[str, str]:
     """What the lock records of the source; the mirror without credentials (they stay in the pipeline)."""
-    return {"release": source.release, "arch": str(source.arch), "channel": source.channel,
+    # Ubuntu's locks predate the distro field: they stay as they are, so existing locks still match.
+    distro = {"distro": str(source.distro)} if source.distro != "ubuntu" else {}
+    return {**distro, "release": source.release, "arch": str(source.arch), "channel": source.channel,
             "mirror": strip_credentials(source.mirror)}
 
 

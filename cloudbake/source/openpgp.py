@@ -27,6 +27,15 @@ def dearmor(data: bytes, what: str = "OpenPGP data") -> bytes:
                                  "'-----BEGIN PGP' and is base64 inside") from None
 
 
+def dearmor_all(data: bytes, what: str = "OpenPGP data") -> bytes:
+    """Every armored block of ``data`` in one binary keyring (a published key file holds several)."""
+    text = data.decode("ascii", errors="replace")
+    if "-----BEGIN PGP" not in text:
+        return data
+    blocks = ["-----BEGIN PGP" + part for part in text.split("-----BEGIN PGP")[1:]]
+    return b"".join(dearmor(block.encode(), what) for block in blocks)
+
+
 def _dearmor_text(text: str) -> bytes:
     body = text.split("-----BEGIN PGP", 1)[1].split("\n", 1)[1]
     body = body.split("-----END PGP", 1)[0]
@@ -89,7 +98,7 @@ SIGNATURE_REFUSALS = {
     "REVKEYSIG": "it was made by a key that has been revoked",
     "EXPKEYSIG": "it was made by a key that has expired",
     "EXPSIG": "the signature itself has expired",
-    "BADSIG": "the signature does not match SHA256SUMS (tampered or corrupted)",
+    "BADSIG": "the signature does not match the signed file (tampered or corrupted)",
     "ERRSIG": "the signature could not be checked (unknown key or algorithm)",
 }
 
@@ -100,16 +109,43 @@ class Signature:
     created: str  # ISO 8601, UTC
 
 
-def check_signature(sums: bytes, signature: bytes, keyring: Path, fingerprints: tuple[str, ...]) -> Signature:
-    """gpgv's machine-readable verdict; accepted only for a pinned fingerprint."""
+def check_signature(sums: bytes, signature: bytes, keyring: Path, fingerprints: tuple[str, ...],
+                    what: str = "SHA256SUMS") -> Signature:
+    """gpgv's machine-readable verdict over ``sums`` and its detached ``signature``; accepted only for a
+    pinned fingerprint. ``what`` names the signed file in messages."""
     gpgv = require_tool("gpgv", "gpgv")
     with tempfile.TemporaryDirectory(prefix="cloudbake-gpgv-") as tmp:
-        sums_file, sig_file = Path(tmp) / "SHA256SUMS", Path(tmp) / "SHA256SUMS.gpg"
+        sums_file, sig_file = Path(tmp) / "signed", Path(tmp) / "signature.gpg"
         sums_file.write_bytes(sums)
-        sig_file.write_bytes(dearmor(signature, "SHA256SUMS.gpg"))
+        sig_file.write_bytes(dearmor(signature, f"{what}.gpg"))
         result = run([gpgv, "--homedir", tmp, "--status-fd", "1", "--keyring", keyring, sig_file, sums_file],
                      stage="fetch", timeout=60, check=False)
-    status = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("[GNUPG:] ")]
+    return _verdict(result.stdout, result.returncode, keyring, fingerprints, what)
+
+
+def check_clearsigned(message: bytes, keyring: Path, fingerprints: tuple[str, ...],
+                      what: str) -> tuple[Signature, bytes]:
+    """A clear-signed file's verdict and the text the signature covers, as gpgv writes it out.
+
+    Only that text is returned: whatever a file holds around the signed part (lines before the
+    armor, after the signature) is never read as if it were signed.
+    """
+    gpgv = require_tool("gpgv", "gpgv")
+    with tempfile.TemporaryDirectory(prefix="cloudbake-gpgv-") as tmp:
+        signed, out = Path(tmp) / "message.asc", Path(tmp) / "signed-text"
+        signed.write_bytes(message)
+        result = run([gpgv, "--homedir", tmp, "--status-fd", "1", "--keyring", keyring, "--output", out, signed],
+                     stage="fetch", timeout=60, check=False)
+        signature = _verdict(result.stdout, result.returncode, keyring, fingerprints, what)
+        if not out.is_file():
+            raise PipelineError(f"{what}: gpgv verified no clear-signed text", hint="the file is not clear-signed")
+        return signature, out.read_bytes()
+
+
+def _verdict(status_text: str, returncode: int, keyring: Path, fingerprints: tuple[str, ...],
+             what: str) -> Signature:
+    """The signature gpgv's status lines describe, refused unless valid, unrevoked and by a pinned key."""
+    status = [line.split()[1:] for line in status_text.splitlines() if line.startswith("[GNUPG:] ")]
     status = [fields for fields in status if fields]
     valid = [fields for fields in status if fields[0] == "VALIDSIG"]
     refused = [fields for fields in status if fields[0] in SIGNATURE_REFUSALS]
@@ -117,26 +153,26 @@ def check_signature(sums: bytes, signature: bytes, keyring: Path, fingerprints: 
         # gpgv can print VALIDSIG beside these (a revoked key's signature is cryptographically valid):
         # any of them refuses the signature.
         code = refused[0][0]
-        reason = SIGNATURE_REFUSALS[code]
+        reason = SIGNATURE_REFUSALS[code].replace("the signed file", what)
         if code == "ERRSIG" and any(fields[0] == "NO_PUBKEY" for fields in status):
             reason = "it was made by a key that is not in the keyring"
-        raise PipelineError(f"SHA256SUMS signature check failed: {reason} (gpgv: {code})",
+        raise PipelineError(f"{what} signature check failed: {reason} (gpgv: {code})",
                             hint=f"keyring used: {keyring}; the image was not downloaded")
-    if result.returncode != 0 or not valid:
+    if returncode != 0 or not valid:
         codes = sorted({fields[0] for fields in status} - {"NEWSIG", "KEY_CONSIDERED"})
         if "NO_PUBKEY" in codes or "ERRSIG" in codes:
             reason = "it was made by a key that is not in the keyring"
         elif "BADSIG" in codes:
-            reason = "the signature does not match SHA256SUMS (tampered or corrupted)"
+            reason = f"the signature does not match {what} (tampered or corrupted)"
         else:
             reason = f"gpgv said {', '.join(codes) or 'nothing'}"
-        raise PipelineError(f"SHA256SUMS signature check failed: {reason}",
+        raise PipelineError(f"{what} signature check failed: {reason}",
                             hint=f"keyring used: {keyring}; the image was not downloaded")
     fields = valid[0]
     signer = fields[1].upper()
     primary = fields[10].upper() if len(fields) > 10 else signer
     if signer not in fingerprints and primary not in fingerprints:
-        raise PipelineError(f"SHA256SUMS is signed by {primary}, which is not in source.verify.fingerprints",
+        raise PipelineError(f"{what} is signed by {primary}, which is not in source.verify.fingerprints",
                             hint="add that fingerprint only if you trust its owner; the image was not downloaded")
     created = dt.datetime.fromtimestamp(int(fields[3]), dt.UTC).isoformat().replace("+00:00", "Z")
     return Signature(primary if primary in fingerprints else signer, created)

@@ -18,6 +18,7 @@ from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger, strip_credentials
+from cloudbake.source.checksums import parse_sums
 from cloudbake.source.http import HttpSettings, fetch_small
 from cloudbake.source.lock import Lock, lock_source
 from cloudbake.source.openpgp import Signature, _fingerprints_or_none, check_signature, dearmor
@@ -142,21 +143,6 @@ def _binary_keyring(data: bytes, paths: Paths, label: str) -> Path:
     if not dest.is_file():
         write_atomically(dest, binary)
     return dest
-
-
-def parse_sums(text: str, url: str) -> dict[str, str]:
-    """name -> sha256 from SHA256SUMS: `<hex> *<name>`, `<hex>  <name>`, `./name`, blank lines."""
-    entries: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = re.fullmatch(r"(\S+)\s+\*?(?:\./)?(.+)", line)
-        if not match or not re.fullmatch(r"[0-9a-fA-F]{64}", match.group(1)):
-            raise PipelineError(f"{url}:{number}: malformed line in SHA256SUMS: {raw[:100]!r}",
-                                hint="expected '<64 hex digits> *<file name>'")
-        entries[match.group(2)] = match.group(1).lower()
-    return entries
 
 
 def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Session, http: HttpSettings) -> Lock:

@@ -143,7 +143,9 @@ def test_docs_examples_validate():
     """Every ```yaml block in docs/ that looks like a pipeline validates against the schema."""
     import jsonschema
 
+    from cloudbake.config.pipeline import _source_problems
     from cloudbake.config.plan import plan_images
+    from cloudbake.config.problems import fill_defaults
 
     checked = 0
     for doc in sorted((PROJECT / "docs").glob("*.md")):
@@ -158,6 +160,9 @@ def test_docs_examples_validate():
             assert problems == [], (doc.name, problems)
             for plan in plans:
                 jsonschema.Draft202012Validator(load_schema()).validate(plan.document)
+                # What loading checks per distribution (releases, channels, how sums are trusted).
+                filled = fill_defaults(plan.document, load_schema())
+                assert _source_problems(filled["source"], lambda path: (1, 1)) == [], (doc.name, plan.name)
             checked += 1
     assert checked >= 2
 

@@ -118,3 +118,16 @@ def test_a_rewritten_lock_or_user_data_resolves_afresh(tmp_path):
     user_data.write_text(user_data.read_text() + "\nbootcmd: [[touch, /etc/edited]]\n")
     edited = resolve_build(pipeline, paths)
     assert edited.key != first.key
+
+
+def test_the_key_and_lock_cover_the_distribution_and_ubuntus_stay_as_they_were(make_pipeline):
+    """Another distribution is another image; an Ubuntu pipeline's settings and lock source hold no distro
+    field, so every key and lock made before Debian and Fedora stays valid."""
+    from cloudbake.image.build import image_settings
+    from cloudbake.source.lock import lock_source
+
+    ubuntu = load_pipeline(make_pipeline("source: {release: noble}\n"))
+    debian = load_pipeline(make_pipeline("source: {distro: debian, release: bookworm, verify: {signature: none}}\n"))
+    assert "distro" not in image_settings(ubuntu) and "distro" not in lock_source(ubuntu.source)
+    assert image_settings(debian)["distro"] == "debian" and lock_source(debian.source)["distro"] == "debian"
+    assert image_settings(debian) != image_settings(ubuntu)

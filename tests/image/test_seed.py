@@ -288,3 +288,15 @@ def test_key_file_that_is_not_utf8(make_pipeline, tmp_path):
     pipeline = load_pipeline(make_pipeline("cloud_init: {ssh_authorized_keys: [bin.pub]}\n"))
     with pytest.raises(PipelineError, match="is not UTF-8 text"):
         build_seed_files(pipeline)
+
+
+def test_a_fedora_bake_restores_selinux_labels_and_other_bakes_are_as_they_were(make_pipeline):
+    """Fedora enforces SELinux: what the bake wrote gets its labels back before power-off. Ubuntu's and
+    Debian's finish scripts (and so Ubuntu's keys) do not change."""
+    from cloudbake.image.seed import bake_finish_script, build_seed_files
+
+    fedora = load_pipeline(make_pipeline("source: {distro: fedora, release: 42}\n"))
+    ubuntu = load_pipeline(make_pipeline("source: {distro: ubuntu}\n"))
+    assert "restorecon -R /etc" in build_seed_files(fedora, for_bake=True).user_data.decode()
+    assert "restorecon" not in build_seed_files(ubuntu, for_bake=True).user_data.decode()
+    assert bake_finish_script(True) == bake_finish_script(True, relabel=False)

@@ -204,6 +204,7 @@ def test_push_then_pull_into_another_store(registry, published: Path, tmp_path: 
     assert doc["artifactType"] == ARTIFACT_TYPE and len(doc["layers"]) == -(-published.stat().st_size // (1 << 20))
     assert doc["layers"][1]["annotations"]["org.opencontainers.image.title"] == f"{published.name}.part0001"
     assert doc["annotations"]["dev.cloudbake.key"] == KEY
+    assert doc["annotations"]["dev.cloudbake.distro"] == "ubuntu"   # baked before there were others
     assert doc["annotations"]["dev.cloudbake.upstream.serial"] == "20261127"
     # Pulled again: nothing moves.
     assert pull_image(remote, paths, "img", KEY, SMALL) == pulled

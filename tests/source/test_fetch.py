@@ -17,11 +17,12 @@ from cloudbake.config.pipeline import load_pipeline
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import is_verified
 from cloudbake.source import download, ubuntu
+from cloudbake.source.checksums import parse_sums
 from cloudbake.source.fetch import ensure_image
 from cloudbake.source.http import HttpSettings
 from cloudbake.source.lock import read_lock
 from cloudbake.source.openpgp import dearmor, key_fingerprints
-from cloudbake.source.ubuntu import parse_sums, resolve_upstream
+from cloudbake.source.ubuntu import resolve_upstream
 from tests.fixture.mirror import GpgKey, make_gpg_key, write_sums
 from tests.fixture.server import Fault, MirrorServer
 
