@@ -91,7 +91,8 @@ def run_checks(pipeline: Pipeline, paths: Paths) -> list[Check]:
         return f"{human_bytes(free)} free"
 
     return [
-        Check("pipeline", True, f"{pipeline.file} ({pipeline.name}, {pipeline.source.release} {arch})"),
+        Check("pipeline", True, f"{pipeline.file} ({pipeline.name}, {pipeline.source.distro} {pipeline.source.release} "
+                                f"{arch})"),
         _check("user-data", seed),
         _check("lock", lock, fatal=False),
         _check("qemu", qemu),

@@ -384,3 +384,24 @@ def test_a_restored_image_whose_file_names_a_host_file_is_refused(tmp_path):
     manifest_path(image).write_text(json.dumps(doc))
     with pytest.raises(PipelineError, match=r"names a backing file \('/etc/hostname'\); refused"):
         verify_chain(image)
+
+
+def test_one_file_tests_on_ubuntu_and_debian(make_pipeline):
+    """An images: entry per distribution, each with the release its distribution names: two images, each
+    with its own source, key and lock."""
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.config.pipeline import load_images
+    from cloudbake.image.build import image_settings
+
+    noble, bookworm = load_images(make_pipeline("""\
+        name: suite
+        images:
+          - name: noble
+          - name: bookworm
+            source: {distro: debian, release: bookworm, verify: {signature: none}}
+        """))
+    assert (noble.source.distro, noble.source.release) == ("ubuntu", "noble")
+    assert (bookworm.source.distro, bookworm.source.release) == ("debian", "bookworm")
+    assert bookworm.source.mirror == "https://cloud.debian.org/images/cloud/" and bookworm.source.verify.fingerprints == ()
+    assert image_settings(noble) != image_settings(bookworm)
+    assert resolve_paths(noble).lock_file != resolve_paths(bookworm).lock_file
