@@ -21,9 +21,10 @@ from typing import Any
 from doit.cmd_base import ModuleTaskLoader
 from doit.doit_cmd import DoitMain
 
-from cloudbake.run import commands
-
 TASK_MODULES = ("fetch", "seed", "bake", "testrun", "inspect", "registry")
+# cloudbake's own commands (cloudbake.run.commands), beside doit's: imported only when one runs, so
+# `cloudbake --help` and `cloudbake list` import no VM code.
+VM_COMMANDS = ("test-image", "up", "ssh", "ps", "down")
 USAGE = "usage: cloudbake [-p PIPELINE] [doit command] [task] [options]   (cloudbake help: doit's help)"
 
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     command_at = next((i for i, arg in enumerate(args) if not arg.startswith("-")
                        and (i == 0 or args[i - 1] not in ("-p", "--pipeline"))), None)
-    if command_at is not None and args[command_at] in commands.COMMANDS:
+    if command_at is not None and args[command_at] in VM_COMMANDS:
+        from cloudbake.run import commands
+
         pipeline, _ = split_pipeline_option(args[:command_at])
         if pipeline is not None:
             context.set_default_pipeline(pipeline)

@@ -169,3 +169,24 @@ def test_a_command_with_equals_signs_reaches_the_test_run(tmp_path):
     through_doit = doit(tmp_path, "test-image", "--cmd", "dd if=/dev/zero", f"pipeline={pipeline}")
     assert through_doit.returncode == 3
     assert "write cmd='dd if=/dev/zero' instead" in through_doit.stdout + through_doit.stderr
+
+
+HEAVY = ("requests", "urllib3", "pycdlib", "cloudbake.source", "cloudbake.qemu", "cloudbake.image", "cloudbake.run",
+         "cloudbake.remote")
+
+
+@pytest.mark.parametrize("describe", [
+    "from doit.doit_cmd import DoitMain; from doit.cmd_base import ModuleTaskLoader; import dodo; "
+    "DoitMain(ModuleTaskLoader(dodo)).run(['list'])",
+    "from doit.doit_cmd import DoitMain; from doit.cmd_base import ModuleTaskLoader; import dodo; "
+    "DoitMain(ModuleTaskLoader(dodo)).run(['help', 'bake'])",
+    "from cloudbake import cli; cli.main(['--help'])",
+])
+def test_describing_tasks_imports_no_http_registry_or_vm_code(describe):
+    """`doit list`, `doit help` and `cloudbake --help` load the pipeline and the task definitions only: the
+    engine is imported where an action or an up-to-date check runs."""
+    code = f"import sys\n{describe}\nprint('MODULES', *sorted(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    loaded = done.stdout.split("MODULES", 1)[1].split()
+    assert "cloudbake.config.pipeline" in loaded, done.stderr
+    assert [name for name in loaded if name in HEAVY or any(name.startswith(heavy + ".") for heavy in HEAVY)] == []

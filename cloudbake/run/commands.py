@@ -31,7 +31,6 @@ from cloudbake.run.runs import RunInfo, list_runs, stop_run
 from cloudbake.run.ssh import ssh_argv
 from cloudbake.run.testrun import EXIT_MACHINERY, run_test_image
 
-COMMANDS = ("test-image", "up", "ssh", "ps", "down")
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 log = stage_logger("cloudbake")
@@ -62,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], pipeline_file: str | None, bake: Callable[[str], int]) -> int:
-    """Run one of COMMANDS; ``bake(task)`` runs doit's bake task (``bake`` or ``bake:<image>``), returns its status."""
+    """Run one of cloudbake's own commands (``cli.VM_COMMANDS``); ``bake(task)`` runs doit's bake task
+    (``bake`` or ``bake:<image>``) and returns its status."""
     args = _parser().parse_args(argv)
     try:
         with stop_signals_unwind():
