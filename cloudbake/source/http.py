@@ -19,7 +19,7 @@ import requests
 
 from cloudbake import __version__
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.log import stage_logger
+from cloudbake.core.log import stage_logger, strip_credentials
 from cloudbake.core.units import human_bytes
 
 log = stage_logger("fetch")
@@ -56,6 +56,17 @@ class _Session(requests.Session):
     requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override a session's ``verify`` for
     every request that does not pass one; CI images often set those variables.
     """
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        """A redirect from TLS to plain HTTP is refused: checksums that nothing signs (Debian's) are only
+        as good as the channel, and no other download needs to leave TLS either."""
+        target: str | None = super().get_redirect_target(resp)
+        if target and urllib.parse.urlparse(resp.url).scheme == "https":
+            absolute = urllib.parse.urljoin(resp.url, target)
+            if urllib.parse.urlparse(absolute).scheme != "https":
+                raise PipelineError(f"{strip_credentials(resp.url)} redirects to {strip_credentials(absolute)}, from "
+                                    "TLS to plain HTTP; refused", hint="use a mirror that stays on https://")
+        return target
 
     def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
         settings = super().merge_environment_settings(url, proxies, stream, verify, cert)

@@ -130,3 +130,19 @@ def test_unsigned_sums_come_only_over_tls_or_from_this_machine(mirror, refused):
             check_transport(mirror)
     else:
         check_transport(mirror)
+
+
+def test_a_redirect_from_tls_to_plain_http_is_refused():
+    """The session every source fetch uses never follows https:// to http://."""
+    import requests
+
+    from cloudbake.source.http import make_session
+
+    answer = requests.Response()
+    answer.url, answer.status_code = "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS", 302
+    answer.headers["Location"] = "http://mirror.example.org/SHA512SUMS"
+    with make_session() as session, pytest.raises(PipelineError, match="from TLS to plain HTTP; refused"):
+        session.get_redirect_target(answer)
+    answer.headers["Location"] = "https://mirror.example.org/SHA512SUMS"
+    with make_session() as session:
+        assert session.get_redirect_target(answer) == "https://mirror.example.org/SHA512SUMS"
