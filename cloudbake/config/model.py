@@ -51,6 +51,8 @@ class Distro(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Verify:
+    """How the upstream image is verified before use (``source.verify``)."""
+
     signature: SignaturePolicy
     keyring: Path | None
     fingerprints: tuple[str, ...]
@@ -59,6 +61,8 @@ class Verify:
 
 @dataclass(frozen=True)
 class Source:
+    """The upstream cloud image: which distribution, release, build and mirror (``source``)."""
+
     release: str
     arch: Arch
     mirror: str
@@ -69,6 +73,8 @@ class Source:
 
 @dataclass(frozen=True)
 class Disk:
+    """The published image's disk: its size, compression, and whether a layer is flattened."""
+
     size: DiskSize
     compression: Compression
     flatten: bool      # a layered image: self-contained (True) or backed by its parent's image
@@ -76,6 +82,8 @@ class Disk:
 
 @dataclass(frozen=True)
 class VM:
+    """How the VM runs: CPUs, memory, accelerator, firmware, timeout, extra QEMU arguments."""
+
     cpus: int
     memory_bytes: int
     accel: Accel
@@ -87,6 +95,8 @@ class VM:
 
 @dataclass(frozen=True)
 class CloudInit:
+    """What the seed carries: user-data and its companions, the user, keys, generalization."""
+
     user_data: Path
     network_config: Path | None
     vendor_data: Path | None
@@ -107,6 +117,8 @@ class Forward:
 
 @dataclass(frozen=True)
 class TestSettings:
+    """How tests run in throwaway VMs (``test``)."""
+
     command: str
     upload: str | tuple[str, ...] | None    # "git", patterns, or None for nothing
     workdir: str

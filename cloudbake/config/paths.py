@@ -10,6 +10,8 @@ from cloudbake.config.model import Pipeline
 
 @dataclass(frozen=True)
 class Paths:
+    """Where one image's files go: work folder, output, caches, lock and doit state."""
+
     work_dir: Path       # build/<name>/: seed, work disk, serial log of the bake
     output_dir: Path     # dist/: published images and manifests
     cache_dir: Path      # downloads, shared between pipelines

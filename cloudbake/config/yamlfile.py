@@ -20,6 +20,8 @@ from cloudbake.core.errors import PipelineError
 
 @dataclass(frozen=True)
 class Problem:
+    """One problem of a YAML file, at its line and column, under its dotted path."""
+
     line: int
     col: int
     path: str
