@@ -231,12 +231,12 @@ def parent_problems(plan: ImagePlan, child: dict[str, Any], parent: dict[str, An
                      where: Locator) -> list[Problem]:
     """A child boots its parent's image: it must be the same OS on the same architecture (both filled)."""
     problems = []
-    for key in ("arch", "release"):
-        if str(child["source"][key]) != str(parent["source"][key]):
+    for key in ("distro", "arch", "release"):
+        if str(child["source"].get(key, "ubuntu")) != str(parent["source"].get(key, "ubuntu")):
             line, col = where(["source", key])
             problems.append(Problem(line, col, f"source.{key}",
                                     f"{child['source'][key]} differs from {parent['source'][key]} of {plan.parent!r}, "
                                     "which this image is built from (from:); a layered image has its parent's "
-                                    "release and arch"))
+                                    "distribution, release and arch"))
     return problems
 

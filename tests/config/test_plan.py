@@ -405,3 +405,18 @@ def test_one_file_tests_on_ubuntu_and_debian(make_pipeline):
     assert bookworm.source.mirror == "https://cloud.debian.org/images/cloud/" and bookworm.source.verify.fingerprints == ()
     assert image_settings(noble) != image_settings(bookworm)
     assert resolve_paths(noble).lock_file != resolve_paths(bookworm).lock_file
+
+
+def test_a_layer_cannot_change_the_distribution_it_boots(make_pipeline):
+    from cloudbake.config.pipeline import load_images
+    from cloudbake.core.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="a layered image has its parent's distribution, release and arch"):
+        load_images(make_pipeline("""\
+            name: f
+            images:
+              - name: base
+              - name: child
+                from: base
+                source: {distro: debian, release: bookworm, verify: {signature: none}}
+            """))
