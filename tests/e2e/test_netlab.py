@@ -103,7 +103,7 @@ def test_a_failing_suite_exits_with_the_runners_status_and_names_the_test(netlab
                        cwd=netlab["repo"], env={"PATH": path_with(bin_dir)})
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
-    assert "1 failures" in out and "failed: tests.e2e.test_netlab.SetUpHost.test_deliberate_failure_when_asked" in out
+    assert "1 failures" in out and "failed: tests.test_netlab.SetUpHost.test_deliberate_failure_when_asked" in out
     assert "the test command failed (exit status 1)" in out
     if Path("/dev/kvm").exists() and os.access("/dev/kvm", os.R_OK | os.W_OK):
         assert "failed to set MSR 0x10a" in out and "falling back to TCG" in out
