@@ -150,7 +150,7 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
             log.info("%s is not in the registry", where)
             return None
         artifact = parse_artifact(body, where)
-        manifest = _artifact_manifest(registry, artifact, where, dest, settings)
+        manifest = _artifact_manifest(registry, artifact, dest, (name, key), settings)
         sweep_pull_staging(paths.output_dir)
         started = time.monotonic()
         log.info("pulling %s (%s in %d layer%s) from %s", dest.name, human_bytes(artifact.total), len(artifact.layers),
@@ -163,10 +163,12 @@ def pull_image(remote: RemoteCache, paths: Paths, name: str, key: str,
         return dest
 
 
-def _artifact_manifest(registry: Registry, artifact: Artifact, where: str, dest: Path,
+def _artifact_manifest(registry: Registry, artifact: Artifact, dest: Path, wanted: tuple[str, str],
                        settings: RegistrySettings) -> Manifest:
     """The image manifest the artifact carries, refused unless it is of exactly the image asked for, adds up
-    to its layers, stays under the size cap and describes a self-contained image."""
+    to its layers, stays under the size cap and describes a self-contained image. ``wanted``: (name, key)."""
+    name, key = wanted
+    where = f"{registry.remote.url}:{key}"
     config = registry.small_blob(artifact.config_digest, artifact.config_size, MAX_CONFIG_BYTES)
     try:
         manifest = Manifest.from_document(json.loads(config), Path(where))
@@ -174,7 +176,6 @@ def _artifact_manifest(registry: Registry, artifact: Artifact, where: str, dest:
         raise PipelineError(f"{where}: the image's manifest is not JSON; refused") from None
     total = artifact.total
     file_size = (manifest.document.get("image") or {}).get("file_size")
-    name, _, key = dest.name.removesuffix(".qcow2").rpartition("-")   # keys are hex: the last '-' splits
     if manifest.name != name or manifest.key != key or manifest.image_file != dest.name:
         raise PipelineError(f"{where}: the registry's artifact is of {manifest.name} key {manifest.key}, not "
                             f"{name} key {key}; refused", hint="cache.remote must name a repository that only "

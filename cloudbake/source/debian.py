@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from dataclasses import dataclass
 
 import requests
 
@@ -24,7 +23,7 @@ from cloudbake.core.log import stage_logger, strip_credentials
 from cloudbake.source.checksums import parse_sums
 from cloudbake.source.download import Digest
 from cloudbake.source.http import HttpSettings, fetch_small
-from cloudbake.source.lock import Lock, lock_source
+from cloudbake.source.lock import Lock, UpstreamFolder, lock_source
 
 log = stage_logger("fetch")
 
@@ -33,24 +32,14 @@ MANIFEST_MAX_BYTES = 1 << 20
 BUILD = re.compile(r"\b(\d{8}-\d{4})\b")
 
 
-@dataclass(frozen=True)
-class Upstream:
-    folder_url: str
-    image_name: str
-    serial: str | None
-
-    @property
-    def image_url(self) -> str:
-        return self.folder_url + self.image_name
-
-
-def resolve_upstream(source: Source) -> Upstream:
+def resolve_upstream(source: Source) -> UpstreamFolder:
     """URLs in cloud.debian.org's layout for ``source.*``."""
     codename, version = codename_and_version(Distro.debian, source.release)
     stem = f"debian-{version}-genericcloud-{source.arch}"
     if source.channel == "current":
-        return Upstream(f"{source.mirror}{codename}/latest/", f"{stem}.qcow2", None)
-    return Upstream(f"{source.mirror}{codename}/{source.channel}/", f"{stem}-{source.channel}.qcow2", source.channel)
+        return UpstreamFolder(f"{source.mirror}{codename}/latest/", f"{stem}.qcow2", None)
+    return UpstreamFolder(f"{source.mirror}{codename}/{source.channel}/", f"{stem}-{source.channel}.qcow2",
+                          source.channel)
 
 
 def check_transport(mirror: str) -> None:
@@ -87,7 +76,7 @@ def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Sessi
     return lock, Digest("sha512", entries[upstream.image_name])
 
 
-def _build_of_latest(session: requests.Session, upstream: Upstream, http: HttpSettings) -> str | None:
+def _build_of_latest(session: requests.Session, upstream: UpstreamFolder, http: HttpSettings) -> str | None:
     """The dated build ``latest/`` stands for, from the image's JSON manifest when the mirror has it."""
     url = upstream.folder_url + upstream.image_name.removesuffix(".qcow2") + ".json"
     try:

@@ -9,6 +9,7 @@ text the signature covers is parsed; the newest build comes from the folder's li
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass
@@ -99,8 +100,6 @@ def resolve_keyring(pipeline: Pipeline, paths: Paths, session: requests.Session,
 
 
 def _binary(keys: bytes, paths: Paths, name: str) -> Path:
-    import hashlib
-
     dest = paths.cache_dir / "keys" / f"{name}-{hashlib.sha256(keys).hexdigest()[:16]}.gpg"
     if not dest.is_file():
         write_atomically(dest, keys)

@@ -16,6 +16,20 @@ LOCK_VERSION = 1
 
 
 @dataclass(frozen=True)
+class UpstreamFolder:
+    """Where an upstream image lives: its folder on the mirror, its name there, and its build when the
+    folder is a dated one (each distribution's module resolves it from ``source.*``)."""
+
+    folder_url: str
+    image_name: str
+    serial: str | None
+
+    @property
+    def image_url(self) -> str:
+        return self.folder_url + self.image_name
+
+
+@dataclass(frozen=True)
 class Lock:
     """What ``pipeline.lock`` pins: enough to fetch and verify the same bytes again, offline-checkable."""
 

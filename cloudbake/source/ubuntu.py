@@ -20,7 +20,7 @@ from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger, strip_credentials
 from cloudbake.source.checksums import parse_sums
 from cloudbake.source.http import HttpSettings, fetch_small
-from cloudbake.source.lock import Lock, lock_source
+from cloudbake.source.lock import Lock, UpstreamFolder, lock_source
 from cloudbake.source.openpgp import Signature, _fingerprints_or_none, check_signature, dearmor
 
 log = stage_logger("fetch")
@@ -48,16 +48,8 @@ KEY_REFRESH_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
-class Upstream:
+class Upstream(UpstreamFolder):
     """Where the image and its checksums live, as resolved from ``source.*``."""
-
-    folder_url: str
-    image_name: str
-    serial: str | None
-
-    @property
-    def image_url(self) -> str:
-        return self.folder_url + self.image_name
 
     @property
     def sums_url(self) -> str:

@@ -195,7 +195,7 @@ def test_a_stop_signal_during_a_pull_unwinds_without_waiting_for_the_layers(tmp_
         def slow_layers(h, status, data, headers=None):
             behaviour.trickle_s = 0.5 if len(data) > (64 << 10) else 0.0
             original(h, status, data, headers)
-        server.reply = slow_layers
+        server.reply = slow_layers  # type: ignore[method-assign]
         proc = subprocess.Popen([sys.executable, "-c", PULL_SCRIPT, server.address, str(tmp_path), KEY],
                                 cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
