@@ -29,7 +29,8 @@ def main() -> None:
 
     doit_list = [sys.executable, "-m", "doit", "list"]
     baseline = [sys.executable, "-c", "import doit, yaml, jsonschema"]
-    run(doit_list), run(baseline)   # warm the page cache and the bytecode
+    run(doit_list)   # warm the page cache and the bytecode
+    run(baseline)
     medians = alternate(args.rounds, doit_list=lambda: run(doit_list), baseline=lambda: run(baseline))
     report(f"describing tasks, median of {args.rounds} alternating rounds", [
         ("import doit, yaml, jsonschema (baseline)", f"{medians['baseline'] * 1000:.0f} ms"),
