@@ -19,7 +19,7 @@ from cloudbake.config.paths import resolve_paths
 from cloudbake.config.pipeline import load_pipeline
 from cloudbake.run.runs import free_port, make_overlay
 from cloudbake.run.ssh import ssh_banner
-from cloudbake.run.testrun import run_test_image
+from cloudbake.run.testrun import TestRequest, run_test_image
 
 
 class _MarkCommandStart(logging.Handler):
@@ -53,7 +53,7 @@ def main() -> None:
         marker = _MarkCommandStart()
         logging.getLogger("cloudbake.test-image").addHandler(marker)
         start = time.perf_counter()
-        run_test_image(pipeline, paths, "true")
+        run_test_image(pipeline, paths, TestRequest("true"))
         assert marker.at is not None
         to_command = marker.at - start
 

@@ -7,8 +7,10 @@
         assert cloudbake_vm_session.run("systemctl is-active ssh").ok
 
 Options: ``--cloudbake-pipeline PATH`` (default: $CLOUDBAKE_PIPELINE, else pipeline.yaml in
-pytest's root folder) and ``--cloudbake-logs DIR`` (default .cloudbake-logs in the root
-folder): when a test using a VM fails, the VM's serial log and test.artifacts are kept in
+pytest's root folder), ``--cloudbake-image NAME`` (default $CLOUDBAKE_IMAGE: one image of a file
+that describes several, ``matrix:`` or ``images:``; a test picks its own with
+``@pytest.mark.cloudbake_image("NAME")``) and ``--cloudbake-logs DIR`` (default .cloudbake-logs in
+the root folder): when a test using a VM fails, the VM's serial log and test.artifacts are kept in
 ``DIR/<test id>/``. Installed with cloudbake (entry point ``pytest11``); the fixtures only
 boot when a test asks for them. Under pytest-xdist every worker starts its own VMs.
 """
@@ -31,8 +33,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cloudbake", "throwaway VMs of a baked cloudbake image")
     group.addoption("--cloudbake-pipeline", default=None,
                     help="the pipeline file (default: $CLOUDBAKE_PIPELINE, else pipeline.yaml in the root folder)")
+    group.addoption("--cloudbake-image", default=None,
+                    help="one image of a pipeline file that describes several (default: $CLOUDBAKE_IMAGE)")
     group.addoption("--cloudbake-logs", default=None,
                     help=f"where failing tests keep their VM's serial log and artifacts (default {LOGS_DEFAULT})")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cloudbake_image(name): the image of a many-image pipeline file that this "
+                                       "test's cloudbake_vm boots")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -78,16 +87,23 @@ def _safe_name(nodeid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:200] or "test"
 
 
-def _machine(config: pytest.Config) -> Any:
+def _image(config: pytest.Config, node: pytest.Item | None = None) -> str | None:
+    marker = node.get_closest_marker("cloudbake_image") if node is not None else None
+    if marker is not None and marker.args:
+        return str(marker.args[0])
+    return config.getoption("cloudbake_image") or os.environ.get("CLOUDBAKE_IMAGE") or None
+
+
+def _machine(config: pytest.Config, node: pytest.Item | None = None) -> Any:
     from cloudbake.api import vm
 
-    return vm(_pipeline_file(config), label=f"pytest-{_worker_label(config)}")
+    return vm(_pipeline_file(config), label=f"pytest-{_worker_label(config)}", image=_image(config, node))
 
 
 @pytest.fixture
 def cloudbake_vm(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh throwaway VM of the baked image for this test (test.upload sent), gone afterwards."""
-    with _machine(request.config) as machine:
+    with _machine(request.config, request.node) as machine:
         yield machine
         if request.node.stash.get(_FAILED, set()) & {"setup", "call"}:
             folder = _logs_dir(request.config) / _safe_name(request.node.nodeid)

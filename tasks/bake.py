@@ -11,6 +11,7 @@ from cloudbake.config.paths import Paths
 
 from .context import Image, per_image
 from .doitutil import described, doit_action, engine
+from .verbs import SUMMARIES
 
 
 def bake_is_current(pipeline: Pipeline, paths: Paths) -> bool:
@@ -69,7 +70,7 @@ def _bake_task(image: Image) -> dict[str, Any]:
     pipeline, paths = image.pipeline, image.paths
     parent = pipeline.parent
     return {
-        "doc": "Boot the upstream image once with the seed and publish <name>-<key>.qcow2 (-a bakes again)",
+        "doc": SUMMARIES["bake"],
         # The lock (fetch's target) and the seed ISO (seed's target) make doit run both first. A
         # layered image's parent is baked first, when the image itself is not up to date (a
         # published self-contained child needs no parent).
@@ -93,7 +94,7 @@ def task_bake() -> dict[str, Any] | Iterator[dict[str, Any]]:
 def _cache_key_task(image: Image) -> dict[str, Any]:
     return {
         "basename": "cache-key",
-        "doc": "Print the baked image's key (offline), for CI caches",
+        "doc": SUMMARIES["cache-key"],
         "actions": [(doit_action(engine("cloudbake.image.build:run_cache_key")),
                      [image.pipeline, image.paths, image.several])],
         "uptodate": [False],
@@ -107,7 +108,7 @@ def task_cache_key() -> dict[str, Any] | Iterator[dict[str, Any]]:
 
 def _prune_task(image: Image) -> dict[str, Any]:
     return {
-        "doc": "Delete all but the newest output.keep baked images of this pipeline",
+        "doc": SUMMARIES["prune"],
         "actions": [(doit_action(engine("cloudbake.image.store:run_prune")), [image.pipeline, image.paths])],
         "uptodate": [False],
     }

@@ -10,8 +10,14 @@ from typing import Any
 
 from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
+from doit.reporter import ConsoleReporter
 
-from cloudbake.core.errors import Interrupted, PipelineError, stop_signals_unwind
+from cloudbake.core.errors import Interrupted, MachineryError, PipelineError, stop_signals_unwind
+from cloudbake.core.exits import Exit
+
+# How the last failed action failed, so the cloudbake command exits with that kind's status
+# (doit itself only says 1: "a task failed").
+failure_status: list[Exit] = []
 
 
 class SizeMtimeChecker(FileChangedChecker):  # type: ignore[misc]
@@ -90,11 +96,29 @@ def doit_action(func: Callable[..., Any]) -> Callable[..., Any]:
         except PipelineError as err:
             from cloudbake.core.log import redact
 
+            failure_status.append(Exit.machinery if isinstance(err, MachineryError) else Exit.failed)
             return TaskFailed(redact(str(err)))
         except KeyboardInterrupt as err:
             what = err.signal_name if isinstance(err, Interrupted) else "Ctrl-C"
+            failure_status.append(Exit.interrupted)
             return TaskFailed(f"interrupted ({what}); the guest and its work files were cleaned up")
+        except BrokenPipeError:
+            # The reader of stdout went away (`cloudbake status | head -1`): stop quietly, as SIGPIPE would.
+            from cloudbake.core.files import silence_stdout
+
+            silence_stdout()
+            raise SystemExit(Exit.output_closed) from None
         # doit treats only None, True, dict and str as success; stage functions may return paths.
         return result if isinstance(result, dict) else None
 
     return action
+
+
+class StderrReporter(ConsoleReporter):  # type: ignore[misc]
+    """doit's console reporter writing to stderr: a task's title (``.  status``) and failures are
+    the log, so stdout holds only what the task prints (``cloudbake status --json``, ``cache-key``)."""
+
+    def __init__(self, outstream: Any, options: dict[str, Any]) -> None:
+        import sys
+
+        super().__init__(sys.stderr, options)

@@ -13,6 +13,7 @@ from cloudbake.core.errors import PipelineError
 
 from .context import Image, flag, per_image
 from .doitutil import described, doit_action, engine
+from .verbs import SUMMARIES
 
 
 def fetch_is_current(pipeline: Pipeline, paths: Paths) -> bool:
@@ -57,7 +58,7 @@ def _pins_upstream(image: Image) -> bool:
 def _fetch_task(image: Image) -> dict[str, Any]:
     pipeline, paths = image.pipeline, image.paths
     return {
-        "doc": "Download and verify the upstream image; pin it in the lock file",
+        "doc": SUMMARIES["fetch"],
         "file_dep": [str(pipeline.file)],
         "targets": [str(paths.lock_file)],
         "actions": [(doit_action(fetch_action), [pipeline, paths])],
@@ -73,8 +74,7 @@ def task_fetch() -> dict[str, Any] | Iterator[dict[str, Any]]:
 
 def _update_task(image: Image) -> dict[str, Any]:
     return {
-        "doc": "Re-resolve the upstream image (e.g. a new 'current') and rewrite the lock "
-               "(downgrade=1 accepts an older one)",
+        "doc": SUMMARIES["update"],
         "actions": [(doit_action(engine("cloudbake.source.fetch:run_update")),
                      [image.pipeline, image.paths, flag(get_var("downgrade", "0"))])],
         "uptodate": [False],

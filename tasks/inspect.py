@@ -10,6 +10,7 @@ from cloudbake.config.paths import Paths
 
 from .context import Image, current_images, per_image
 from .doitutil import doit_action, engine
+from .verbs import SUMMARIES
 
 
 def status_action(pipeline: Pipeline, paths: Paths, as_json: bool = False) -> None:
@@ -20,7 +21,7 @@ def status_action(pipeline: Pipeline, paths: Paths, as_json: bool = False) -> No
 
 def _validate_task(image: Image) -> dict[str, Any]:
     return {
-        "doc": "Check the pipeline, the user-data, the lock and the host (QEMU, firmware, accelerator, disk)",
+        "doc": SUMMARIES["validate"],
         "actions": [(doit_action(engine("cloudbake.image.inspect:run_validate")), [image.pipeline, image.paths])],
         "uptodate": [False],
         "verbosity": 2,
@@ -33,7 +34,7 @@ def task_validate() -> dict[str, Any] | Iterator[dict[str, Any]]:
 
 def _status_task(image: Image) -> dict[str, Any]:
     return {
-        "doc": "Show the key, the lock, whether the image is baked, cache sizes and the accelerator (--json)",
+        "doc": SUMMARIES["status"],
         "params": [{"name": "as_json", "long": "json", "type": bool, "default": False,
                     "help": "print JSON instead of text"}],
         "actions": [(doit_action(status_action), [image.pipeline, image.paths])],
@@ -50,7 +51,7 @@ def task_prune_downloads() -> dict[str, Any]:
     images = current_images()
     return {
         "basename": "prune-downloads",
-        "doc": "Delete downloaded upstream images other than the ones the lock files pin",
+        "doc": SUMMARIES["prune-downloads"],
         "actions": [(doit_action(engine("cloudbake.image.inspect:run_prune_downloads")),
                      [[(image.pipeline, image.paths) for image in images]])],
         "uptodate": [False],

@@ -8,11 +8,12 @@ from typing import Any
 from .bake import bake_is_current
 from .context import Image, per_image
 from .doitutil import described, doit_action, engine
+from .verbs import SUMMARIES
 
 
 def _push_task(image: Image) -> dict[str, Any]:
     return {
-        "doc": "Push the baked image for the current key to cache.remote (blobs the registry has are skipped)",
+        "doc": SUMMARIES["push"],
         "task_dep": [image.task("bake")],
         "actions": [(doit_action(engine("cloudbake.remote.share:run_push")), [image.pipeline, image.paths])],
         "uptodate": [False],
@@ -27,7 +28,7 @@ def task_push() -> dict[str, Any] | Iterator[dict[str, Any]]:
 def _pull_task(image: Image) -> dict[str, Any]:
     pipeline, paths = image.pipeline, image.paths
     return {
-        "doc": "Pull the image for the current key from cache.remote into the output folder (no bake)",
+        "doc": SUMMARIES["pull"],
         "actions": [(doit_action(engine("cloudbake.remote.share:run_pull")), [pipeline, paths])],
         "uptodate": [described("the image named by the current key is published in the output folder and "
                                "matches the SHA-256 in its manifest", lambda: bake_is_current(pipeline, paths))],

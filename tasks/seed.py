@@ -11,6 +11,7 @@ from cloudbake.core.errors import PipelineError
 
 from .context import Image, per_image
 from .doitutil import doit_action, engine, value_changed
+from .verbs import SUMMARIES
 
 
 def seed_inputs(pipeline: Pipeline) -> list[str]:
@@ -34,7 +35,7 @@ def _seed_fingerprint(pipeline: Pipeline) -> str:
 def _seed_task(image: Image) -> dict[str, Any]:
     pipeline, paths = image.pipeline, image.paths
     return {
-        "doc": "Validate the user-data and build the NoCloud seed ISO (cidata) from cloud-init/ and the pipeline",
+        "doc": SUMMARIES["seed"],
         "file_dep": seed_inputs(pipeline),
         "targets": [str(paths.seed_iso)],
         # Keys named by path or glob change outside file_dep: check their content.

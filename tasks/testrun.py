@@ -12,6 +12,7 @@ from cloudbake.config.paths import Paths
 
 from .context import Image, flag, per_image
 from .doitutil import described, doit_action, engine
+from .verbs import SUMMARIES
 
 
 def warm_is_current(pipeline: Pipeline, paths: Paths) -> bool:
@@ -34,16 +35,15 @@ def warm_action(pipeline: Pipeline, paths: Paths) -> None:
 
 def test_image_action(pipeline: Pipeline, paths: Paths, command: str = "", keep: bool = False, jobs: int = 0) -> None:
     """doit's test-image (its options are the task's params)."""
-    from cloudbake.run.testrun import run_test_task
+    from cloudbake.run.testrun import Keep, TestRequest, run_test_task
 
-    run_test_task(pipeline, paths, command or None, keep, jobs or None)
+    run_test_task(pipeline, paths, TestRequest(command or None, jobs or None, Keep.always if keep else Keep.never))
 
 
 def _warm_task(image: Image) -> dict[str, Any]:
     pipeline, paths = image.pipeline, image.paths
     return {
-        "doc": "Save the baked image's warm state for this host (one boot), so test runs resume it; "
-               "run it before CI saves its cache",
+        "doc": SUMMARIES["warm"],
         "task_dep": [image.task("bake")],
         "actions": [(doit_action(warm_action), [pipeline, paths])],
         "uptodate": [described("the warm state of the image for this host is saved (or test.warm is false)",
@@ -59,7 +59,7 @@ def task_warm() -> dict[str, Any] | Iterator[dict[str, Any]]:
 def _test_image_task(image: Image) -> dict[str, Any]:
     return {
         "basename": "test-image",
-        "doc": "Upload the project and run test.command (or --cmd) in throwaway VMs of the baked image",
+        "doc": SUMMARIES["test-image"],
         "params": [
             {"name": "command", "long": "cmd", "type": str, "default": str(get_var("cmd", "") or ""),
              "help": "command to run instead of test.command (cmd=... works too)"},
@@ -81,7 +81,7 @@ def task_test_image() -> dict[str, Any] | Iterator[dict[str, Any]]:
 
 def _console_task(image: Image) -> dict[str, Any]:
     return {
-        "doc": "Boot a throwaway VM of the baked image with its serial console on this terminal",
+        "doc": SUMMARIES["console"],
         "task_dep": [image.task("bake")],
         "actions": [(doit_action(engine("cloudbake.run.testrun:run_console")), [image.pipeline, image.paths])],
         "uptodate": [False],

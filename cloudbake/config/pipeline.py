@@ -131,7 +131,8 @@ def select_image(images: tuple[Pipeline, ...], image: str | None, file: Path | s
         if len(images) == 1:
             return images[0]
         raise PipelineError(f"{file} describes {len(images)} images ({', '.join(names)}); name one",
-                            hint="pass --image NAME (cloudbake), or use the task of one image: "
+                            hint="name it: cloudbake --image NAME; pytest --cloudbake-image NAME (or "
+                                 "@pytest.mark.cloudbake_image(NAME)); cloudbake.vm(..., image=NAME); "
                                  f"doit bake:{names[0]}")
     for pipeline in images:
         if pipeline.name == image:
@@ -194,7 +195,7 @@ def _source_problems(source: dict[str, Any], where: Locator) -> list[Problem]:
                                 f"{facts.label} publishes no signature over its cloud images' checksums, so "
                                 f"'{signature}' cannot be met: set source.verify.signature: none to trust the "
                                 "checksums as served over TLS on the first fetch (the lock then pins the digest, and "
-                                "only doit update moves it)"))
+                                "only cloudbake update moves it)"))
     if facts.signed and signature is SignaturePolicy.none:
         line, col = where(["source", "verify", "signature"])
         problems.append(Problem(line, col, "source.verify.signature",

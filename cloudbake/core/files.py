@@ -114,3 +114,14 @@ def record_verified(path: Path, sha256: str) -> None:
     stat = path.stat()
     write_atomically(verified_record(path),
                      json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode())
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone: Python's last flush at exit would otherwise
+    print a BrokenPipeError of its own (the recipe in Python's signal documentation)."""
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,14 +34,6 @@ class Result:
 
 def _argv(argv: Sequence[Arg]) -> list[str]:
     return [os.fspath(arg) for arg in argv]
-
-
-def require_tool(name: str, package: str) -> str:
-    """Absolute path of ``name`` on PATH, or an error that names the package to install."""
-    found = shutil.which(name)
-    if found is None:
-        raise PipelineError(f"'{name}' not found on PATH", hint=f"install the {package} package")
-    return found
 
 
 def tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:

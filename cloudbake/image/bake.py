@@ -26,7 +26,8 @@ from cloudbake.config.paths import Paths, resolve_paths
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import file_lock, sweep_temps
 from cloudbake.core.log import stage_logger
-from cloudbake.core.runner import require_tool, run
+from cloudbake.core.runner import run
+from cloudbake.core.tools import require_tool
 from cloudbake.core.units import format_size, human_bytes
 from cloudbake.image.build import Build, resolve_build, resolve_key
 from cloudbake.image.qcow2 import MAGIC as QCOW2_MAGIC
@@ -163,7 +164,7 @@ def inspect_upstream(upstream: Path) -> dict[str, Any]:
 
 def make_work_disk(upstream: Path, dest: Path, pipeline: Pipeline) -> int:
     """A qcow2 overlay of the cached upstream image (never written), grown per disk.size; returns its size."""
-    qemu_img = require_tool("qemu-img", "qemu-utils")
+    qemu_img = require_tool("qemu-img")
     info = inspect_upstream(upstream)
     current = int(info["virtual-size"])
     target = pipeline.disk.size.resolve(current)
@@ -184,7 +185,7 @@ def make_layer_disk(parent_image: Path, parent_size: int, dest: Path, pipeline: 
     disk.size counts only when the image sets it differently from its parent: an inherited
     ``+20G`` must not grow the disk once more per layer. ``+N`` then grows the parent's disk.
     """
-    qemu_img = require_tool("qemu-img", "qemu-utils")
+    qemu_img = require_tool("qemu-img")
     assert pipeline.parent is not None
     target = parent_size
     if pipeline.disk.size != pipeline.parent.disk.size:
@@ -223,7 +224,7 @@ def _already_baked(build: Build, paths: Paths) -> Path | None:
 def run_bake(pipeline: Pipeline, paths: Paths, *, force: bool = False, shared: SharedCache | None = None) -> Path:
     """Bake unless the image for the current key is already published; returns the published image.
 
-    ``force`` bakes again even then (``doit -a bake``, ``doit bake --force``), except when
+    ``force`` bakes again even then (``cloudbake bake --force``, ``doit bake --force``), except when
     another process finished the same bake while this one waited for the lock. ``shared`` is
     asked for the image before a bake and given it after one. The build is resolved once (once
     more only when this bake had to pin the upstream image first).

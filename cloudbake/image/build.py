@@ -74,10 +74,10 @@ def require_lock(paths: Paths, pipeline: Pipeline) -> Lock:
     if lock is None:
         raise PipelineError(f"no {paths.lock_file.name} beside {pipeline.file.name}: the upstream image is not "
                             "pinned yet, so the key cannot be computed offline",
-                            hint="run doit fetch once and commit the lock file")
+                            hint="run cloudbake fetch once and commit the lock file")
     if not lock.matches(pipeline.source):
         raise PipelineError(f"{paths.lock_file} was resolved for another source ({lock.source})",
-                            hint="run doit update")
+                            hint="run cloudbake update")
     return lock
 
 

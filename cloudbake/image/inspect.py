@@ -6,6 +6,7 @@ tools and firmware, and the folders cloudbake writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from cloudbake.config.model import Firmware, Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.log import stage_logger
-from cloudbake.core.runner import require_tool
+from cloudbake.core.tools import require_tool, run_tools
 from cloudbake.core.units import human_bytes
 from cloudbake.image.build import require_lock, resolve_key
 from cloudbake.image.seed import build_seed_files
@@ -96,14 +97,19 @@ def run_checks(pipeline: Pipeline, paths: Paths) -> list[Check]:
         _check("user-data", seed),
         _check("lock", lock, fatal=False),
         _check("qemu", qemu),
-        _check("qemu-img", lambda: require_tool("qemu-img", "qemu-utils")),
-        _check("gpgv", lambda: require_tool("gpgv", "gpgv")),
-        # Warm start saves and loads VM states through zstd: without it every test run boots cold.
-        _check("zstd", lambda: require_tool("zstd", "zstd"), fatal=False),
+        _check("qemu-img", lambda: require_tool("qemu-img")),
+        _check("gpgv", lambda: require_tool("gpgv")),
+        # What test runs need (a bake does not): warnings here, refused before a test VM boots.
+        *(_check(name, functools.partial(_run_tool, name), fatal=False)
+          for name in run_tools(warm=pipeline.test.warm, git=pipeline.test.upload == "git")),
         _check("firmware", firmware),
         _check("accelerator", accelerator),
         _check("disk", disk, fatal=False),
     ]
+
+
+def _run_tool(name: str) -> str:
+    return f"{require_tool(name)} (test runs need it)"
 
 
 def run_validate(pipeline: Pipeline, paths: Paths) -> None:
@@ -165,6 +171,8 @@ def run_status(pipeline: Pipeline, paths: Paths, as_json: bool = False) -> None:
         f"published {human_bytes(status['published_bytes'])}",
         f"accelerator  {status['accelerator']['accel']} ({status['accelerator']['reason']})",
     ]
+    if status["accelerator"]["remembered_kvm_verdict"]:
+        lines.append(f"kvm verdict  {status['accelerator']['remembered_kvm_verdict']}")
     print("\n".join(lines), flush=True)
 
 

@@ -18,7 +18,8 @@ from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import is_verified, record_verified, sha256_file, write_atomically
 from cloudbake.core.log import stage_logger
-from cloudbake.core.runner import require_tool, run
+from cloudbake.core.runner import run
+from cloudbake.core.tools import require_tool
 from cloudbake.image.qcow2 import check_standalone
 
 log = stage_logger("bake")
@@ -73,7 +74,7 @@ def sweep_pull_staging(output_dir: Path, now: float | None = None) -> list[Path]
 
 
 def qemu_img_info(image: Path) -> dict[str, Any]:
-    qemu_img = require_tool("qemu-img", "qemu-utils")
+    qemu_img = require_tool("qemu-img")
     info: dict[str, Any] = json.loads(run([qemu_img, "info", "--output=json", image], stage="bake", timeout=60).stdout)
     return info
 
@@ -99,7 +100,7 @@ def publish(work_disk: Path, dest: Path, manifest: dict[str, Any], compression: 
     disk is an overlay of) is given: then the image holds only what the work disk adds, and
     names the parent by its file name, so the folder can move as a whole.
     """
-    qemu_img = require_tool("qemu-img", "qemu-utils")
+    qemu_img = require_tool("qemu-img")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     started = time.monotonic()
@@ -232,7 +233,7 @@ def verify_chain(image: Path, below: tuple[str, ...] = ()) -> Manifest:
     parent_file = image.parent / str(backing)
     if not isinstance(backing, str) or "/" in backing or not is_published(parent_file):
         raise PipelineError(f"{image.name} is a layer over {backing!r}, which is not published beside it",
-                            hint="bake the parent image again (doit bake), or restore the whole output folder")
+                            hint="bake the parent image again (cloudbake bake), or restore the whole output folder")
     if backing in (*below, image.name):
         raise PipelineError(f"{image.name}: its manifests name a loop of backing files "
                             f"({' -> '.join((*below, image.name, backing))})",
@@ -242,7 +243,7 @@ def verify_chain(image: Path, below: tuple[str, ...] = ()) -> Manifest:
     if recorded != parent.image_sha256:
         raise PipelineError(f"{image.name} was baked on another {parent_file.name} than the one published "
                             f"(SHA-256 {parent.image_sha256}, recorded {recorded})",
-                            hint="bake both again (doit -a bake)")
+                            hint="bake both again (cloudbake bake --force)")
     return manifest
 
 

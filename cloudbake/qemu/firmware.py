@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cloudbake.config.model import Arch, Firmware
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.runner import require_tool, run
+from cloudbake.core.runner import run
+from cloudbake.core.tools import require_tool
 from cloudbake.qemu.argv import VmSpec
 from cloudbake.qemu.host import QEMU_ARCH, Host
 
@@ -184,7 +185,7 @@ def image_has_esp(image: Path) -> bool:
     import tempfile
     import uuid
 
-    qemu_img = require_tool("qemu-img", "qemu-utils")
+    qemu_img = require_tool("qemu-img")
     with tempfile.TemporaryDirectory(prefix="cloudbake-gpt-") as tmp:
         head = Path(tmp) / "head.raw"
         run([qemu_img, "dd", "-O", "raw", "bs=512", "count=34", f"if={image}", f"of={head}"],

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from cloudbake.config.model import Accel, Arch
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.runner import require_tool, run
+from cloudbake.core.runner import run
+from cloudbake.core.tools import require_tool
 
 QEMU_BINARY = {Arch.amd64: "qemu-system-x86_64", Arch.arm64: "qemu-system-aarch64"}
 
 
-QEMU_PACKAGE = {Arch.amd64: "qemu-system-x86", Arch.arm64: "qemu-system-arm"}
 
 
 QEMU_ARCH = {Arch.amd64: "x86_64", Arch.arm64: "aarch64"}
@@ -158,7 +158,10 @@ def choose_accel(requested: Accel, guest: Arch, host: Host, kvm_verdict: str | N
     if not host.kvm_usable:
         return AccelChoice("tcg", "/dev/kvm is missing or not accessible: software emulation (TCG)")
     if kvm_verdict:
-        return AccelChoice("tcg", f"KVM was seen not to run guests on this host ({kvm_verdict}): TCG")
+        # One short line on every command; the verdict in full was said when it was seen, and
+        # `cloudbake status` shows it.
+        return AccelChoice("tcg", "KVM does not run guests on this host (remembered; `cloudbake status` says why): "
+                                  "TCG")
     return AccelChoice("kvm", "/dev/kvm is usable", probe=True)
 
 
@@ -219,7 +222,7 @@ def resolve_accel(requested: Accel, guest: Arch, host: Host, cache_dir: Path) ->
 
 
 def qemu_binary(arch: Arch) -> str:
-    return require_tool(QEMU_BINARY[arch], QEMU_PACKAGE[arch])
+    return require_tool(QEMU_BINARY[arch])
 
 
 def qemu_version(binary: str) -> str:

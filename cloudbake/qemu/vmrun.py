@@ -19,6 +19,7 @@ from typing import Any
 
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.log import stage_logger
+from cloudbake.core.progress import heartbeat_s, plain_text
 from cloudbake.core.runner import Spawned, spawn, stop_process, tail
 from cloudbake.qemu.argv import VmSpec, build_qemu_argv
 from cloudbake.qemu.host import AccelChoice, kvm_failure_verdict, kvm_verdict_file, qemu_binary, remember_kvm_broken
@@ -28,10 +29,6 @@ UNIX_SOCKET_PATH_MAX = 107
 
 
 SERIAL_TAIL_LINES = 30
-
-
-# A TCG boot takes minutes: say what the guest is doing every so often.
-HEARTBEAT_S = 30.0
 
 
 # Without a byte on the serial console this long after start, a KVM guest counts as hung.
@@ -69,6 +66,11 @@ def serial_tail(log_file: Path, lines: int = SERIAL_TAIL_LINES) -> str:
         return "(no serial output)"
     text = text.replace("\r", "")
     return tail(text, lines) or "(no serial output)"
+
+
+def console_line(log_file: Path) -> str:
+    """The console's last line as plain text (no colours or cursor moves), at most 120 characters."""
+    return plain_text(serial_tail(log_file, 1))[-120:]
 
 
 def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, args: dict[str, Any] | None = None) -> Any:
@@ -236,7 +238,8 @@ class VmRun:
         assert self.proc is not None
         streamed = 0
         called = time.monotonic()
-        next_heartbeat = called + HEARTBEAT_S
+        every = heartbeat_s()   # a TCG boot takes minutes: say what the guest is doing
+        next_heartbeat = called + every
         next_power_check = called + POWER_OFF_POLL_S
         while True:
             code = self.proc.poll()
@@ -255,7 +258,7 @@ class VmRun:
                 raise KvmNoProgressError()
             if time.monotonic() >= next_heartbeat:
                 self.log.info("guest running for %.0f s; console: %s", elapsed, self._last_serial_line())
-                next_heartbeat += HEARTBEAT_S
+                next_heartbeat += every
             if waited > timeout_s:
                 raise self.failure(f"the guest did not finish within {timeout_s:.0f} s; it was stopped",
                                    hint=f"raise vm.timeout if it was still working; serial log: "
@@ -263,8 +266,7 @@ class VmRun:
             time.sleep(poll_s)
 
     def _last_serial_line(self) -> str:
-        lines = serial_tail(self.spec.serial_log, 1)
-        return lines[-120:]
+        return console_line(self.spec.serial_log)
 
     def serial_size(self) -> int:
         try:

@@ -75,7 +75,7 @@ def run_push(pipeline: Pipeline, paths: Paths) -> None:
     remote = require_remote(pipeline)
     image = resolve_build(pipeline, paths).published(paths)
     if not is_published(image):
-        raise PipelineError(f"{image.name} is not baked yet", hint="doit bake, then doit push")
+        raise PipelineError(f"{image.name} is not baked yet", hint="cloudbake bake, then cloudbake push")
     if pipeline.is_layer and pipeline.parent is not None:  # (a layer has a parent; mypy cannot see it)
         # `doit push` of a file pushes what can be shared, and says what it leaves out.
         log.warning("not pushing %s: it is a layer over %s (disk.flatten: false); set disk.flatten: true to "
@@ -94,10 +94,10 @@ def run_pull(pipeline: Pipeline, paths: Paths) -> None:
     if pipeline.is_layer and pipeline.parent is not None:
         raise PipelineError(f"{pipeline.name} is published as a layer over {pipeline.parent.name} (disk.flatten: "
                             "false), and the registry holds self-contained images only",
-                            hint="doit bake builds it from its parent; set disk.flatten: true to share it")
+                            hint="cloudbake bake builds it from its parent; set disk.flatten: true to share it")
     pulled = pull_image(remote, paths, pipeline.name, key)
     if pulled is None:
         raise PipelineError(f"{remote.url}:{key} is not in the registry",
-                            hint="bake it (doit bake) and push it (doit push), or let a CI job with "
+                            hint="bake it (cloudbake bake) and push it (cloudbake push), or let a CI job with "
                                  "cache.push bake it")
     try_pull_warm_set(pipeline, paths, pulled)

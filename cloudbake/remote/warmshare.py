@@ -64,7 +64,7 @@ def push_warm_set(remote: RemoteCache, image: Path, warm: WarmSet, settings: Reg
     record = json.loads(record_bytes)
     if any(name.startswith("id_") for name in os.listdir(warm.folder)):
         raise PipelineError(f"{warm.folder.name} holds a private key (a set saved by an older cloudbake); not "
-                            "pushed", hint="delete it; the next doit warm saves one without")
+                            "pushed", hint="delete it; the next cloudbake warm saves one without")
     config = Blob("sha256:" + hashlib.sha256(record_bytes).hexdigest(), len(record_bytes), data=record_bytes)
     layers: list[tuple[str, Blob]] = []
     for name in WARM_FILES:

@@ -1,19 +1,21 @@
-"""The ``cloudbake`` commands that are not doit tasks: they return an exit status of their own.
+"""The ``cloudbake`` verbs that are not doit tasks: they return an exit status of their own.
 
-    cloudbake test-image [--cmd CMD] [-j N] [--keep]   the command's own exit status
-    cloudbake up [--json]                              start a VM and say how to reach it
-    cloudbake ssh [RUN] [COMMAND...]                   a shell (or a command) in a VM that is up
-    cloudbake ps [--json]                              the VMs that are up
-    cloudbake down [RUN... | --all]                    stop VMs, delete their overlays and keys
+    cloudbake test-image [--cmd CMD] [-j N] [--keep | --keep-failed]   the command's own exit status
+    cloudbake up [--name NAME] [--json]       start a VM and say how to reach it
+    cloudbake ssh [ID] [-- COMMAND ...]       a shell (or a command) in a VM that is up
+    cloudbake ps [--json]                     the VMs that are up
+    cloudbake down [ID ... | --all]           stop VMs, delete their overlays and keys
 
-``test-image`` bakes first when the image is missing or stale (doit's ``bake`` task), then
-runs the tests; doit's own ``test-image`` task fails with "exit status N" instead.
+Their options are parsed by the front door (``cloudbake.cli``); an ID is a VM's id or a unique
+prefix of it, and may be left out when exactly one VM is up. ``test-image`` bakes first when the
+image is missing or stale (the ``bake`` task), then runs the tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -25,89 +27,69 @@ from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths, resolve_paths
 from cloudbake.config.pipeline import load_images, select_image
 from cloudbake.core.errors import Interrupted, MachineryError, PipelineError, stop_signals_unwind
+from cloudbake.core.exits import Exit
 from cloudbake.core.log import redact, stage_logger
+from cloudbake.core.tools import check_host_tools, run_tools
 from cloudbake.run.machine import Machine
 from cloudbake.run.runs import RunInfo, list_runs, stop_run
 from cloudbake.run.ssh import ssh_argv
-from cloudbake.run.testrun import EXIT_MACHINERY, run_test_image
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-log = stage_logger("cloudbake")
+from cloudbake.run.testrun import Keep, TestRequest, run_test_image
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cloudbake", description="Throwaway VMs of the baked image.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    which = argparse.ArgumentParser(add_help=False)
-    which.add_argument("--image", help="the image, in a pipeline file that describes several (matrix:, images:)")
-    test = sub.add_parser("test-image", parents=[which],
-                          help="run the tests in throwaway VMs; exits with the command's status")
-    test.add_argument("--cmd", help="command to run instead of test.command")
-    test.add_argument("-j", "--jobs", type=int, help="VMs at once (test.parallel)")
-    test.add_argument("--keep", action="store_true", help="keep the VM running afterwards (cloudbake down ends it)")
-    test.add_argument("--no-bake", action="store_true", help="do not bake first; fail when no image is baked")
-    up = sub.add_parser("up", parents=[which], help="start a throwaway VM and print how to reach it")
-    up.add_argument("--json", action="store_true", help="print the VM as JSON")
-    ssh = sub.add_parser("ssh", parents=[which], help="a shell, or a command, in a VM that is up")
-    ssh.add_argument("run", nargs="?", help="the run id (cloudbake ps); optional when one VM is up")
-    ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run instead of a shell")
-    ps = sub.add_parser("ps", parents=[which], help="the VMs that are up")
-    ps.add_argument("--json", action="store_true")
-    down = sub.add_parser("down", parents=[which], help="stop VMs and delete their overlays and keys")
-    down.add_argument("runs", nargs="*", help="run ids (cloudbake ps)")
-    down.add_argument("--all", action="store_true", help="every VM of this pipeline")
-    return parser
-
-
-def main(argv: list[str], pipeline_file: str | None, bake: Callable[[str], int]) -> int:
-    """Run one of cloudbake's own commands (``cli.VM_COMMANDS``); ``bake(task)`` runs doit's bake task
-    (``bake`` or ``bake:<image>``) and returns its status."""
-    args = _parser().parse_args(argv)
+def main(verb: str, args: argparse.Namespace, bake: Callable[[str], int]) -> int:
+    """Run one of cloudbake's own verbs (``cli.VM_VERBS``) with the options the front door parsed;
+    ``bake(task)`` runs the bake task (``bake`` or ``bake:<image>``) and returns its exit status."""
+    log = stage_logger(verb)
     try:
         with stop_signals_unwind():
-            file = Path(pipeline_file or "pipeline.yaml")
+            file = Path(args.pipeline or "pipeline.yaml")
             images = load_images(file)
             # ssh, ps and down work on the output folder, which every image of a file shares.
-            shared = args.command in ("ssh", "ps", "down") and args.image is None
+            shared = verb in ("ssh", "ps", "down") and args.image is None
             pipeline = images[0] if shared else select_image(images, args.image, file)
             paths = resolve_paths(pipeline)
-            if args.command == "test-image":
+            if verb == "test-image":
                 task = f"bake:{pipeline.name}" if len(images) > 1 else "bake"
                 return _test_image(pipeline, paths, args, lambda: bake(task))
-            if args.command == "up":
-                return _up(pipeline, paths, args.json)
-            if args.command == "ssh":
+            if verb == "up":
+                return _up(pipeline, paths, args.json, args.name)
+            if verb == "ssh":
                 return _ssh(paths, args.run, args.remote)
-            if args.command == "ps":
+            if verb == "ps":
                 return _ps(paths, args.json)
-            return _down(paths, args.runs, args.all)
+            return _down(paths, args.runs, args.all, log)
     except MachineryError as err:
         print(f"cloudbake: {redact(str(err))}", file=sys.stderr)
-        return EXIT_MACHINERY
+        return Exit.machinery
     except PipelineError as err:  # the command line or the pipeline is wrong
         print(f"cloudbake: {redact(str(err))}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.usage
     except KeyboardInterrupt as err:
         what = err.signal_name if isinstance(err, Interrupted) else "Ctrl-C"
         print(f"cloudbake: interrupted ({what}); the VMs and their files were cleaned up", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return Exit.interrupted
 
 
 def _test_image(pipeline: Pipeline, paths: Paths, args: argparse.Namespace, bake: Callable[[], int]) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise PipelineError("-j needs a number of VMs, 1 or more")
+    keep = Keep.always if args.keep else Keep.on_failure if args.keep_failed else Keep.never
+    request = TestRequest(args.cmd, args.jobs, keep)
+    # Before a bake that may take minutes.
+    check_host_tools(run_tools(warm=pipeline.test.warm, git=pipeline.test.upload == "git"), stage="host")
     if not args.no_bake:
         status = bake()
+        if status == Exit.interrupted:
+            raise KeyboardInterrupt
         if status != 0:
-            raise MachineryError("bake", f"baking the image failed (doit exit status {status}); see above")
-    outcome = run_test_image(pipeline, paths, args.cmd, args.keep, args.jobs)
+            raise MachineryError("bake", f"baking the image failed (exit status {status}); see above")
+    outcome = run_test_image(pipeline, paths, request)
     outcome.log_verdict()
     return outcome.exit_status
 
 
-def _up(pipeline: Pipeline, paths: Paths, as_json: bool) -> int:
-    machine = Machine(pipeline, paths, label="up")
+def _up(pipeline: Pipeline, paths: Paths, as_json: bool, name: str | None) -> int:
+    machine = Machine(pipeline, paths, label="up", name=name)
     machine.start()
     machine.detach()
     machine.close()
@@ -136,18 +118,29 @@ def _up_runs(paths: Paths) -> list[RunInfo]:
     return [r for r in list_runs(paths.output_dir) if r.state != "leftover"]
 
 
+def pick_runs(runs: list[RunInfo], wanted: list[str]) -> list[RunInfo]:
+    """The runs ``wanted`` names, each by its id or a unique prefix (as docker's ids); with none
+    named, the only run. Anything ambiguous or unknown is an error that lists what is up."""
+    known = ", ".join(r.files.id for r in runs) or "none"
+    if not wanted:
+        if len(runs) == 1:
+            return runs
+        raise PipelineError(f"{len(runs)} VMs are up ({known}): name one" if runs else "no VM is up",
+                            hint="cloudbake ps lists them; cloudbake up starts one")
+    chosen = []
+    for name in wanted:
+        exact = [r for r in runs if r.files.id == name]
+        matches = exact or [r for r in runs if r.files.id.startswith(name)]
+        if len(matches) != 1:
+            what = "no VM" if not matches else f"{len(matches)} VMs match"
+            raise PipelineError(f"{what} {name!r} (up: {known})", hint="cloudbake ps lists them")
+        chosen.append(matches[0])
+    return chosen
+
+
 def _ssh(paths: Paths, run_id: str | None, remote: list[str]) -> int:
-    runs = _up_runs(paths)
-    if run_id is None:
-        if len(runs) != 1:
-            raise PipelineError(f"{len(runs)} VMs are up: name one" if runs else "no VM is up",
-                                hint="cloudbake ps lists them; cloudbake up starts one")
-        chosen = runs[0]
-    else:
-        found = [r for r in runs if r.files.id == run_id]
-        if not found:
-            raise PipelineError(f"no VM {run_id!r} is up", hint="cloudbake ps lists them")
-        chosen = found[0]
+    check_host_tools(["ssh"], stage="host")
+    chosen = pick_runs(_up_runs(paths), [run_id] if run_id else [])[0]
     remote = remote[1:] if remote[:1] == ["--"] else remote
     # Joined with spaces, as ssh itself does: `cloudbake ssh ID make check` and
     # `cloudbake ssh ID "a && b"` both mean what they would with ssh.
@@ -183,18 +176,9 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.0f}h"
 
 
-def _down(paths: Paths, run_ids: list[str], every: bool) -> int:
+def _down(paths: Paths, run_ids: list[str], every: bool, log: logging.Logger) -> int:
     runs = list_runs(paths.output_dir)
-    if every:
-        chosen = runs
-    elif run_ids:
-        known = {r.files.id: r for r in runs}
-        missing = [i for i in run_ids if i not in known]
-        if missing:
-            raise PipelineError(f"no VM {', '.join(missing)}", hint="cloudbake ps lists them")
-        chosen = [known[i] for i in run_ids]
-    else:
-        raise PipelineError("say which VMs to stop", hint="cloudbake down RUN..., or cloudbake down --all")
+    chosen = runs if every else pick_runs(runs, run_ids)
     started = time.monotonic()
     for r in chosen:
         stop_run(r.files)

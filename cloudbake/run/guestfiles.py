@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cloudbake.core.errors import MachineryError, PipelineError
-from cloudbake.core.runner import Arg, require_tool
+from cloudbake.core.runner import Arg
+from cloudbake.core.tools import require_tool
 from cloudbake.run.ssh import remote_path
 from cloudbake.run.transfer import Cap, receive_tar, send_tar
 
@@ -31,10 +32,10 @@ def put_path(ssh: SshCommand, local: Path | str, remote: str, timeout_s: float) 
     local = Path(local)
     target = remote_path(remote)
     if local.is_dir():
-        tar: list[Arg] = [require_tool("tar", "tar"), "-c", "-f", "-", "-C", local, "."]
+        tar: list[Arg] = [require_tool("tar"), "-c", "-f", "-", "-C", local, "."]
         unpack = f"mkdir -p {target} && tar -x -f - -C {target} --no-same-owner --warning=no-timestamp"
     elif local.is_file():
-        tar = [require_tool("tar", "tar"), "-c", "-f", "-", "-C", local.parent, local.name]
+        tar = [require_tool("tar"), "-c", "-f", "-", "-C", local.parent, local.name]
         name = shlex.quote(local.name)
         unpack = (f"set -e; t=$(mktemp -d); trap 'rm -rf \"$t\"' EXIT; tar -x -f - -C \"$t\" --no-same-owner "
                   f"--warning=no-timestamp; if [ -d {target} ]; then mv \"$t\"/{name} {target}/; "
@@ -102,7 +103,7 @@ def upload_tree(ssh: SshCommand, root: Path, names: Sequence[str], *, workdir: s
     """Stream ``names`` (relative to ``root``) into ``test.workdir`` as one tar, owned by the run user."""
     listing.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
     # --no-recursion: the listing names every file itself (upload.py), cloudbake's own folders left out.
-    tar: list[Arg] = [require_tool("tar", "tar"), "-c", "-f", "-", "--no-recursion", "--null", "-T", listing]
+    tar: list[Arg] = [require_tool("tar"), "-c", "-f", "-", "--no-recursion", "--null", "-T", listing]
     unpack = (f"tar -x -f - -C {remote_path(workdir)} --no-same-owner "
               "--warning=no-timestamp")
     try:

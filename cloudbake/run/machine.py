@@ -22,9 +22,11 @@ from cloudbake.config.model import Forward, Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import MachineryError, PipelineError
 from cloudbake.core.log import stage_logger
+from cloudbake.core.progress import waiting
 from cloudbake.core.runner import stop_process
+from cloudbake.core.tools import check_host_tools, run_tools
 from cloudbake.image.store import Manifest
-from cloudbake.qemu.vmrun import VmRun
+from cloudbake.qemu.vmrun import VmRun, console_line
 from cloudbake.run import guestfiles, warmstart
 from cloudbake.run.runs import (
     RunFiles,
@@ -38,7 +40,7 @@ from cloudbake.run.runs import (
 from cloudbake.run.ssh import CommandFailedError, CommandResult, Deadline, GuestShell, ssh_banner, wait_for
 from cloudbake.run.warm import WarmSet
 
-log = stage_logger("test-image")
+log = stage_logger("warm")   # the module's own lines are about warm sets; a VM logs under its label
 
 __all__ = ["CommandFailedError", "CommandResult", "Machine", "ensure_warm_set"]
 
@@ -55,18 +57,20 @@ class Machine:
     status is returned, never raised, unless ``check=True``.
     """
 
-    def __init__(self, pipeline: Pipeline, paths: Paths, *, label: str = "run", timeout_s: float | None = None,
+    def __init__(self, pipeline: Pipeline, paths: Paths, *, label: str = "vm", timeout_s: float | None = None,
                  env: dict[str, str] | None = None, output_prefix: str | None = None,
                  timeout_per_step: bool = False, warm: bool | None = None, prepare_guest: bool = True,
-                 key_channel: bool = False, interactive: bool = False) -> None:
+                 key_channel: bool = False, interactive: bool = False, name: str | None = None) -> None:
         """Keyword options, each with the default a test run wants. ``timeout_s`` (default
         test.timeout) bounds the whole life of the VM, boot included, as test-image wants; with
         ``timeout_per_step`` it bounds the boot and each step on its own (a session-long VM of the
         API or the pytest plugin). ``warm`` (default test.warm) resumes from the image's warm set;
         ``prepare_guest=False`` leaves the working folder and the environment file out (the VM
         that a warm set is saved from must not carry them, and has the ``key_channel``);
-        ``interactive`` puts the serial console on this terminal (doit console)."""
+        ``interactive`` puts the serial console on this terminal (doit console); ``name``: the run's id
+        (``cloudbake up --name``), else a short random one."""
         self.pipeline, self.paths, self.label = pipeline, paths, label
+        self.log = stage_logger(label)   # each verb's VM logs under its name: [up], [test-image], [pytest-gw0]
         self.user = pipeline.cloud_init.user
         self.timeout_s = timeout_s or pipeline.test.timeout_s
         self.timeout_per_step = timeout_per_step
@@ -75,6 +79,7 @@ class Machine:
         self.deadline = Deadline(self.timeout_s)
         self.extra_env = dict(env or {})
         self.output_prefix = output_prefix
+        self.name = name
         self.files: RunFiles | None = None
         self.vm: VmRun | None = None
         self.shell: GuestShell | None = None
@@ -95,12 +100,13 @@ class Machine:
 
     def start(self, base: tuple[Path, Manifest] | None = None) -> Machine:
         """Boot (or resume) and wait until ready; ``base``: the published image, when the caller looked it up."""
+        check_host_tools(run_tools(warm=self.warm), stage="host")
         try:
             self.base, self.manifest = base or current_base(self.pipeline, self.paths)
         except PipelineError as err:
             raise MachineryError.from_error("base image", err) from None
         clean_leftovers(self.base)
-        self.files = new_run(self.base)
+        self.files = new_run(self.base, self.name)
         plan = RunPlan(self.pipeline, self.paths, self.base, self.manifest, self.files, self.label)
         try:
             save = functools.partial(save_warm_set, self.pipeline, self.paths, self.base, self.manifest)
@@ -252,8 +258,9 @@ class Machine:
 
     def fetch_artifacts(self, patterns: Sequence[str], dest: Path) -> list[str]:
         """Copy guest paths/globs into ``dest`` through one tar stream, bounded by test.artifacts_max."""
-        return guestfiles.fetch_artifacts(self.ssh_argv, patterns, dest, timeout_s=self._time_left(),
-                                          max_bytes=self.pipeline.test.artifacts_max_bytes)
+        with waiting(self.log, "artifacts: copying them out of the VM"):
+            return guestfiles.fetch_artifacts(self.ssh_argv, patterns, dest, timeout_s=self._time_left(),
+                                              max_bytes=self.pipeline.test.artifacts_max_bytes)
 
     def upload_project(self) -> None:
         """Send what test.upload selects (by default the git work tree) into test.workdir."""
@@ -264,8 +271,9 @@ class Machine:
     def upload_tree(self, root: Path, names: Sequence[str]) -> None:
         """Stream ``names`` (relative to ``root``) into ``test.workdir`` as one tar, owned by the run user."""
         assert self.files is not None
-        guestfiles.upload_tree(self.ssh_argv, root, names, workdir=self.pipeline.test.workdir,
-                               listing=self.files.folder / "upload.list", timeout_s=self._time_left())
+        with waiting(self.log, f"upload: {len(names)} paths into {self.pipeline.test.workdir}"):
+            guestfiles.upload_tree(self.ssh_argv, root, names, workdir=self.pipeline.test.workdir,
+                                   listing=self.files.folder / "upload.list", timeout_s=self._time_left())
 
     # -- inside --
 
@@ -277,17 +285,18 @@ class Machine:
 
     def say(self, message: str, *args: Any) -> None:
         """A log line of this VM, prefixed with its run index when several run at once."""
-        log.info((f"{self.output_prefix} " if self.output_prefix else "") + message, *args)
+        self.log.info((f"{self.output_prefix} " if self.output_prefix else "") + message, *args)
 
     def _wait(self, stage: str, check: Callable[[], bool]) -> None:
-        assert self.vm is not None
-        wait_for(self.vm, self.deadline, stage, check)
+        vm = self.vm
+        assert vm is not None
+        with waiting(self.log, stage, lambda: f"console: {console_line(vm.spec.serial_log)}"):
+            wait_for(vm, self.deadline, stage, check)
 
     def _prepare_guest(self) -> None:
         """The working folder (owned by the run user) and the command's environment file, in one trip."""
         assert self.shell is not None
         env = {**dict(self.pipeline.test.env),
-               "CLOUDBAKE_WORKDIR": self.pipeline.test.workdir,
                **{f"CLOUDBAKE_PORT_{f.guest}": str(f.host) for f in self.forwards},
                **self.extra_env}
         self.shell.prepare(env, self._time_left(5.0))

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,7 +28,8 @@ from cloudbake.config.paths import Paths
 from cloudbake.core.errors import MachineryError, PipelineError
 from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger
-from cloudbake.core.runner import require_tool, run
+from cloudbake.core.runner import run
+from cloudbake.core.tools import require_tool
 from cloudbake.image.build import resolve_key
 from cloudbake.image.qcow2 import overlay_backing
 from cloudbake.image.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
@@ -37,7 +39,7 @@ from cloudbake.qemu.firmware import with_uefi
 from cloudbake.qemu.host import Host, detect_host, resolve_accel
 from cloudbake.qemu.vmrun import VmRun, boot_with_fallback, qmp_command
 
-log = stage_logger("test-image")
+log = stage_logger("vm")
 PORT_ATTEMPTS = 3
 
 RUNS_FOLDER = ".runs"
@@ -119,11 +121,23 @@ def runs_root(base: Path) -> Path:
     return base.parent / RUNS_FOLDER
 
 
-def new_run(base: Path) -> RunFiles:
+# What ``cloudbake up --name`` accepts: a file name on every host, and a word in a shell.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
+
+
+def new_run(base: Path, name: str | None = None) -> RunFiles:
+    """A new run folder (0700), named ``name`` or 8 random hex digits: short ids, as docker's and limactl's,
+    that a unique prefix of also names (``cloudbake ssh 3f``)."""
     root = runs_root(base)
     root.mkdir(parents=True, exist_ok=True)
-    folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
-    folder.mkdir(mode=0o700)
+    if name is not None and not RUN_NAME.fullmatch(name):
+        raise PipelineError(f"a VM name is 1-40 letters, digits, '-' or '_', starting with a letter or digit: {name!r}")
+    folder = root / (name or secrets.token_hex(4))
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        raise PipelineError(f"a VM named {folder.name!r} exists already",
+                            hint="cloudbake ps lists them; cloudbake down NAME stops it") from None
     return RunFiles(folder)
 
 
@@ -236,7 +250,7 @@ def clean_leftovers(base: Path) -> list[Path]:
 
 def make_overlay(base: Path, overlay: Path) -> None:
     """A copy-on-write overlay; the backing path is relative when the overlay sits beside the base."""
-    qemu_img = require_tool("qemu-img", "qemu-utils")
+    qemu_img = require_tool("qemu-img")
     backing = overlay_backing(base, overlay.parent)
     run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay], stage="test-image",
         timeout=60)
@@ -274,7 +288,7 @@ def current_base(pipeline: Pipeline, paths: Paths) -> tuple[Path, Manifest]:
     base = published_image(paths, pipeline.name, key)
     if not base.is_file():
         raise PipelineError(f"no baked image for the current key ({base.name})",
-                            hint="run cloudbake bake (or doit bake) first")
+                            hint="run cloudbake bake first")
     return base, verify_chain(base)
 
 
@@ -313,7 +327,7 @@ class RunPlan:
 
 def make_keypair(path: Path, comment: str) -> str:
     """A fresh ed25519 key pair; the private key is 0600. Returns the public key text."""
-    keygen = require_tool("ssh-keygen", "openssh-client")
+    keygen = require_tool("ssh-keygen")
     run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path], stage="test-image", timeout=30)
     os.chmod(path, 0o600)
     return path.with_name(path.name + ".pub").read_text().strip()
@@ -381,7 +395,7 @@ def boot_on_free_ports(plan: RunPlan, *, key_channel: bool, interactive: bool) -
                                    interactive=interactive)
         booting = contextlib.ExitStack()
         try:
-            vm, _ = booting.enter_context(boot_with_fallback(spec, choice, plan.paths.cache_dir, "test-image"))
+            vm, _ = booting.enter_context(boot_with_fallback(spec, choice, plan.paths.cache_dir, plan.label))
         except PipelineError as err:
             booting.close()
             raise MachineryError.from_error("boot", err) from None

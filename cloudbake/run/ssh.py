@@ -198,7 +198,8 @@ class GuestShell:
         """The user's command in a subshell, so its own ``exit`` still records the status."""
         state = remote_path(GUEST_STATE)
         sources = f". {state}/env" + (f" && . {state}/env.{self._status_nonce}" if extra_env else "")
-        return (f"cd {remote_path(self.workdir)} && {sources} || exit 255\n"
+        # CLOUDBAKE_WORKDIR is the folder's absolute path as the guest resolves it (test.workdir may say ~/src).
+        return (f"cd {remote_path(self.workdir)} && {sources} && export CLOUDBAKE_WORKDIR=\"$PWD\" || exit 255\n"
                 f"(\n{command}\n)\n"
                 f"s=$?; printf %s \"$s\" > {state}/status.{self._status_nonce}; exit \"$s\"")
 

@@ -12,12 +12,15 @@ import concurrent.futures
 import shlex
 import threading
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import MachineryError, PipelineError
+from cloudbake.core.exits import Exit
 from cloudbake.core.log import stage_logger
+from cloudbake.core.tools import check_host_tools, run_tools
 from cloudbake.core.units import human_bytes
 from cloudbake.image.store import Manifest
 from cloudbake.qemu.host import available_memory
@@ -29,8 +32,8 @@ from cloudbake.run.warm import WarmSet
 log = stage_logger("test-image")
 
 # timeout(1)'s status for "it ran out of time", and docker run's for "the tool failed, not the command".
-EXIT_TIMEOUT = 124
-EXIT_MACHINERY = 125
+EXIT_TIMEOUT = Exit.timeout
+EXIT_MACHINERY = Exit.machinery
 # What one QEMU needs on top of the guest's RAM (its own code, TCG's translation cache, I/O buffers).
 QEMU_OVERHEAD_BYTES = 512 << 20
 
@@ -96,6 +99,26 @@ def check_memory(pipeline: Pipeline, at_once: int) -> None:
                              hint=f"run at most -j {fits}, or lower vm.memory")
 
 
+class Keep(StrEnum):
+    """Which VMs of a test run stay up afterwards, for a look (``cloudbake ssh``, ``cloudbake down``)."""
+
+    never = "never"
+    always = "always"           # --keep: one run only
+    on_failure = "on-failure"   # --keep-failed: every run whose command or machinery failed
+
+
+@dataclass(frozen=True)
+class TestRequest:
+    """What a test-image command asks for, the same value from doit's params, the CLI and the API."""
+
+    __test__ = False   # not a pytest test class, despite its name
+
+    command: str | None = None      # None: test.command
+    jobs: int | None = None         # None: test.parallel
+    keep: Keep = Keep.never
+    timeout_s: float | None = None  # None: test.timeout
+
+
 @dataclass(frozen=True)
 class TestRuns:
     """One test-image command, resolved once and handed to every run: the image's base looked up once."""
@@ -107,30 +130,32 @@ class TestRuns:
     runs: int
     sharded: bool
     timeout_s: float | None
+    keep: Keep
 
 
-def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None, keep: bool = False,
-                   jobs: int | None = None, timeout_s: float | None = None) -> Outcome:
+def run_test_image(pipeline: Pipeline, paths: Paths, request: TestRequest = TestRequest()) -> Outcome:
     """Run the test command in fresh VMs of the baked image: upload, command, artifacts, summary."""
-    runs, at_once, sharded = run_plan(pipeline, jobs)
-    if keep and runs > 1:
+    runs, at_once, sharded = run_plan(pipeline, request.jobs)
+    if request.keep is Keep.always and runs > 1:
         raise PipelineError("--keep keeps one VM; it cannot be combined with several runs",
-                            hint="drop -j/test.shards, or use cloudbake up for VMs to keep")
+                            hint="drop -j/test.shards, use --keep-failed, or cloudbake up for VMs to keep")
+    check_host_tools(run_tools(warm=pipeline.test.warm, git=pipeline.test.upload == "git"), stage="host")
     check_memory(pipeline, at_once)
     try:
         base = current_base(pipeline, paths)
     except PipelineError as err:
         raise MachineryError.from_error("base image", err) from None
     clean_leftovers(base[0])
-    plan = TestRuns(pipeline, paths, base, command or pipeline.test.command, runs, sharded, timeout_s)
+    plan = TestRuns(pipeline, paths, base, request.command or pipeline.test.command, runs, sharded,
+                    request.timeout_s, request.keep)
     if runs == 1:
-        return Outcome([_one_run(plan, 0, keep, None)])
+        return Outcome([_one_run(plan, 0, None)])
     log.info("%d runs of %s, %d at a time%s", runs, base[0].name, at_once, " (sharded)" if sharded else "")
     machines: list[Machine] = []
     lock = threading.Lock()
 
     def one(index: int) -> RunResult:
-        return _one_run(plan, index, False, (machines, lock))
+        return _one_run(plan, index, (machines, lock))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = [pool.submit(one, index) for index in range(runs)]
@@ -146,7 +171,7 @@ def run_test_image(pipeline: Pipeline, paths: Paths, command: str | None = None,
     return Outcome(results)
 
 
-def _one_run(plan: TestRuns, index: int, keep: bool,
+def _one_run(plan: TestRuns, index: int,
              registry: tuple[list[Machine], threading.Lock] | None) -> RunResult:
     """Run ``index`` of the plan; ``registry`` collects the machines of parallel runs (Ctrl-C stops them all)."""
     pipeline, runs = plan.pipeline, plan.runs
@@ -154,7 +179,8 @@ def _one_run(plan: TestRuns, index: int, keep: bool,
     env = {"CLOUDBAKE_RUN": str(index)}
     if plan.sharded:
         env |= {"CLOUDBAKE_SHARD": str(index), "CLOUDBAKE_SHARDS": str(runs)}
-    machine = Machine(pipeline, plan.paths, timeout_s=plan.timeout_s, env=env, output_prefix=prefix)
+    machine = Machine(pipeline, plan.paths, label="test-image", timeout_s=plan.timeout_s, env=env,
+                      output_prefix=prefix)
     if registry is not None:
         with registry[1]:
             registry[0].append(machine)
@@ -162,15 +188,17 @@ def _one_run(plan: TestRuns, index: int, keep: bool,
     try:
         with machine.start(plan.base):
             artifacts_dir = artifacts_dir / machine.id
-            machine.upload_project()
-            machine.say("running: %s", plan.command)
-            status = machine.run(plan.command, capture=False).status
-            artifacts = machine.fetch_artifacts(pipeline.test.artifacts, artifacts_dir)
-            if artifacts:
-                machine.say("copied %d artifact(s) into %s", len(artifacts), artifacts_dir)
-            if keep:
-                machine.detach()
-                _say_how_to_reach(machine)
+            try:
+                machine.upload_project()
+                machine.say("running: %s", plan.command)
+                status = machine.run(plan.command, capture=False).status
+                artifacts = machine.fetch_artifacts(pipeline.test.artifacts, artifacts_dir)
+                if artifacts:
+                    machine.say("copied %d artifact(s) into %s", len(artifacts), artifacts_dir)
+            except MachineryError:
+                _keep_if(plan.keep is not Keep.never, machine)
+                raise
+            _keep_if(plan.keep is Keep.always or (plan.keep is Keep.on_failure and status != 0), machine)
     except MachineryError as err:
         log.error("%s%s", f"{prefix} " if prefix else "", err)
         status = EXIT_TIMEOUT if err.stage == "timeout" else EXIT_MACHINERY
@@ -181,17 +209,20 @@ def _one_run(plan: TestRuns, index: int, keep: bool,
     return RunResult(index, status, artifacts, artifacts_dir, junit, None, None)
 
 
-def _say_how_to_reach(machine: Machine) -> None:
-    assert machine.files is not None and machine.vm is not None
-    log.info("--keep: the VM keeps running (run %s).\n  ssh: %s\n  or:  cloudbake ssh %s\n  serial log: %s\n"
-             "  stop it: cloudbake down %s", machine.id, shlex.join(machine.ssh_argv()), machine.id,
-             machine.serial_log, machine.id)
+def _keep_if(keep: bool, machine: Machine) -> None:
+    """Leave the VM running (a kept run) and say how to reach it; a VM that stopped is not kept."""
+    if not keep or machine.files is None or machine.vm is None or machine.vm.proc is None \
+            or machine.vm.proc.poll() is not None:
+        return
+    machine.detach()
+    machine.say("the VM keeps running (run %s).\n  ssh: %s\n  or:  cloudbake ssh %s\n  serial log: %s\n"
+                "  stop it: cloudbake down %s", machine.id, shlex.join(machine.ssh_argv()), machine.id,
+                machine.serial_log, machine.id)
 
 
-def run_test_task(pipeline: Pipeline, paths: Paths, command: str | None = None, keep: bool = False,
-                  jobs: int | None = None) -> None:
+def run_test_task(pipeline: Pipeline, paths: Paths, request: TestRequest) -> None:
     """doit's test-image: the task fails with the exit status (cloudbake test-image exits with it)."""
-    outcome = run_test_image(pipeline, paths, command, keep, jobs or None)
+    outcome = run_test_image(pipeline, paths, request)
     outcome.log_verdict()
     status = outcome.exit_status
     if status == 0:

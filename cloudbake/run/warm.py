@@ -29,10 +29,11 @@ from typing import Any
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import file_lock, is_verified, record_verified, sha256_file, write_atomically
 from cloudbake.core.log import stage_logger
-from cloudbake.core.runner import require_tool
+from cloudbake.core.tools import require_tool
 from cloudbake.image.qcow2 import overlay_backing
 from cloudbake.image.store import Manifest
 from cloudbake.qemu.argv import VmSpec, cpu_for, machine_for
+from cloudbake.qemu.host import host_fingerprint
 from cloudbake.qemu.vmrun import VmRun, qmp_command
 
 log = stage_logger("warm")
@@ -304,20 +305,28 @@ def failed_save_marker(base: Path, key: str) -> Path:
     return warm_root(base) / f".{base.stem}-{key}.failed"
 
 
-def remember_failed_save(base: Path, key: str, reason: str) -> None:
+def remember_failed_save(base: Path, key: str, reason: str, missing: tuple[str, ...] = ()) -> None:
+    """Remember that saving failed on this host; ``missing``: the host programs whose lack made it fail."""
     warm_root(base).mkdir(parents=True, exist_ok=True)
     write_atomically(failed_save_marker(base, key),
-                     json.dumps({"reason": reason[:500], "time": time.time()}).encode())
+                     json.dumps({"reason": reason[:500], "time": time.time(), "host": host_fingerprint(),
+                                 "missing": list(missing)}).encode())
 
 
 def failed_save(base: Path, key: str) -> str | None:
-    """Why saving this set failed within the last day, or None (then a run may try to save it)."""
+    """Why saving this set failed on this host within the last day, while that reason still holds; else None
+    (then a run may try to save it). A marker from another machine (a restored CI cache) or one whose
+    missing program is now installed does not count."""
     marker = failed_save_marker(base, key)
     try:
         record = json.loads(marker.read_text())
+        if record.get("host") != host_fingerprint():
+            return None
+        if any(shutil.which(str(tool)) for tool in record.get("missing", [])):
+            return None
         if time.time() - float(record["time"]) < FAILED_SAVE_RETRY_S:
             return str(record.get("reason") or "unknown")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return None
 
@@ -369,7 +378,7 @@ def save_state(vm: VmRun, state: Path, timeout_s: float = SAVE_TIMEOUT_S) -> flo
     Returns the seconds the save took. The source is stopped first, so the state is one
     consistent moment and the destination comes up paused.
     """
-    zstd = require_tool("zstd", "zstd")
+    zstd = require_tool("zstd")
     socket = vm.spec.qmp_socket
     partial = state.with_name(f".{state.name}.tmp")
     started = time.monotonic()
@@ -395,7 +404,7 @@ def save_state(vm: VmRun, state: Path, timeout_s: float = SAVE_TIMEOUT_S) -> flo
 
 
 def incoming_uri(state: Path) -> str:
-    zstd = require_tool("zstd", "zstd")
+    zstd = require_tool("zstd")
     return f"exec:{shlex.quote(zstd)} -q -d -c {shlex.quote(str(state))}"
 
 

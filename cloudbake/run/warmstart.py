@@ -21,7 +21,9 @@ from cloudbake.config.model import Forward, Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import MachineryError, PipelineError
 from cloudbake.core.log import stage_logger
+from cloudbake.core.progress import waiting
 from cloudbake.core.runner import run, tail
+from cloudbake.core.tools import ToolMissingError
 from cloudbake.core.units import human_bytes
 from cloudbake.image.store import Manifest
 from cloudbake.qemu.argv import VmSpec
@@ -62,7 +64,7 @@ from cloudbake.run.warm import (
     warm_set_for,
 )
 
-log = stage_logger("test-image")
+log = stage_logger("warm")
 
 
 def warm_inputs_for_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, accel: str,
@@ -103,7 +105,8 @@ def choose_warm_set(pipeline: Pipeline, paths: Paths, base: Path, manifest: Mani
                     save: Callable[[str], WarmSet]) -> WarmSet | None:
     """The warm set of this image and QEMU setup; ``save(qemu_version)`` makes it now when it is missing.
 
-    A save that fails is reported and remembered for a day, and the run boots cold.
+    A save that fails is reported and remembered on this host (for a day, or until the missing program
+    that made it fail is installed), and the run boots cold.
     """
     sweep_orphans(base)
     inputs, version = host_warm_inputs(pipeline, paths, manifest)
@@ -129,9 +132,14 @@ def choose_warm_set(pipeline: Pipeline, paths: Paths, base: Path, manifest: Mani
             return save(version)
         except MachineryError:
             raise
+        except ToolMissingError as err:
+            log.warning("could not save a warm state of %s (%s; %s); this run boots cold, and the next run after "
+                        "it is installed saves one", base.name, err.message, err.hint)
+            remember_failed_save(base, key, err.message, missing=(err.tool,))
+            return None
         except PipelineError as err:
-            log.warning("could not save a warm state of %s (%s); this run boots cold, and later runs do not "
-                        "try again for a day", base.name, err.message)
+            log.warning("could not save a warm state of %s (%s); this run boots cold, and later runs on this host "
+                        "do not try again for a day", base.name, err.message)
             remember_failed_save(base, key, err.message.splitlines()[0])
             return None
 
@@ -151,7 +159,8 @@ def save_warm_set(plan: RunPlan, vm: VmRun, ssh: Callable[[str], list[str]], ver
         raise PipelineError(f"could not start the key listener in the VM to save (exit status "
                             f"{armed.returncode}): {tail(armed.stderr) or 'no output'}")
     state = files.folder / "state.zst"
-    save_s = save_state(vm, state)
+    with waiting(log, f"saving the warm state of {plan.base.name} (the guest's memory, zstd)"):
+        save_s = save_state(vm, state)
     host_public = files.known_hosts.read_text().split(" ", 1)[1].strip()
     record: dict[str, Any] = {
         "inputs": inputs, "accel": spec.accel, "host_public": host_public, "saved_with": saved_with,
@@ -201,7 +210,7 @@ def resume(plan: RunPlan, warm: WarmSet, *, interactive: bool) -> Resumed | None
                 shutil.copyfile(warm.vars, spec.firmware_vars)
             spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state),
                                        interactive=interactive)
-            vm = booting.enter_context(VmRun(spec, qemu_binary(spec.arch), "test-image"))
+            vm = booting.enter_context(VmRun(spec, qemu_binary(spec.arch), plan.label))
             load_s = wait_restored(vm)
             files.known_hosts.write_text(f"[127.0.0.1]:{port} {record['host_public']}\n")
             assert vm.spec.key_channel is not None

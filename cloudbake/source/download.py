@@ -88,7 +88,7 @@ def download(session: requests.Session, url: str, dest: Path, sha256: str | Dige
             part.unlink(missing_ok=True)
             validator_file.unlink(missing_ok=True)
             _running.pop(part, None)
-            raise PipelineError(str(err), hint="check source.mirror; run doit update if the image really "
+            raise PipelineError(str(err), hint="check source.mirror; run cloudbake update if the image really "
                                                "changed") from None
         digest, _ = _hash_existing_cached(part, expected.algorithm)
         actual = digest.hexdigest()
@@ -176,7 +176,7 @@ def _download_attempt(session: requests.Session, url: str, part: Path, validator
         if length is not None and size + length > limit:
             raise PipelineError(f"{url}: the server announces {human_bytes(size + length)}, more than the "
                                 f"{human_bytes(limit)} {'the lock pins' if limit == expected_size else 'allowed'}; "
-                                "refused", hint="check source.mirror; run doit update if the image really changed")
+                                "refused", hint="check source.mirror; run cloudbake update if the image really changed")
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         write_atomically(validator_file, json.dumps({"url": url, "validator": new_validator}).encode())
         total = size + length if length is not None else expected_size

@@ -46,7 +46,7 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
     lock = read_lock(paths.lock_file)
     if lock is not None and not lock.matches(pipeline.source) and not update:
         raise PipelineError(f"{paths.lock_file} pins {lock.source} but the pipeline's source is now "
-                            f"{lock_source(pipeline.source)}", hint="run doit update to resolve and pin it again")
+                            f"{lock_source(pipeline.source)}", hint="run cloudbake update to resolve and pin it again")
     if lock is not None and not update:
         name = Path(urllib.parse.urlparse(lock.url).path).name
         image = cached_image_path(paths, lock.sha256, name)
@@ -61,7 +61,7 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
             except PipelineError as err:
                 if "mismatch" in err.message:
                     raise PipelineError(f"{lock.url} no longer serves the image pinned by {paths.lock_file} "
-                                        f"(sha256 {lock.sha256})", hint="run doit update to pin the current image") \
+                                        f"(sha256 {lock.sha256})", hint="run cloudbake update to pin the current image") \
                         from None
                 raise
         return image, lock
@@ -77,8 +77,8 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
     resolved = Lock(**{**asdict(resolved), "sha256": sha256, "size": image.stat().st_size})
     if lock != resolved:
         write_lock(paths.lock_file, resolved)
-        log.info("pinned %s (sha256 %s…, serial %s) in %s", resolved.url, resolved.sha256[:12], resolved.serial,
-                 paths.lock_file)
+        log.info("pinned %s (sha256 %s…%s) in %s", resolved.url, resolved.sha256[:12],
+                 f", serial {resolved.serial}" if resolved.serial else "", paths.lock_file)
     return image, resolved
 
 

@@ -74,7 +74,7 @@ def read_lock(file: Path) -> Lock | None:
         return lock
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise PipelineError(f"{file}: not a valid cloudbake lock file ({err})",
-                            hint="delete it and run doit update to write it again") from None
+                            hint="delete it and run cloudbake update to write it again") from None
 
 
 def _check_lock_values(lock: Lock) -> None:
@@ -122,4 +122,4 @@ def check_not_older(pinned: Lock | None, resolved: Lock, allow_downgrade: bool) 
             f"{resolved.signature_time or 'unsigned'}, pinned serial {pinned.serial} signed "
             f"{pinned.signature_time or 'unsigned'}; the lock was left as it is",
             hint="a mirror serving an old signed release can be a replay attack; if you really want the older "
-                 "image, run doit update downgrade=1")
+                 "image, run cloudbake update --downgrade")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.runner import require_tool, run
+from cloudbake.core.runner import run
+from cloudbake.core.tools import require_tool
 
 
 def dearmor(data: bytes, what: str = "OpenPGP data") -> bytes:
@@ -113,7 +114,7 @@ def check_signature(sums: bytes, signature: bytes, keyring: Path, fingerprints: 
                     what: str = "SHA256SUMS") -> Signature:
     """gpgv's machine-readable verdict over ``sums`` and its detached ``signature``; accepted only for a
     pinned fingerprint. ``what`` names the signed file in messages."""
-    gpgv = require_tool("gpgv", "gpgv")
+    gpgv = require_tool("gpgv")
     with tempfile.TemporaryDirectory(prefix="cloudbake-gpgv-") as tmp:
         sums_file, sig_file = Path(tmp) / "signed", Path(tmp) / "signature.gpg"
         sums_file.write_bytes(sums)
@@ -130,7 +131,7 @@ def check_clearsigned(message: bytes, keyring: Path, fingerprints: tuple[str, ..
     Only that text is returned: whatever a file holds around the signed part (lines before the
     armor, after the signature) is never read as if it were signed.
     """
-    gpgv = require_tool("gpgv", "gpgv")
+    gpgv = require_tool("gpgv")
     with tempfile.TemporaryDirectory(prefix="cloudbake-gpgv-") as tmp:
         signed, out = Path(tmp) / "message.asc", Path(tmp) / "signed-text"
         signed.write_bytes(message)

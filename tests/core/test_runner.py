@@ -11,7 +11,8 @@ import time
 import pytest
 
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.runner import require_tool, run, spawn
+from cloudbake.core.runner import run, spawn
+from cloudbake.core.tools import require_tool
 
 
 def test_output_is_captured_and_decoded_leniently():
@@ -44,8 +45,10 @@ def test_timeout_kills_the_child_and_says_so(tmp_path):
 def test_missing_program_is_a_clear_error():
     with pytest.raises(PipelineError, match="not found"):
         run(["/nonexistent/qemu-img", "info"], stage="test", timeout=5)
-    with pytest.raises(PipelineError, match="install the qemu-utils package"):
-        require_tool("qemu-img-that-does-not-exist", "qemu-utils")
+    with pytest.raises(PipelineError, match="install it: apt-get install qemu-utils; macOS: brew install qemu"):
+        require_tool("qemu-img", path="/nonexistent")
+    with pytest.raises(PipelineError, match="install it: apt-get install openssh-client \\(macOS has it\\)"):
+        require_tool("ssh", path="/nonexistent")
 
 
 def test_ctrl_c_stops_a_spawned_program(tmp_path):
@@ -86,3 +89,31 @@ def test_timeout_is_its_own_error_type():
 
     with pytest.raises(CommandTimeoutError):
         run([sys.executable, "-c", "import time; time.sleep(30)"], stage="test", timeout=0.5, check=False)
+
+
+@pytest.mark.parametrize(("raw", "plain"), [
+    ("\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mssh.service\x1b[0m.", "OK  ] Started ssh.service."),
+    ("\x1b]0;title\x07login: \x1b[?25h", "login:"),
+    ("cloud-init\r\x1b[K\x08 done\x00", "cloud-init done"),
+])
+def test_console_lines_lose_their_escape_sequences(raw, plain):
+    from cloudbake.core.progress import plain_text
+
+    assert plain_text(raw) == plain
+
+
+def test_a_wait_says_what_it_waits_for_while_one_call_blocks(monkeypatch, caplog):
+    """The heartbeat runs beside a call that blocks (cloud-init status --wait over SSH, a migration)."""
+    import logging
+    import time
+
+    from cloudbake.core.log import stage_logger
+    from cloudbake.core.progress import waiting
+
+    monkeypatch.setenv("CLOUDBAKE_HEARTBEAT_S", "1")
+    caplog.set_level(logging.INFO, logger="cloudbake")
+    with waiting(stage_logger("warm"), "saving the warm state", lambda: "console: x"):
+        time.sleep(2.5)
+    lines = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert lines[:2] == ["waiting for: saving the warm state (1 s so far); console: x",
+                         "waiting for: saving the warm state (2 s so far); console: x"]

@@ -79,7 +79,7 @@ def test_key_ignores_what_does_not_change_the_image(locked, text):
 
 def test_key_needs_a_lock(make_pipeline):
     pipeline = load_pipeline(make_pipeline(PIPELINE))
-    with pytest.raises(PipelineError, match="run doit fetch once and commit the lock file"):
+    with pytest.raises(PipelineError, match="run cloudbake fetch once and commit the lock file"):
         resolve_key(pipeline, resolve_paths(pipeline))
 
 
@@ -223,7 +223,7 @@ def test_failing_cache_key_says_why_on_stderr_even_with_the_zero_reporter(make_p
                              f"pipeline={pipeline}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stdout.strip() == ""
-    assert "no pipeline.lock beside pipeline.yaml" in result.stderr and "doit fetch" in result.stderr
+    assert "no pipeline.lock beside pipeline.yaml" in result.stderr and "cloudbake fetch" in result.stderr
 
 
 def test_published_image_is_checked_once_against_its_manifest(tmp_path):

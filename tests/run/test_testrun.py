@@ -89,7 +89,7 @@ def test_a_test_run_command_looks_the_base_image_up_once(tmp_path, monkeypatch):
     from cloudbake.config.paths import resolve_paths
     from cloudbake.image import build
     from cloudbake.run import runs
-    from cloudbake.run.testrun import run_test_image
+    from cloudbake.run.testrun import TestRequest, run_test_image
     from tests.fixture.offline import offline_project
 
     file = offline_project(tmp_path, published=True)
@@ -111,6 +111,6 @@ def test_a_test_run_command_looks_the_base_image_up_once(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "verify_chain", counted)
     pipeline = load_pipeline(file)
     monkeypatch.setattr(build, "resolutions", 0)
-    outcome = run_test_image(pipeline, resolve_paths(pipeline), jobs=2)
+    outcome = run_test_image(pipeline, resolve_paths(pipeline), TestRequest(jobs=2))
     assert [result.stage for result in outcome.runs] == ["boot", "boot"]
     assert len(checked) == 1 and build.resolutions == 1

@@ -152,7 +152,7 @@ def test_lock_for_another_source_says_update(server, small_mirror, make):
     ensure_image(other, paths, http=FAST)  # disk settings don't touch the source: the lock still holds
     moved, paths2 = make(server.url, small_mirror.key.keyring, small_mirror.key.fingerprint)
     paths2.lock_file.write_text(paths.lock_file.read_text().replace('"channel": "current"', '"channel": "release"'))
-    with pytest.raises(PipelineError, match="run doit update"):
+    with pytest.raises(PipelineError, match="run cloudbake update"):
         ensure_image(moved, paths2, http=FAST)
 
 
