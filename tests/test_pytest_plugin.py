@@ -31,7 +31,7 @@ STARTED = []
 
 
 @contextlib.contextmanager
-def attached(config):
+def attached(config, node=None):
     pipeline = load_pipeline(plugin._pipeline_file(config))
     machine = Machine(pipeline, resolve_paths(pipeline), timeout_per_step=True)
     folder = Path(pipeline.file.parent / "runs" / str(len(STARTED)))

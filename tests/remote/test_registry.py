@@ -473,7 +473,7 @@ def test_doit_pull_of_a_missing_key_and_push_without_a_remote_say_what_to_do(reg
     (project.parent / "cloud-init" / "user-data.yaml").write_text("#cloud-config\nruncmd: [[echo, changed]]\n")
     pulled = doit("pull", f"pipeline={project}", cwd=project.parent, timeout=120)
     said = pulled.stdout + pulled.stderr
-    assert pulled.returncode != 0 and "is not in the registry" in said and "doit push" in said
+    assert pulled.returncode != 0 and "is not in the registry" in said and "cloudbake push" in said
     assert "Traceback" not in said
 
 
