@@ -200,6 +200,53 @@ def test_a_failed_save_is_remembered_and_not_tried_again_for_a_day(tmp_path, mak
     assert failed_save(image, key) is not None
 
 
+def test_a_save_that_failed_for_a_missing_program_is_retried_once_it_is_installed(tmp_path, make_pipeline,
+                                                                                 monkeypatch):
+    """zstd missing: the run boots cold and later runs do not boot twice for nothing; once zstd is on PATH the
+    next run saves. A marker written on another machine (it came in a restored cache) counts for nothing."""
+    import json
+    import shutil
+
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.core.tools import ToolMissingError
+    from cloudbake.image.store import read_manifest
+    from cloudbake.qemu.host import qemu_binary, qemu_version
+    from cloudbake.run.warm import failed_save, failed_save_marker
+    from cloudbake.run.warmstart import choose_warm_set, resolve_warm_key
+    from tests.fixture.published import make_published
+
+    pipeline = load_pipeline(make_pipeline("name: img\nvm: {accel: tcg}\n"))
+    paths = resolve_paths(pipeline)
+    image = make_published(pipeline.file.parent, name="img")
+    manifest = read_manifest(image)
+    key = resolve_warm_key(pipeline, paths, manifest, "tcg", qemu_version(qemu_binary(pipeline.source.arch)))
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in ("qemu-system-x86_64", "qemu-img", "ps"):
+        (tools / name).symlink_to(shutil.which(name))
+    monkeypatch.setenv("PATH", str(tools))
+    saves: list[str] = []
+
+    def save(version: str):
+        saves.append(version)
+        raise ToolMissingError("zstd")
+
+    assert choose_warm_set(pipeline, paths, image, manifest, save) is None
+    assert choose_warm_set(pipeline, paths, image, manifest, save) is None
+    assert len(saves) == 1 and failed_save(image, key) == "'zstd' not found on PATH"
+    (tools / "zstd").symlink_to(shutil.which("zstd", path=os.defpath + ":/usr/bin"))
+    assert failed_save(image, key) is None
+    assert choose_warm_set(pipeline, paths, image, manifest, save) is None
+    assert len(saves) == 2   # tried again: the reason no longer holds
+    marker = failed_save_marker(image, key)
+    record = json.loads(marker.read_text())
+    (tools / "zstd").unlink()
+    assert failed_save(image, key) is not None
+    marker.write_text(json.dumps({**record, "host": "another-runner 6.1 x86_64"}))
+    assert failed_save(image, key) is None
+
+
 def test_the_key_port_is_on_the_command_line_of_savers_and_restores_only(tmp_path):
     plain = build_qemu_argv(_spec(tmp_path), "qemu-system-x86_64")
     keyed = build_qemu_argv(_spec(tmp_path, key_channel=tmp_path / "key.sock"), "qemu-system-x86_64")
