@@ -31,6 +31,7 @@ from pathlib import Path
 from time import struct_time
 from typing import Any
 
+import jsonschema
 import pycdlib
 import yaml
 
@@ -38,7 +39,7 @@ from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.config.problems import schema_problems
 from cloudbake.config.schemas import cloud_config_schema_path
-from cloudbake.config.yamlfile import Problem, locate, parse_yaml, suggest
+from cloudbake.config.yamlfile import Problem, dotted, locate, parse_yaml, suggest
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger
@@ -93,8 +94,11 @@ class SeedFiles:
 
 @functools.cache
 def load_cloud_config_schema() -> dict[str, Any]:
+    """cloud-init's schema, less its top-level ``additionalProperties: false``: an unknown top-level key
+    is a warning of cloudbake's own (with a suggestion), an error only under ``cloud_init.strict``."""
     with open(cloud_config_schema_path(), encoding="utf-8") as f:
         schema: dict[str, Any] = json.load(f)
+    schema.pop("additionalProperties", None)
     return schema
 
 
@@ -106,7 +110,7 @@ def known_cloud_config_keys() -> tuple[str, ...]:
     for part in schema.get("allOf", []):
         definition = schema["$defs"].get(part.get("$ref", "").rsplit("/", 1)[-1], {})
         keys += list(definition.get("properties", {}))
-    return tuple(dict.fromkeys([*keys, *UNDESCRIBED_KEYS]))
+    return tuple(dict.fromkeys([*keys, *schema.get("properties", {}), *UNDESCRIBED_KEYS]))
 
 
 def read_cloud_config(file: Path) -> tuple[dict[str, Any], yaml.Node | None]:
@@ -152,9 +156,15 @@ def read_cloud_config(file: Path) -> tuple[dict[str, Any], yaml.Node | None]:
 
 def cloud_config_problems(document: dict[str, Any], root: yaml.Node | None,
                           strict: bool) -> tuple[list[Problem], list[Problem]]:
-    """(errors, warnings) for a cloud-config document; unknown top-level keys are warnings unless strict."""
+    """(errors, warnings) for a cloud-config document.
+
+    What a current cloud-init runs is never an error: keys it marks deprecated are warnings naming the
+    modern form, an empty ``ssh_authorized_keys`` is a placeholder (``key_placeholders``), and unknown
+    top-level keys are warnings unless ``strict``.
+    """
     schema = load_cloud_config_schema()
-    errors = schema_problems(document, root, schema)
+    checked = without_key_placeholders(document)
+    errors = schema_problems(checked, root, schema)
     for problem in errors:
         if "is not one of" in problem.message and problem.message.startswith(("True ", "False ")):
             object.__setattr__(problem, "message", problem.message
@@ -166,9 +176,81 @@ def cloud_config_problems(document: dict[str, Any], root: yaml.Node | None,
             line, col = locate(root, [str(key)], key=True)
             unknown.append(Problem(line, col, str(key),
                                    f"unknown cloud-config key{suggest(str(key), known)}; cloud-init will ignore it"))
+    deprecated = deprecation_problems(checked, root, schema)
     if strict:
-        return sorted(errors + unknown, key=lambda p: (p.line, p.col)), []
-    return errors, unknown
+        return sorted(errors + unknown, key=lambda p: (p.line, p.col)), deprecated
+    return errors, sorted(unknown + deprecated, key=lambda p: (p.line, p.col))
+
+
+def _deprecated_keyword(validator: Any, value: Any, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    if value is True:
+        version = schema.get("deprecated_version")
+        said = schema.get("deprecated_description") or "cloud-init will drop it"
+        yield jsonschema.ValidationError(f"deprecated{f' since cloud-init {version}' if version else ''}: {said}")
+
+
+_DeprecationValidator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft4Validator, {"deprecated": _deprecated_keyword})
+
+
+def deprecation_problems(document: dict[str, Any], root: yaml.Node | None, schema: dict[str, Any]) -> list[Problem]:
+    """Keys cloud-init still runs but has replaced, each with the replacement its schema names (warnings,
+    as ``cloud-init schema`` reports them)."""
+    problems = []
+    for error in _deprecations(_DeprecationValidator(schema).iter_errors(document))[1]:
+        path = list(error.absolute_path)
+        line, col = locate(root, path, key=bool(path) and isinstance(path[-1], str))
+        problems.append(Problem(line, col, dotted(path), error.message))
+    return list({(p.line, p.col, p.message): p for p in problems}.values())
+
+
+def _deprecations(errors: Iterator[Any]) -> tuple[bool, list[Any]]:
+    """(every error is a deprecation, the deprecations). Of a oneOf/anyOf, the branch that is valid but for
+    its deprecations counts, as cloud-init's own validator treats it; the other branches' do not."""
+    only, found = True, []
+    for error in errors:
+        if error.validator == "deprecated":
+            found.append(error)
+            continue
+        if error.validator in ("oneOf", "anyOf") and error.context:
+            branches: dict[Any, list[Any]] = {}
+            for sub in error.context:
+                branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+            valid_but_deprecated = [subs for clean, subs in map(_deprecations, map(iter, branches.values())) if clean]
+            if valid_but_deprecated:
+                found += valid_but_deprecated[0]
+                continue
+        only = False
+    return only, found
+
+
+def key_placeholders(document: dict[str, Any]) -> list[str]:
+    """The users whose ``ssh_authorized_keys`` is present but empty (``[]`` or nothing at all).
+
+    Such an entry is a placeholder for keys added before the seed is built (the faas project's own
+    script appends a fresh key there); cloud-init itself would fail on a null list. cloudbake reads
+    the intent: these users get the keys its own user gets (the bake's, and each run's).
+    """
+    users = document.get("users")
+    if not isinstance(users, list):
+        return []
+    return [str(entry.get("name")) for entry in users
+            if isinstance(entry, dict) and "ssh_authorized_keys" in entry and not entry["ssh_authorized_keys"]]
+
+
+def without_key_placeholders(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with every key placeholder left out, as the schema check should see it."""
+    if not key_placeholders(document):
+        return document
+    users = [{k: v for k, v in entry.items() if not (k == "ssh_authorized_keys" and not v)}
+             if isinstance(entry, dict) else entry for entry in document["users"]]
+    return {**document, "users": users}
+
+
+def placeholder_users(pipeline: Pipeline) -> list[str]:
+    """The users of the pipeline's user-data, other than cloudbake's own, that get each run's key."""
+    document, _ = read_cloud_config(pipeline.cloud_init.user_data)
+    return [name for name in key_placeholders(document) if name != pipeline.cloud_init.user]
 
 
 def check_power_state(document: dict[str, Any], root: yaml.Node | None) -> list[Problem]:
@@ -288,10 +370,22 @@ def merge_user_data(user: dict[str, Any], pipeline: Pipeline, keys: list[str], *
     name = pipeline.cloud_init.user
     users = user.get("users")
     users = [users] if isinstance(users, str) else list(users or ["default"])
+    placeholders = key_placeholders(user)
+    if placeholders:
+        _warn_once(f"users {', '.join(placeholders)}: an empty ssh_authorized_keys is read as a placeholder; "
+                   f"{'they get' if len(placeholders) > 1 else 'it gets'} the keys cloudbake gives {name} "
+                   "(the bake's and each test run's)")
+    for index, entry in enumerate(users):
+        if isinstance(entry, dict) and entry.get("name") in placeholders and entry.get("name") != name:
+            users[index] = {k: v for k, v in entry.items() if k != "ssh_authorized_keys"}
+            if keys:
+                users[index]["ssh_authorized_keys"] = keys
     for index, entry in enumerate(users):
         if isinstance(entry, dict) and entry.get("name") == name:
-            existing = list(entry.get("ssh_authorized_keys", []))
-            users[index] = {**entry, "ssh_authorized_keys": list(dict.fromkeys(existing + keys))}
+            existing = list(entry.get("ssh_authorized_keys") or [])
+            users[index] = {k: v for k, v in entry.items() if k != "ssh_authorized_keys"}
+            if existing or keys:
+                users[index]["ssh_authorized_keys"] = list(dict.fromkeys(existing + keys))
             break
     else:
         added: dict[str, Any] = {

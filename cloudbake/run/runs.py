@@ -32,7 +32,14 @@ from cloudbake.core.runner import run
 from cloudbake.core.tools import require_tool
 from cloudbake.image.build import resolve_key
 from cloudbake.image.qcow2 import overlay_backing
-from cloudbake.image.seed import SUDO_NOPASSWD, SeedFiles, build_seed_iso, render_cloud_config, render_meta_data
+from cloudbake.image.seed import (
+    SUDO_NOPASSWD,
+    SeedFiles,
+    build_seed_iso,
+    placeholder_users,
+    render_cloud_config,
+    render_meta_data,
+)
 from cloudbake.image.store import Manifest, published_image, verify_chain
 from cloudbake.qemu.argv import VmSpec
 from cloudbake.qemu.firmware import with_uefi
@@ -338,7 +345,9 @@ def run_seed_files(pipeline: Pipeline, client_public: str, host_private: str, ho
     """The per-run seed: this run's login key and a pre-generated host key, nothing else re-applied."""
     user_data = {
         "users": [{"name": pipeline.cloud_init.user, "sudo": SUDO_NOPASSWD, "shell": "/bin/bash",
-                   "lock_passwd": True, "ssh_authorized_keys": [client_public]}],
+                   "lock_passwd": True, "ssh_authorized_keys": [client_public]},
+                  # Users whose empty key list in the user-data asked for cloudbake's keys get this run's too.
+                  *({"name": other, "ssh_authorized_keys": [client_public]} for other in placeholder_users(pipeline))],
         "ssh_pwauth": False,
         "ssh_deletekeys": True,
         "ssh_keys": {"ed25519_private": host_private, "ed25519_public": host_public},

@@ -61,8 +61,8 @@ def ensure_image(pipeline: Pipeline, paths: Paths, *, update: bool = False, allo
             except PipelineError as err:
                 if "mismatch" in err.message:
                     raise PipelineError(f"{lock.url} no longer serves the image pinned by {paths.lock_file} "
-                                        f"(sha256 {lock.sha256})", hint="run cloudbake update to pin the current image") \
-                        from None
+                                        f"(sha256 {lock.sha256})",
+                                        hint="run cloudbake update to pin the current image") from None
                 raise
         return image, lock
     with make_session() as session:

@@ -65,6 +65,71 @@ def test_users_own_entry_wins_and_gets_the_keys(make_pipeline):
     assert doc["users"][0]["ssh_authorized_keys"] == [KEY, other]
 
 
+# The founding user's own vm/user-data: list-form sudo rules (what cloud-init's docs and the seed show), an
+# empty key list their script filled before building the seed, and the seed's own power_state form.
+FAAS_USER_DATA = """\
+#cloud-config
+users:
+  - name: faas
+    sudo: ['ALL=(ALL) NOPASSWD: /sbin/poweroff', 'ALL=(ALL) NOPASSWD: /usr/sbin/ip']
+    shell: /bin/bash
+    ssh_authorized_keys:
+  - name: ubuntu
+    sudo: ['ALL=(ALL) NOPASSWD:ALL']
+    ssh_authorized_keys: []
+packages: [nftables]
+power_state: {mode: poweroff, delay: now}
+"""
+
+
+def test_a_real_users_file_loads_and_empty_key_lists_get_cloudbakes_keys(make_pipeline, caplog):
+    import logging
+
+    from cloudbake.image.seed import placeholder_users
+
+    caplog.set_level(logging.WARNING, logger="cloudbake")
+    other = KEY.replace("seedtest", "othertest")
+    pipeline = load_pipeline(make_pipeline(f'name: faas\ncloud_init:\n  ssh_authorized_keys: ["{other}"]\n',
+                                           user_data=FAAS_USER_DATA))
+    doc = _user_data(build_seed_files(pipeline))
+    faas, ubuntu = doc["users"]
+    assert faas["sudo"] == ["ALL=(ALL) NOPASSWD: /sbin/poweroff", "ALL=(ALL) NOPASSWD: /usr/sbin/ip"]
+    assert faas["ssh_authorized_keys"] == [other] and ubuntu["ssh_authorized_keys"] == [other]
+    assert "users faas, ubuntu: an empty ssh_authorized_keys is read as a placeholder" in caplog.text
+    assert placeholder_users(pipeline) == ["faas"]   # cloudbake's own user gets each run's key anyway
+
+
+def test_a_placeholder_user_gets_each_runs_key(make_pipeline):
+    from cloudbake.run.runs import run_seed_files
+
+    pipeline = load_pipeline(make_pipeline("name: faas\n", user_data=FAAS_USER_DATA))
+    merged = _user_data(build_seed_files(pipeline))
+    assert all("ssh_authorized_keys" not in user for user in merged["users"])   # no keys at bake: none, not null
+    seed = run_seed_files(pipeline, KEY, "PRIVATE", "ssh-ed25519 HOST", "iid")
+    users = {user["name"]: user for user in _user_data(seed)["users"]}
+    assert users["faas"]["ssh_authorized_keys"] == [KEY] and users["ubuntu"]["ssh_authorized_keys"] == [KEY]
+
+
+@pytest.mark.parametrize(("user_data", "fragment"), [
+    ("#cloud-config\nusers:\n  - name: a\n    lock-passwd: true\n",
+     "users[0].lock-passwd: deprecated since cloud-init 22.3: Use **lock_passwd** instead."),
+    ("#cloud-config\napt_update: true\n", "apt_update: deprecated since cloud-init 22.2: Use **package_update**"),
+])
+def test_deprecated_keys_are_warnings_naming_the_modern_form(make_pipeline, caplog, user_data, fragment):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="cloudbake")
+    build_seed_files(load_pipeline(make_pipeline("name: t\n", user_data=user_data)))
+    assert fragment in caplog.text
+
+
+def test_a_value_cloud_init_cannot_run_is_still_an_error(make_pipeline):
+    with pytest.raises(PipelineError, match=r"users\[0\]\.sudo: .*is not valid under any of the given schemas|"
+                                            r"users\[0\]\.sudo: 5 is not of type"):
+        build_seed_files(load_pipeline(make_pipeline("name: t\n", user_data="#cloud-config\nusers:\n  - name: a\n"
+                                                                   "    sudo: 5\n")))
+
+
 def test_generalize_off_leaves_identity(make_pipeline):
     pipeline = load_pipeline(make_pipeline("cloud_init: {generalize: false}\n"))
     doc = _user_data(build_seed_files(pipeline))
@@ -115,7 +180,7 @@ BAD_USER_DATA = [
     ("#cloud-config\nsnap:\n  commands: 42\n", "user-data.yaml:3:13: snap.commands: 42 is not of type 'object', 'array'"),
     ("#cloud-config\nchpasswd:\n  expire: sometimes\n", "user-data.yaml:3:11: chpasswd.expire: 'sometimes' is not of type 'boolean'"),
     ("#cloud-config\nmounts: /dev/vdb\n", "user-data.yaml:2:9: mounts: '/dev/vdb' is not of type 'array'"),
-    ("#cloud-config\nssh_genkeytypes: [ed25519, rsa4096]\n", "ssh_genkeytypes[1]: 'rsa4096' is not one of: dsa, ecdsa, ed25519, rsa"),
+    ("#cloud-config\nssh_genkeytypes: [ed25519, rsa4096]\n", "ssh_genkeytypes[1]: 'rsa4096' is not one of: ecdsa, ed25519, rsa"),
     ("#cloud-config\npackage_update: 1\n", "package_update: 1 is not of type 'boolean'"),
 ]
 
