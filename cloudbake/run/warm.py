@@ -143,8 +143,6 @@ def image_identity(manifest: Manifest) -> str:
 # can anyone log in, with this run's private key, which never leaves the run folder.
 
 KEY_LISTENER = r"""
-user="$1"
-home=$(getent passwd "$user" | cut -d: -f6)
 dev=""
 for p in /sys/class/virtio-ports/*; do
     [ "$(cat "$p/name" 2>/dev/null)" = "{port}" ] && dev="/dev/${{p##*/}}"
@@ -161,28 +159,41 @@ done
 date -u -s "@$now" >/dev/null
 printf '%s' "$seed" > /dev/urandom
 umask 077
-mkdir -p "$home/.ssh"
-printf '%s\n' "$key" >> "$home/.ssh/authorized_keys"
-chown "$user:" "$home/.ssh" "$home/.ssh/authorized_keys"
+# cloudbake's user, then the users whose empty key list asked for its keys.
+for user in "$@"; do
+    home=$(getent passwd "$user" | cut -d: -f6)
+    [ -n "$home" ] || continue
+    mkdir -p "$home/.ssh"
+    printf '%s\n' "$key" >> "$home/.ssh/authorized_keys"
+    chown "$user:" "$home/.ssh" "$home/.ssh/authorized_keys"
+done
 echo ok >&3
 rm -f "$0"
 """
 KEY_HANDOVER_TIMEOUT_S = 60.0
 
 
-def arm_key_listener_script(user: str, saved_with: str) -> str:
-    """The guest command (run over SSH just before the save) that starts the listener and removes
-    ``saved_with`` (the key the saving VM was logged in with) from the user's authorized keys."""
+def arm_key_listener_script(users: list[str], saved_with: str) -> str:
+    """The guest command (run over SSH as ``users[0]`` just before the save) that starts the listener and
+    removes ``saved_with`` (the key the saving VM was logged in with) from every user's authorized keys.
+
+    ``users``: cloudbake's user first, then the users whose empty key list asked for its keys
+    (``seed.placeholder_users``): a resumed VM gives each of them the run's key."""
     from cloudbake.qemu.argv import KEY_PORT_NAME
 
     listener = KEY_LISTENER.format(port=KEY_PORT_NAME)
     # From a file, not `sh -c`: systemd expands $VARIABLES and %specifiers in a unit's command line.
     script = f"/run/cloudbake-key-{secrets.token_hex(4)}.sh"
     start = (f"printf '%s' {shlex.quote(listener)} | sudo -n tee {script} >/dev/null && "
-             f"sudo -n systemd-run -q --unit={Path(script).stem} --collect /bin/sh {script} {shlex.quote(user)}")
+             f"sudo -n systemd-run -q --unit={Path(script).stem} --collect /bin/sh {script} {shlex.join(users)}")
     # grep exits 1 when no other key is left: that is fine, the file is then empty.
     drop = (f"{{ grep -vxF {shlex.quote(saved_with)} ~/.ssh/authorized_keys || true; }} "
             "> ~/.ssh/authorized_keys.new && mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys")
+    for other in users[1:]:
+        keys = f'"$(getent passwd {shlex.quote(other)} | cut -d: -f6)/.ssh/authorized_keys"'
+        drop += (f"; if sudo -n test -f {keys}; then {{ sudo -n grep -vxF {shlex.quote(saved_with)} {keys} || true; }}"
+                 f" | sudo -n tee {keys}.new >/dev/null && sudo -n mv {keys}.new {keys} && "
+                 f"sudo -n chown {shlex.quote(other)}: {keys}; fi")
     return f"set -e; {start}; {drop}"
 
 

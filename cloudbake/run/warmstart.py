@@ -25,6 +25,7 @@ from cloudbake.core.progress import waiting
 from cloudbake.core.runner import run, tail
 from cloudbake.core.tools import ToolMissingError
 from cloudbake.core.units import human_bytes
+from cloudbake.image.seed import placeholder_users
 from cloudbake.image.store import Manifest
 from cloudbake.qemu.argv import VmSpec
 from cloudbake.qemu.firmware import find_uefi, pflash_code
@@ -154,7 +155,8 @@ def save_warm_set(plan: RunPlan, vm: VmRun, ssh: Callable[[str], list[str]], ver
     warm = warm_set_for(plan.base, warm_key(inputs))
     saved_with = files.client_key.with_name("id_ed25519.pub").read_text().strip()
     user = plan.pipeline.cloud_init.user
-    armed = run(ssh(arm_key_listener_script(user, saved_with)), stage="test-image", timeout=60, check=False)
+    armed = run(ssh(arm_key_listener_script([user, *placeholder_users(plan.pipeline)], saved_with)),
+                stage="warm", timeout=60, check=False)
     if armed.returncode != 0:
         raise PipelineError(f"could not start the key listener in the VM to save (exit status "
                             f"{armed.returncode}): {tail(armed.stderr) or 'no output'}")
