@@ -29,8 +29,8 @@ def heartbeat_s() -> float:
 
 
 def plain_text(line: str) -> str:
-    """A console line as text: escape sequences and control characters removed."""
-    return _CONTROL.sub("", _ESCAPES.sub("", line)).strip()
+    """A console line as text: escape sequences and control characters removed (indentation kept)."""
+    return _CONTROL.sub("", _ESCAPES.sub("", line)).rstrip()
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from cloudbake.image.qcow2 import check_standalone
 from cloudbake.image.seed import (
     GENERALIZED_MARKER,
     RESULT_MARKER,
+    SCHEMA_MARKER,
     STATUS_MARKER,
     build_seed_iso,
     with_boot_nonce,
@@ -74,10 +75,28 @@ class CloudInitResult:
     recoverable: dict[str, list[str]]
     datasource: str | None
     generalized: bool
+    guest_schema: str | None = None   # the guest's own `cloud-init schema --system --annotate` and status, if it warned
 
     def failing_modules(self) -> list[str]:
         found = (re.match(r"\('([a-z0-9_-]+)',", error) for error in self.errors)
         return sorted({match.group(1).replace("-", "_") for match in found if match})
+
+
+def redact_control(text: str) -> str:
+    """Guest text as lines of plain text: escape sequences and control characters removed."""
+    from cloudbake.core.progress import plain_text
+
+    return "\n".join(plain_text(line) for line in text.splitlines())
+
+
+def _marker_text(text: str, marker: str, nonce: str) -> str | None:
+    found = re.findall(rf"{marker} {re.escape(nonce)} ([A-Za-z0-9+/=]*)", text)
+    if not found:
+        return None
+    try:
+        return base64.b64decode(found[-1]).decode("utf-8", errors="replace").strip()
+    except ValueError:
+        return None
 
 
 def _marker_json(text: str, marker: str, nonce: str) -> dict[str, Any] | None:
@@ -108,7 +127,8 @@ def parse_cloud_init_result(serial: str, nonce: str) -> CloudInitResult | None:
             for level, messages in (info.get("recoverable_errors") or {}).items():
                 recoverable.setdefault(level, []).extend(f"{stage}: {m}" for m in messages)
     datasource = (result or {}).get("v1", {}).get("datasource")
-    return CloudInitResult(errors, recoverable, datasource, f"{GENERALIZED_MARKER} {nonce}" in serial)
+    return CloudInitResult(errors, recoverable, datasource, f"{GENERALIZED_MARKER} {nonce}" in serial,
+                           _marker_text(serial, SCHEMA_MARKER, nonce))
 
 
 # --- the steps ----------------------------------------------------------------------------
@@ -371,6 +391,11 @@ def _check_result(result: CloudInitResult, pipeline: Pipeline, paths: Paths) -> 
     for level, messages in result.recoverable.items():
         for message in messages:
             log.warning("cloud-init %s: %s", level.lower(), message)
+    if result.guest_schema:
+        # The guest's cloud-init may be older or newer than the schema cloudbake checks with: its own
+        # verdict, in full, instead of the advice to run it in a guest that is then thrown away.
+        log.warning("the guest's cloud-init warned about the user-data; what it says (cloud-init --version, "
+                    "schema --system --annotate, status --long):\n%s", redact_control(result.guest_schema))
     if result.errors:
         modules = result.failing_modules()
         raise PipelineError(

@@ -53,6 +53,9 @@ SUDO_NOPASSWD = "ALL=(ALL) NOPASSWD:ALL"
 RESULT_MARKER = "CLOUDBAKE-RESULT"
 STATUS_MARKER = "CLOUDBAKE-STATUS"
 GENERALIZED_MARKER = "CLOUDBAKE-GENERALIZED"
+SCHEMA_MARKER = "CLOUDBAKE-SCHEMA"
+# What the guest's cloud-init logs when the user-data fails its own schema check (22.x to 26.x wordings).
+GUEST_SCHEMA_WARNING = "Invalid cloud-config provided|failed schema validation"
 # Every marker carries a nonce fresh for each boot, so the host never believes lines
 # another boot printed (an orphaned QEMU, an old log). The seed the key is computed from
 # holds this placeholder; the ISO a boot uses holds that boot's nonce instead.
@@ -345,6 +348,11 @@ def bake_finish_script(generalize: bool, relabel: bool = False) -> str:
         step("start"),
         f'echo "{STATUS_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/status.json 2>/dev/null)"',
         f'echo "{RESULT_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/result.json 2>/dev/null)"',
+        # Only when the guest's cloud-init warned about the user-data's schema (its Python costs seconds
+        # under TCG): its own annotated verdict and status, before `cloud-init clean` removes the logs.
+        f"if grep -qE '{GUEST_SCHEMA_WARNING}' /var/log/cloud-init.log 2>/dev/null; then "
+        f'echo "{SCHEMA_MARKER} {BOOT_NONCE_PLACEHOLDER} $( {{ cloud-init --version; '
+        "cloud-init schema --system --annotate; cloud-init status --long; } 2>&1 | tail -c 16384 | base64 -w0)\"; fi",
     ]
     if generalize:
         lines += [

@@ -70,7 +70,7 @@ def serial_tail(log_file: Path, lines: int = SERIAL_TAIL_LINES) -> str:
 
 def console_line(log_file: Path) -> str:
     """The console's last line as plain text (no colours or cursor moves), at most 120 characters."""
-    return plain_text(serial_tail(log_file, 1))[-120:]
+    return plain_text(serial_tail(log_file, 1)).strip()[-120:]
 
 
 def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, args: dict[str, Any] | None = None) -> Any:

@@ -92,7 +92,7 @@ def test_timeout_is_its_own_error_type():
 
 
 @pytest.mark.parametrize(("raw", "plain"), [
-    ("\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mssh.service\x1b[0m.", "OK  ] Started ssh.service."),
+    ("\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mssh.service\x1b[0m.", "  OK  ] Started ssh.service."),
     ("\x1b]0;title\x07login: \x1b[?25h", "login:"),
     ("cloud-init\r\x1b[K\x08 done\x00", "cloud-init done"),
 ])

@@ -122,6 +122,36 @@ def test_result_parse_names_the_failing_module():
     assert not result.generalized
 
 
+def test_the_guests_own_schema_verdict_is_shown_in_full(make_pipeline, caplog):
+    """The guest's cloud-init (older than the schema cloudbake checks with) warned about the user-data: the
+    bake shows what its `cloud-init schema --system --annotate` said, escape sequences removed; only this
+    boot's lines count."""
+    import base64
+    import logging
+
+    from cloudbake.image.bake import _check_result
+    from cloudbake.image.seed import SCHEMA_MARKER, bake_finish_script
+
+    script = bake_finish_script(generalize=True)
+    assert "cloud-init schema --system --annotate" in script
+    assert script.index(SCHEMA_MARKER) < script.index("cloud-init clean")   # before the logs are gone
+    said = ("22.4.2\nusers:\n  - name: faas\n    sudo: [rule]\t\t# E1\n\x1b[31m# Errors: -------------\x1b[0m\n"
+            "# E1: ['rule'] is not valid under any of the given schemas\nstatus: done\n")
+    serial = _serial({"v1": {}}, {"v1": {"errors": []}}) + \
+        f"{SCHEMA_MARKER} {NONCE} {base64.b64encode(said.encode()).decode()}\n" + \
+        f"{SCHEMA_MARKER} other-boot {base64.b64encode(b'not this one').decode()}\n"
+    result = parse_cloud_init_result(serial, NONCE)
+    assert result is not None and result.guest_schema == said.strip()
+    caplog.set_level(logging.WARNING, logger="cloudbake")
+    pipeline = load_pipeline(make_pipeline(PIPELINE))
+    _check_result(result, pipeline, resolve_paths(pipeline))
+    assert "the guest's cloud-init warned about the user-data" in caplog.text
+    assert "    sudo: [rule]" in caplog.text and "# E1: ['rule'] is not valid" in caplog.text
+    assert "\x1b" not in caplog.text and "not this one" not in caplog.text
+    quiet = parse_cloud_init_result(_serial({"v1": {}}, {"v1": {"errors": []}}), NONCE)
+    assert quiet is not None and quiet.guest_schema is None
+
+
 def test_result_absent():
     assert parse_cloud_init_result("[ 1.0] kernel panic\n", NONCE) is None
 
