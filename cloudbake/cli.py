@@ -230,30 +230,45 @@ def _main(args: list[str]) -> int:
     options.image = getattr(options, "image", None) or front.image
     if verb == "ssh":
         options.remote = remote or options.remote
+    images = _load_images(options.pipeline)
+    if isinstance(images, int):
+        return images
     if verb in VM_VERBS:
         from cloudbake.run import commands
 
-        return commands.main(verb, options, lambda task: _run_tasks(options.pipeline, [task]))
-    return _task_verb(verb, options)
+        # The pipeline values the tasks see, so the bake before a test run and the run share one resolution.
+        pipelines = tuple(image.pipeline for image in images)
+        return commands.main(verb, options, pipelines, lambda task: _run_tasks(options.pipeline, [task]))
+    return _task_verb(verb, options, images)
 
 
-def _task_verb(verb: str, options: argparse.Namespace) -> int:
-    """A task verb: its task (``bake``, or ``bake:<image>`` with --image), run by doit; --json by the engine."""
+def _load_images(pipeline: str | None) -> Any:
+    """The images of the pipeline file, loaded once for the command (the tasks' own cache), or the usage
+    status after saying what is wrong with the file."""
     from doit.exceptions import InvalidDodoFile
 
-    from cloudbake.config.pipeline import select_image
     from cloudbake.core.errors import PipelineError
 
     context, _ = task_definitions()
-    if options.pipeline is not None:
-        context.set_default_pipeline(options.pipeline)
+    if pipeline is not None:
+        context.set_default_pipeline(pipeline)
     try:
-        images = context.current_images()   # a pipeline error is reported here, the same for every verb
-        if options.image is not None:
-            select_image(tuple(image.pipeline for image in images), options.image,
-                         options.pipeline or context.DEFAULT_PIPELINE)
+        return context.current_images()
     except (PipelineError, InvalidDodoFile) as err:
         return _usage_error(str(err))
+
+
+def _task_verb(verb: str, options: argparse.Namespace, images: Any) -> int:
+    """A task verb: its task (``bake``, or ``bake:<image>`` with --image), run by doit; --json by the engine."""
+    from cloudbake.config.pipeline import select_image
+    from cloudbake.core.errors import PipelineError
+
+    if options.image is not None:
+        try:
+            select_image(tuple(image.pipeline for image in images), options.image,
+                         options.pipeline or "pipeline.yaml")
+        except PipelineError as err:
+            return _usage_error(str(err))
     if getattr(options, "json", False):
         return _json_verb(verb, [image for image in images
                                  if options.image is None or image.pipeline.name == options.image])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths, resolve_paths
-from cloudbake.config.pipeline import load_images, select_image
+from cloudbake.config.pipeline import select_image
 from cloudbake.core.errors import Interrupted, MachineryError, PipelineError, stop_signals_unwind
 from cloudbake.core.exits import Exit
 from cloudbake.core.log import redact, stage_logger
@@ -36,14 +36,14 @@ from cloudbake.run.ssh import ssh_argv
 from cloudbake.run.testrun import Keep, TestRequest, run_test_image
 
 
-def main(verb: str, args: argparse.Namespace, bake: Callable[[str], int]) -> int:
-    """Run one of cloudbake's own verbs (``cli.VM_VERBS``) with the options the front door parsed;
-    ``bake(task)`` runs the bake task (``bake`` or ``bake:<image>``) and returns its exit status."""
+def main(verb: str, args: argparse.Namespace, images: tuple[Pipeline, ...], bake: Callable[[str], int]) -> int:
+    """Run one of cloudbake's own verbs (``cli.VM_VERBS``) with the options the front door parsed, on the
+    ``images`` of the pipeline file it loaded; ``bake(task)`` runs the bake task (``bake`` or
+    ``bake:<image>``) and returns its exit status."""
     log = stage_logger(verb)
     try:
         with stop_signals_unwind():
             file = Path(args.pipeline or "pipeline.yaml")
-            images = load_images(file)
             # ssh, ps and down work on the output folder, which every image of a file shares.
             shared = verb in ("ssh", "ps", "down") and args.image is None
             pipeline = images[0] if shared else select_image(images, args.image, file)

@@ -97,6 +97,28 @@ def test_a_command_resolves_the_build_once_per_image(tmp_path, monkeypatch):
     assert build.resolutions == 2
 
 
+def test_cloudbake_test_image_resolves_the_build_once(tmp_path, monkeypatch):
+    """As a user runs it: `cloudbake test-image` checks the bake is up to date (doit), then looks the base up
+    for its run; both see the pipeline the front door loaded, so the image resolves once. The stand-in
+    guest never answers SSH, so the run ends at the boot (125) without a real VM."""
+    from cloudbake import cli
+    from cloudbake.image import build
+    from tests.fixture.offline import offline_project
+    from tests.fixture.standin import install_standin_qemu, path_with
+
+    pipeline = offline_project(tmp_path, published=True)
+    pipeline.write_text(pipeline.read_text().replace('test: {command: "true", timeout: 10m}',
+                                                     'test: {command: "true", timeout: 3s, warm: false}'))
+    monkeypatch.setenv("PATH", path_with(install_standin_qemu(tmp_path / "bin", "works")))
+    monkeypatch.setenv("CLOUDBAKE_STANDIN_GUEST_SECONDS", "600")
+    context, _ = cli.task_definitions()
+    monkeypatch.setattr(context, "_default_pipeline", context.DEFAULT_PIPELINE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(build, "resolutions", 0)
+    assert cli.main(["test-image", "-p", str(pipeline)]) == 125
+    assert build.resolutions == 1
+
+
 def test_a_rewritten_lock_or_user_data_resolves_afresh(tmp_path):
     """What is kept is the build of the pipeline as it is: a new lock (doit fetch in the same command) or an
     edited user-data gives a new build, and an unchanged one the same object."""
