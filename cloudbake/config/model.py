@@ -116,6 +116,17 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class Dependencies:
+    """``test.dependencies``: the project's dependency files, baked into the image by their content."""
+
+    files: tuple[str, ...]    # paths or globs relative to the pipeline's folder
+    install: str | None       # run in test.workdir as the run user at the end of the bake
+
+    def __bool__(self) -> bool:
+        return bool(self.files or self.install)
+
+
+@dataclass(frozen=True)
 class TestSettings:
     """How tests run in throwaway VMs (``test``)."""
 
@@ -130,6 +141,7 @@ class TestSettings:
     artifacts_max_bytes: int
     parallel: int
     shards: int | None
+    dependencies: Dependencies = Dependencies((), None)
 
 
 @dataclass(frozen=True)

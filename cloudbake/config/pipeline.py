@@ -20,6 +20,7 @@ from cloudbake.config.model import (
     Arch,
     CloudInit,
     Compression,
+    Dependencies,
     Disk,
     Distro,
     Firmware,
@@ -348,4 +349,6 @@ def freeze_test(test: dict[str, Any]) -> TestSettings:
         artifacts_max_bytes=parse_size(test["artifacts_max"]),
         parallel=test["parallel"],
         shards=test["shards"],
+        dependencies=Dependencies(files=tuple(test["dependencies"]["files"]),
+                                  install=test["dependencies"]["install"]),
     )

@@ -36,6 +36,15 @@ def _argv(argv: Sequence[Arg]) -> list[str]:
     return [os.fspath(arg) for arg in argv]
 
 
+def guest_path(path: str) -> str:
+    """A guest path for a shell command line: ``~`` and ``~/x`` become the user's home, the rest is quoted."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
 def tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 

@@ -13,6 +13,7 @@ The merge (documented in docs/seed.md):
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import glob
@@ -20,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import threading
@@ -43,7 +45,7 @@ from cloudbake.config.yamlfile import Problem, dotted, locate, parse_yaml, sugge
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger
-from cloudbake.core.runner import run
+from cloudbake.core.runner import guest_path, run
 
 # Top-level keys cloud-init reads that its 22.4 schema does not describe.
 UNDESCRIBED_KEYS = ("network", "merge_how", "merge_type", "_log", "datasource_list", "vendor_data")
@@ -410,6 +412,8 @@ def merge_user_data(user: dict[str, Any], pipeline: Pipeline, keys: list[str], *
         # Host keys made during the bake are deleted when it generalizes: not making them saves
         # the key generation (5-8 s under TCG). Every clone makes its own at its first boot.
         merged["ssh_genkeytypes"] = []
+    if for_bake and pipeline.test.dependencies:
+        merged.update(dependency_steps(user, pipeline))
     if for_bake:
         state = dict(user.get("power_state") or {})
         merged["power_state"] = {
@@ -421,6 +425,63 @@ def merge_user_data(user: dict[str, Any], pipeline: Pipeline, keys: list[str], *
                                                          relabel=pipeline.source.distro == "fedora")],
         }
     return merged
+
+
+# --- the project's dependencies, baked by their content -------------------------------
+
+# Where the bake's seed stages dependency files before they are copied into test.workdir as the run user.
+DEPENDENCY_STAGING = "/var/lib/cloudbake/dependencies"
+DEPENDENCY_FILES_MAX_BYTES = 8 << 20
+
+
+def dependency_files(pipeline: Pipeline) -> list[tuple[str, bytes]]:
+    """``test.dependencies.files`` as (path relative to the pipeline's folder, bytes), sorted: regular
+    files inside that folder only (a link out of it is refused), each pattern matching at least one."""
+    base = pipeline.file.parent
+    found: dict[str, bytes] = {}
+    total = 0
+    for pattern in pipeline.test.dependencies.files:
+        matches = sorted(glob.glob(pattern, root_dir=base, recursive=True))
+        files = [name for name in matches if (base / name).is_file()]
+        if not files:
+            raise PipelineError(f"test.dependencies.files: {pattern!r} matches no file in {base}",
+                                hint="name files of your repository relative to the pipeline's folder")
+        for name in files:
+            real = (base / name).resolve()
+            if not real.is_relative_to(base.resolve()):
+                raise PipelineError(f"test.dependencies.files: {name} leads out of {base} (a link)",
+                                    hint="list the file itself, inside the pipeline's folder")
+            relative = real.relative_to(base.resolve()).as_posix()
+            if relative not in found:
+                found[relative] = real.read_bytes()
+                total += len(found[relative])
+    if total > DEPENDENCY_FILES_MAX_BYTES:
+        raise PipelineError(f"test.dependencies.files: {total} bytes together, more than the seed carries "
+                            f"({DEPENDENCY_FILES_MAX_BYTES >> 20} MiB)",
+                            hint="list the lock and manifest files only (the code is uploaded at test time)")
+    return sorted(found.items())
+
+
+def dependency_steps(user: dict[str, Any], pipeline: Pipeline) -> dict[str, Any]:
+    """The bake's ``write_files`` and ``runcmd`` for ``test.dependencies``: the files staged by cloud-init
+    (deferred to its final stage, after users exist), then, after the user's own runcmd, copied into
+    test.workdir and ``install`` run there as the run user. Their bytes are in the seed, so the image's
+    key covers them."""
+    deps, name = pipeline.test.dependencies, pipeline.cloud_init.user
+    staged = [{"path": f"{DEPENDENCY_STAGING}/{relative}", "encoding": "b64",
+               "content": base64.b64encode(data).decode(), "permissions": "0644", "defer": True}
+              for relative, data in dependency_files(pipeline)]
+    workdir = guest_path(pipeline.test.workdir)
+    as_user = f"mkdir -p {workdir} && cd {workdir}"
+    if staged:
+        as_user += f" && cp -R {DEPENDENCY_STAGING}/. ."
+    if deps.install:
+        as_user += f" && {{ {deps.install}\n}}"
+    step = f"su -l {shlex.quote(name)} -c {shlex.quote(as_user)} && rm -rf {DEPENDENCY_STAGING}"
+    steps: dict[str, Any] = {"runcmd": [*(user.get("runcmd") or []), ["sh", "-c", step]]}
+    if staged:
+        steps["write_files"] = [*(user.get("write_files") or []), *staged]
+    return steps
 
 
 def with_boot_nonce(files: SeedFiles, nonce: str) -> SeedFiles:

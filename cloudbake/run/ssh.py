@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cloudbake.core.errors import MachineryError, PipelineError
-from cloudbake.core.runner import CommandTimeoutError, run, spawn, tail
+from cloudbake.core.runner import CommandTimeoutError, guest_path, run, spawn, tail
 from cloudbake.qemu.vmrun import VmRun
 from cloudbake.run.runs import RunFiles
 from cloudbake.run.transfer import host_key_changed
@@ -69,13 +69,7 @@ def ssh_banner(port: int, timeout: float = 3.0) -> bool:
         return False
 
 
-def remote_path(path: str) -> str:
-    """A guest path for a shell command line: ``~`` and ``~/x`` become the run user's home, the rest is quoted."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
+remote_path = guest_path   # the one home of the rule is core.runner
 
 
 class Deadline:

@@ -123,7 +123,7 @@ def test_up_ssh_ps_down_and_the_pinned_host_key(baked):
         # The user whose empty key list asked for cloudbake's keys logs in with this run's key, and its
         # list-form sudo rule works (and only that rule).
         as_faas = [arg.replace(f"{vm['user']}@", "faas@") for arg in vm["ssh"]]
-        faas = subprocess.run(as_faas + ["--", "sudo -n /usr/bin/id -u; sudo -n true || echo refused"],
+        faas = subprocess.run([*as_faas, "--", "sudo -n /usr/bin/id -u; sudo -n true || echo refused"],
                               capture_output=True, text=True, timeout=120)
         assert faas.stdout.split() == ["0", "refused"], faas.stderr
         swap = ("sudo -n rm -f /etc/ssh/ssh_host_ed25519_key* && sudo -n ssh-keygen -q -t ed25519 -N '' "

@@ -4,6 +4,10 @@ The base of the layered pipeline is the shared bake's image (same settings, seed
 so the same key): it is linked in, not baked again. The boots here: the child (1), the child
 after its user-data changed (2), base and child after the base's user-data changed (3, 4), and
 the child's test run (5, which also saves its warm state).
+
+The child also bakes a project's dependencies by their content (test.dependencies): a lock file
+naming a wheel served on 127.0.0.1 (the guest reaches it at 10.0.2.2) and the project's own install
+script; its test run imports the dependency without downloading anything.
 """
 
 from __future__ import annotations
@@ -26,7 +30,35 @@ images:
     from: e2e
     cloud_init: {user_data: cloud-init/app.yaml}
     disk: {flatten: false}
+    test: {dependencies: {files: [deps.lock, "tools/*.py"], install: python3 tools/install_deps.py}}
 """
+
+# A project's own installer, as uv or pip would be: every wheel the lock names, its digest checked.
+INSTALL_DEPS = """\
+import hashlib, io, sys, urllib.request, zipfile
+for line in open("deps.lock"):
+    url, digest = line.split()
+    data = urllib.request.urlopen(url, timeout=60).read()
+    if hashlib.sha256(data).hexdigest() != digest:
+        sys.exit(f"{url}: not the wheel the lock pins")
+    zipfile.ZipFile(io.BytesIO(data)).extractall(".deps")
+"""
+
+
+def _serve_a_wheel(root: Path, server_url: str) -> tuple[str, str]:
+    """A wheel in the served folder; (its path, the lock line a guest reads it by)."""
+    import hashlib
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        wheel.writestr("depmod/__init__.py", "VALUE = 'baked from the lock'\n")
+        wheel.writestr("depmod-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: depmod\nVersion: 1.0\n")
+    (root / "wheels").mkdir(exist_ok=True)
+    (root / "wheels" / "depmod-1.0-py3-none-any.whl").write_bytes(buffer.getvalue())
+    guest_url = server_url.replace("127.0.0.1", "10.0.2.2") + "wheels/depmod-1.0-py3-none-any.whl"
+    return "/wheels/depmod-1.0-py3-none-any.whl", f"{guest_url} {hashlib.sha256(buffer.getvalue()).hexdigest()}\n"
 
 APP_USER_DATA = """\
 #cloud-config
@@ -49,6 +81,10 @@ def test_layered_image_bakes_after_its_base_and_rebakes_only_when_its_inputs_cha
     pipeline = write_project(tmp_path, real_server.url, real_mirror.key, extra=CHILD,
                              cache=baked["folder"] / "cache")
     (tmp_path / "cloud-init" / "app.yaml").write_text(APP_USER_DATA.format(version="one"))
+    wheel, lock_line = _serve_a_wheel(real_mirror.root, real_server.url)
+    (tmp_path / "deps.lock").write_text(lock_line)
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "install_deps.py").write_text(INSTALL_DEPS)
     # The shared bake is this file's base image: link it in with its lock, as a restored cache would.
     dist = tmp_path / "dist"
     dist.mkdir()
@@ -69,6 +105,21 @@ def test_layered_image_bakes_after_its_base_and_rebakes_only_when_its_inputs_cha
     assert app_manifest["inputs"]["parent_key"] == manifest(base)["key"]
     assert app_manifest["cloud_init"]["errors"] == [] and app_manifest["cloud_init"]["generalized"] is True
     assert app.stat().st_size < base.stat().st_size / 2  # only what the child adds
+    assert len(real_server.requests_for(wheel)) == 1   # the child's bake installed the locked wheel
+
+    # The key covers the dependency files' content: an edited test file keeps it, an edited lock moves it.
+    def key() -> str:
+        printed = doit("-r", "zero", "cache-key:app", f"pipeline={pipeline}", cwd=tmp_path, timeout=60)
+        assert printed.returncode == 0, printed.stderr
+        return printed.stdout.split()[0]
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_app.py").write_text("def test_x(): pass\n")
+    assert key() == app_manifest["key"]
+    (tmp_path / "deps.lock").write_text(lock_line + "# pinned again\n")
+    assert key() != app_manifest["key"]
+    (tmp_path / "deps.lock").write_text(lock_line)
+    assert key() == app_manifest["key"]
 
     # The child's user-data changed: only the child is baked again.
     (tmp_path / "cloud-init" / "app.yaml").write_text(APP_USER_DATA.format(version="two"))
@@ -93,8 +144,11 @@ def test_layered_image_bakes_after_its_base_and_rebakes_only_when_its_inputs_cha
     assert log.index(f"baking {new_base.name}") < log.index(f"baking {app_three.name}")
 
     # A test run of the child reads the whole chain: the base's change and the child's own file.
+    baked_wheels = len(real_server.requests_for(wheel))
     tested = doit("test-image:app", f"pipeline={pipeline}",
                   "cmd=grep -q rebased /etc/cloudbake-base && grep -q two /etc/cloudbake-app "
-                  "&& test -f /etc/cloudbake-e2e", cwd=tmp_path)
+                  "&& test -f /etc/cloudbake-e2e && cd ~/src && PYTHONPATH=.deps python3 -c "
+                  "'import depmod; assert depmod.VALUE == \"baked from the lock\"'", cwd=tmp_path)
     assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert len(real_server.requests_for(wheel)) == baked_wheels   # the test run downloaded nothing
     assert qemu_processes(str(tmp_path)) == []

@@ -365,3 +365,66 @@ def test_a_fedora_bake_restores_selinux_labels_and_other_bakes_are_as_they_were(
     assert "restorecon -R /etc" in build_seed_files(fedora, for_bake=True).user_data.decode()
     assert "restorecon" not in build_seed_files(ubuntu, for_bake=True).user_data.decode()
     assert bake_finish_script(True) == bake_finish_script(True, relabel=False)
+
+
+def test_dependency_files_are_staged_and_installed_as_the_run_user_at_the_end(make_pipeline, tmp_path):
+    """test.dependencies: the files travel in the seed (so the key covers them), deferred until the users
+    exist; after the user's own runcmd they are copied into test.workdir and `install` runs there."""
+    import base64
+
+    from cloudbake.image.seed import DEPENDENCY_STAGING
+
+    (tmp_path / "uv.lock").write_text("version = 1\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'faas'\n")
+    (tmp_path / "reqs").mkdir()
+    (tmp_path / "reqs" / "a.txt").write_text("x==1\n")
+    pipeline = load_pipeline(make_pipeline(
+        "name: t\ncloud_init: {user: faas}\ntest:\n  workdir: ~/code\n  dependencies:\n"
+        "    files: [pyproject.toml, uv.lock, 'reqs/**/*.txt']\n    install: uv sync --frozen\n",
+        user_data="#cloud-config\nruncmd: [[echo, mine]]\n"))
+    doc = _user_data(build_seed_files(pipeline))
+    staged = {entry["path"]: entry for entry in doc["write_files"]}
+    assert set(staged) == {f"{DEPENDENCY_STAGING}/{name}" for name in ("pyproject.toml", "reqs/a.txt", "uv.lock")}
+    assert base64.b64decode(staged[f"{DEPENDENCY_STAGING}/uv.lock"]["content"]) == b"version = 1\n"
+    assert all(entry["defer"] is True for entry in staged.values())
+    assert doc["runcmd"][0] == ["echo", "mine"]
+    step = doc["runcmd"][-1][2]
+    assert step.startswith("su -l faas -c ") and step.endswith(f"&& rm -rf {DEPENDENCY_STAGING}")
+    assert 'cd "$HOME"/code' in step and "uv sync --frozen" in step
+    # The test run's seed re-applies nothing of it: only the bake installs.
+    assert "write_files" not in _user_data(build_seed_files(pipeline, for_bake=False))
+
+
+def test_the_key_covers_the_dependency_files_content_and_nothing_else(make_pipeline, tmp_path):
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.image.build import compute_key, key_inputs
+    from cloudbake.source.lock import Lock
+
+    (tmp_path / "uv.lock").write_text("version = 1\n")
+    (tmp_path / "test_app.py").write_text("def test(): pass\n")
+    pipeline = load_pipeline(make_pipeline("name: t\ntest: {dependencies: {files: [uv.lock], install: make}}\n"))
+    lock = Lock(source={"release": "x"}, url="u", serial="1", sha256="a" * 64, size=1, signed_by=None,
+                signature_time=None)
+    assert resolve_paths(pipeline)
+
+    def key() -> str:
+        return compute_key(key_inputs(pipeline, lock, build_seed_files(pipeline)))
+
+    first = key()
+    (tmp_path / "test_app.py").write_text("def test(): assert 1\n")
+    assert key() == first
+    (tmp_path / "uv.lock").write_text("version = 2\n")
+    assert key() != first
+
+
+@pytest.mark.parametrize(("files", "fragment"), [
+    ("[missing.lock]", "'missing.lock' matches no file"),
+    ("[outside.lock]", "outside.lock leads out of"),
+])
+def test_dependency_files_that_cannot_be_baked_are_refused(make_pipeline, tmp_path, files, fragment):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.lock"
+    outside.write_text("secret\n")
+    (tmp_path / "outside.lock").symlink_to(outside)
+    pipeline = load_pipeline(make_pipeline(f"name: t\ntest: {{dependencies: {{files: {files}}}}}\n"))
+    with pytest.raises(PipelineError, match=fragment):
+        build_seed_files(pipeline)
