@@ -30,6 +30,7 @@ from cloudbake.core.runner import run
 from cloudbake.core.tools import require_tool
 from cloudbake.core.units import format_size, human_bytes
 from cloudbake.image.build import Build, resolve_build, resolve_key
+from cloudbake.image.profile import BootProfile, parse_boot_profile
 from cloudbake.image.qcow2 import MAGIC as QCOW2_MAGIC
 from cloudbake.image.qcow2 import check_standalone
 from cloudbake.image.seed import (
@@ -76,6 +77,7 @@ class CloudInitResult:
     datasource: str | None
     generalized: bool
     guest_schema: str | None = None   # the guest's own `cloud-init schema --system --annotate` and status, if it warned
+    profile: BootProfile | None = None   # which units and cloud-init stages cost the boot its time
 
     def failing_modules(self) -> list[str]:
         found = (re.match(r"\('([a-z0-9_-]+)',", error) for error in self.errors)
@@ -128,7 +130,7 @@ def parse_cloud_init_result(serial: str, nonce: str) -> CloudInitResult | None:
                 recoverable.setdefault(level, []).extend(f"{stage}: {m}" for m in messages)
     datasource = (result or {}).get("v1", {}).get("datasource")
     return CloudInitResult(errors, recoverable, datasource, f"{GENERALIZED_MARKER} {nonce}" in serial,
-                           _marker_text(serial, SCHEMA_MARKER, nonce))
+                           _marker_text(serial, SCHEMA_MARKER, nonce), parse_boot_profile(serial, nonce, status))
 
 
 # --- the steps ----------------------------------------------------------------------------
@@ -391,6 +393,8 @@ def _check_result(result: CloudInitResult, pipeline: Pipeline, paths: Paths) -> 
     for level, messages in result.recoverable.items():
         for message in messages:
             log.warning("cloud-init %s: %s", level.lower(), message)
+    if result.profile is not None:
+        result.profile.report(log)
     if result.guest_schema:
         # The guest's cloud-init may be older or newer than the schema cloudbake checks with: its own
         # verdict, in full, instead of the advice to run it in a guest that is then thrown away.
@@ -427,6 +431,7 @@ def _manifest(build: Build, bake_vm: BakeVm, result: CloudInitResult, parent: Ma
         "cloud_init": {"errors": result.errors, "recoverable_errors": result.recoverable,
                        "datasource": result.datasource, "generalized": result.generalized},
         "durations_s": timer.steps,
+        **({"boot_profile": result.profile.as_manifest()} if result.profile is not None else {}),
         "image": {"compression": str(pipeline.disk.compression)},
     }
     if parent is not None:

@@ -6,6 +6,7 @@ tools and firmware, and the folders cloudbake writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -136,6 +137,9 @@ def collect_status(pipeline: Pipeline, paths: Paths) -> dict[str, Any]:
         key = resolve_key(pipeline, paths)[0]
         image = published_image(paths, pipeline.name, key)
         status.update(key=key, image=str(image), baked=is_published(image))
+        if status["baked"]:
+            with contextlib.suppress(OSError, ValueError):
+                status["boot_profile"] = json.loads(image.with_suffix(".json").read_text()).get("boot_profile")
     except PipelineError as err:
         status.update(key=None, key_error=err.message, baked=False)
     try:
@@ -171,6 +175,10 @@ def run_status(pipeline: Pipeline, paths: Paths, as_json: bool = False) -> None:
         f"published {human_bytes(status['published_bytes'])}",
         f"accelerator  {status['accelerator']['accel']} ({status['accelerator']['reason']})",
     ]
+    profile = status.get("boot_profile") or {}
+    if profile.get("slowest_units"):
+        lines.append("boot         " + ", ".join(f"{u['unit']} {u['seconds']:.1f} s"
+                                                 for u in profile["slowest_units"][:5]) + " (the bake's slowest units)")
     if status["accelerator"]["remembered_kvm_verdict"]:
         lines.append(f"kvm verdict  {status['accelerator']['remembered_kvm_verdict']}")
     print("\n".join(lines), flush=True)

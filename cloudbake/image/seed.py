@@ -46,6 +46,7 @@ from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.runner import guest_path, run
+from cloudbake.image.profile import profile_script
 
 # Top-level keys cloud-init reads that its 22.4 schema does not describe.
 UNDESCRIBED_KEYS = ("network", "merge_how", "merge_type", "_log", "datasource_list", "vendor_data")
@@ -350,6 +351,8 @@ def bake_finish_script(generalize: bool, relabel: bool = False) -> str:
         step("start"),
         f'echo "{STATUS_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/status.json 2>/dev/null)"',
         f'echo "{RESULT_MARKER} {BOOT_NONCE_PLACEHOLDER} $(base64 -w0 /var/lib/cloud/data/result.json 2>/dev/null)"',
+        # Which units cost the boot its time (systemd's own programs, no Python start).
+        profile_script(BOOT_NONCE_PLACEHOLDER),
         # Only when the guest's cloud-init warned about the user-data's schema (its Python costs seconds
         # under TCG): its own annotated verdict and status, before `cloud-init clean` removes the logs.
         f"if grep -qE '{GUEST_SCHEMA_WARNING}' /var/log/cloud-init.log 2>/dev/null; then "

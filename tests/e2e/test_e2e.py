@@ -35,6 +35,12 @@ def test_bake_publishes_a_self_contained_image_with_manifest(baked):
                                          capture_output=True, text=True, check=True).stdout)
     assert info["virtual-size"] == manifest["image"]["virtual_size"] == upstream["virtual-size"] + (1 << 30)
     assert manifest["cloud_init"]["errors"] == [] and manifest["cloud_init"]["generalized"] is True
+    # The boot profile: systemd's slowest units and cloud-init's stage times, as the guest measured them.
+    profile = manifest["boot_profile"]
+    assert profile["slowest_units"] and all(unit["unit"].count(".") >= 1 and unit["seconds"] >= 0
+                                            for unit in profile["slowest_units"]), profile
+    assert set(profile["cloud_init_stages"]) >= {"init-local", "init", "modules-config"}, profile
+    assert "slowest units of the boot: " in baked["log"]
     assert manifest["image"]["sha256"] == sha256(image)
     assert manifest["qemu"]["firmware"] == "uefi" and manifest["qemu"]["accel"] in ("tcg", "kvm")
     assert manifest["inputs"]["upstream"]["sha256"] == sha256(baked["folder"] / "cache" / "images" / next(
