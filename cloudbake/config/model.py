@@ -105,6 +105,7 @@ class CloudInit:
     ssh_authorized_keys: tuple[str, ...]
     strict: bool
     generalize: bool
+    ca_certs: str | tuple[Path, ...] = ()   # "host", or PEM files
 
 
 @dataclass(frozen=True)

@@ -333,6 +333,7 @@ def freeze_cloud_init(ci: dict[str, Any], base: Path) -> CloudInit:
         ssh_authorized_keys=tuple(ci["ssh_authorized_keys"]),
         strict=ci["strict"],
         generalize=ci["generalize"],
+        ca_certs="host" if ci["ca_certs"] == "host" else tuple(_certificate_file(base, f) for f in ci["ca_certs"]),
     )
 
 
@@ -352,3 +353,9 @@ def freeze_test(test: dict[str, Any]) -> TestSettings:
         dependencies=Dependencies(files=tuple(test["dependencies"]["files"]),
                                   install=test["dependencies"]["install"]),
     )
+
+
+def _certificate_file(base: Path, name: str) -> Path:
+    resolved = _resolve(base, name)
+    assert resolved is not None
+    return resolved

@@ -46,6 +46,7 @@ from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.runner import guest_path, run
+from cloudbake.image.cacerts import certificates_for
 from cloudbake.image.profile import profile_script
 
 # Top-level keys cloud-init reads that its 22.4 schema does not describe.
@@ -415,6 +416,10 @@ def merge_user_data(user: dict[str, Any], pipeline: Pipeline, keys: list[str], *
         # Host keys made during the bake are deleted when it generalizes: not making them saves
         # the key generation (5-8 s under TCG). Every clone makes its own at its first boot.
         merged["ssh_genkeytypes"] = []
+    certificates = certificates_for(pipeline) if for_bake else []
+    if certificates:
+        wanted = dict(user.get("ca_certs") or {})
+        merged["ca_certs"] = {**wanted, "trusted": [*(wanted.get("trusted") or []), *certificates]}
     if for_bake and pipeline.test.dependencies:
         merged.update(dependency_steps(user, pipeline))
     if for_bake:
