@@ -28,6 +28,12 @@ class DistroFacts:
     signed: bool                        # whether it signs its checksums at all
     default_user: str                   # the user its cloud-init config creates (cloudbake adds its own)
     console: str                        # its kernel's serial console, as the image configures it
+    selinux: bool = False               # enforces SELinux: the bake restores the labels of what it wrote
+    named_in_key: bool = True           # the key and lock name it (Ubuntu's predate distributions: they do not)
+
+
+# What a key, lock or manifest that names no distribution was made for.
+UNNAMED_DISTRO = Distro.ubuntu
 
 
 UBUNTU_CLOUD_IMAGE_KEY = "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81"
@@ -47,7 +53,7 @@ DISTROS = {
         label="Ubuntu", releases=RELEASES,
         channel=r"release|[0-9]{8}(\.[0-9]+)?|release-[0-9]{8}(\.[0-9]+)?", channel_example="release-20240423",
         mirror="https://cloud-images.ubuntu.com/", fingerprints={"*": (UBUNTU_CLOUD_IMAGE_KEY,)}, signed=True,
-        default_user="ubuntu", console="ttyS0 (amd64), ttyAMA0 (arm64)"),
+        default_user="ubuntu", console="ttyS0 (amd64), ttyAMA0 (arm64)", named_in_key=False),
     Distro.debian: DistroFacts(
         label="Debian", releases={"11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"},
         channel=r"[0-9]{8}-[0-9]{4}", channel_example="20250814-2204",
@@ -57,7 +63,7 @@ DISTROS = {
         label="Fedora", releases={number: number for number in FEDORA_KEYS},
         channel=r"[0-9]+\.[0-9]+", channel_example="1.1",
         mirror="https://download.fedoraproject.org/pub/fedora/linux/", fingerprints=FEDORA_KEYS, signed=True,
-        default_user="fedora", console="ttyS0 (amd64), ttyAMA0 (arm64)"),
+        default_user="fedora", console="ttyS0 (amd64), ttyAMA0 (arm64)", selinux=True),
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloudbake.config.distros import facts
 from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths, resolve_paths
 from cloudbake.core.errors import PipelineError
@@ -38,7 +39,7 @@ def image_settings(pipeline: Pipeline) -> dict[str, Any]:
     docs/how-it-works.md lists both sides.
     """
     # An Ubuntu image's key stays what it was before there were other distributions.
-    distro = {"distro": str(pipeline.source.distro)} if pipeline.source.distro != "ubuntu" else {}
+    distro = {"distro": str(pipeline.source.distro)} if facts(pipeline.source.distro).named_in_key else {}
     return {
         **distro,
         "arch": str(pipeline.source.arch),

@@ -154,10 +154,17 @@ def parse_sudoers_rule(user: str, spec: str) -> SudoersRule:
     return SudoersRule(user, hosts.strip(), runas, tags, rest.strip())
 
 
+def default_user() -> str:
+    """``cloud_init.user``'s default, as the schema says it."""
+    from cloudbake.config.problems import load_schema
+
+    return str(load_schema()["properties"]["cloud_init"]["properties"]["user"]["default"])
+
+
 GENERATED = {
     "argv-mac": lambda: render_argv_table(*example_specs()["mac"]),
     "argv-linux": lambda: render_argv_table(*example_specs()["linux"]),
-    "sudoers": lambda: render_sudoers("ubuntu", SUDO_NOPASSWD),
+    "sudoers": lambda: render_sudoers(default_user(), SUDO_NOPASSWD),
 }
 
 

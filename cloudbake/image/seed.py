@@ -37,6 +37,7 @@ import jsonschema
 import pycdlib
 import yaml
 
+from cloudbake.config.distros import facts
 from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.config.problems import schema_problems
@@ -430,7 +431,7 @@ def merge_user_data(user: dict[str, Any], pipeline: Pipeline, keys: list[str], *
             "message": state.get("message", "cloudbake: cloud-init finished, powering off"),
             "timeout": state.get("timeout", 120),
             "condition": ["sh", "-c", bake_finish_script(pipeline.cloud_init.generalize,
-                                                         relabel=pipeline.source.distro == "fedora")],
+                                                         relabel=facts(pipeline.source.distro).selinux)],
         }
     return merged
 

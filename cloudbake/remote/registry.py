@@ -33,6 +33,7 @@ from pathlib import Path
 
 import requests
 
+from cloudbake.config.distros import UNNAMED_DISTRO
 from cloudbake.config.model import RemoteCache
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
@@ -113,7 +114,7 @@ def push_image(remote: RemoteCache, image: Path, settings: RegistrySettings | No
         "org.opencontainers.image.title": manifest.name,
         KEY_ANNOTATION: manifest.key,
         # The key covers the distribution; an image baked before there were others is Ubuntu's.
-        DISTRO_ANNOTATION: str((doc.get("inputs") or {}).get("settings", {}).get("distro", "ubuntu")),
+        DISTRO_ANNOTATION: str((doc.get("inputs") or {}).get("settings", {}).get("distro", UNNAMED_DISTRO.value)),
         "dev.cloudbake.upstream.serial": str((doc.get("inputs") or {}).get("upstream", {}).get("serial", "")),
         **provenance(pipeline_dir or image.parent),
     }

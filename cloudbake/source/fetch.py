@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +28,15 @@ from cloudbake.source.http import HttpSettings, make_session
 from cloudbake.source.lock import Lock, check_not_older, lock_source, read_lock, with_mirror_credentials, write_lock
 
 log = stage_logger("fetch")
+
+
+# Each distribution's layout and verification, one module each, all with the same signature.
+Resolver = Callable[[Pipeline, Paths, requests.Session, HttpSettings], tuple[Lock, Digest]]
+SOURCES: dict[Distro, Resolver] = {
+    Distro.ubuntu: ubuntu.resolve_and_verify,
+    Distro.debian: debian.resolve_and_verify,
+    Distro.fedora: fedora.resolve_and_verify,
+}
 
 
 def cached_image_path(paths: Paths, sha256: str, name: str) -> Path:
@@ -86,13 +96,7 @@ def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Sessi
                        http: HttpSettings) -> tuple[Lock, Digest]:
     """What to download and the digest its bytes must have, from the distribution's own checksums (verified
     its own way); the lock's SHA-256 is that of the bytes (for Debian, known once they match SHA-512)."""
-    distro = pipeline.source.distro
-    if distro is Distro.debian:
-        return debian.resolve_and_verify(pipeline, paths, session, http)
-    if distro is Distro.fedora:
-        return fedora.resolve_and_verify(pipeline, paths, session, http)
-    lock = ubuntu.resolve_and_verify(pipeline, paths, session, http)
-    return lock, Digest("sha256", lock.sha256)
+    return SOURCES[pipeline.source.distro](pipeline, paths, session, http)
 
 
 def _download_verified(session: requests.Session, pipeline: Pipeline, paths: Paths, resolved: Lock, digest: Digest,

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cloudbake.config.distros import facts
 from cloudbake.config.model import Source
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import write_atomically
@@ -48,7 +49,7 @@ class Lock:
 def lock_source(source: Source) -> dict[str, str]:
     """What the lock records of the source; the mirror without credentials (they stay in the pipeline)."""
     # Ubuntu's locks predate the distro field: they stay as they are, so existing locks still match.
-    distro = {"distro": str(source.distro)} if source.distro != "ubuntu" else {}
+    distro = {"distro": str(source.distro)} if facts(source.distro).named_in_key else {}
     return {**distro, "release": source.release, "arch": str(source.arch), "channel": source.channel,
             "mirror": strip_credentials(source.mirror)}
 

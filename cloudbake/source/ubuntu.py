@@ -19,6 +19,7 @@ from cloudbake.core.errors import PipelineError
 from cloudbake.core.files import write_atomically
 from cloudbake.core.log import stage_logger, strip_credentials
 from cloudbake.source.checksums import parse_sums
+from cloudbake.source.download import Digest
 from cloudbake.source.http import HttpSettings, fetch_small
 from cloudbake.source.lock import Lock, UpstreamFolder, lock_source
 from cloudbake.source.openpgp import Signature, _fingerprints_or_none, check_signature, dearmor
@@ -137,8 +138,10 @@ def _binary_keyring(data: bytes, paths: Paths, label: str) -> Path:
     return dest
 
 
-def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Session, http: HttpSettings) -> Lock:
-    """Steps 1-3: checksums and signature; returns what to download, never touching the image."""
+def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Session,
+                       http: HttpSettings) -> tuple[Lock, Digest]:
+    """Steps 1-3: checksums and signature; what to download and the SHA-256 its bytes must have, never
+    touching the image (every source module has this signature: ``source.fetch.SOURCES``)."""
     source = pipeline.source
     upstream = resolve_upstream(source)
     log.info("resolving %s", upstream.image_url)
@@ -161,9 +164,10 @@ def resolve_and_verify(pipeline: Pipeline, paths: Paths, session: requests.Sessi
         raise PipelineError(f"source.verify.sha256 pins {source.verify.sha256} but SHA256SUMS says {sha256} for "
                             f"{upstream.image_name}", hint="update the pin if the new image is expected")
     serial = upstream.serial or _build_serial(session, upstream, http)
-    return Lock(source=lock_source(source), url=strip_credentials(upstream.image_url), serial=serial,
+    lock = Lock(source=lock_source(source), url=strip_credentials(upstream.image_url), serial=serial,
                 sha256=sha256, size=-1, signed_by=signature.fingerprint if signature else None,
                 signature_time=signature.created if signature else None)
+    return lock, Digest("sha256", sha256)
 
 
 def _build_serial(session: requests.Session, upstream: Upstream, http: HttpSettings) -> str | None:

@@ -651,3 +651,28 @@ def test_broken_headers_are_clear_errors(server, small_mirror, make, fault, frag
     with pytest.raises(PipelineError) as caught:
         ensure_image(pipeline, paths, http=FAST)
     assert fragment in str(caught.value)
+
+
+def test_every_distribution_is_one_table_entry_one_module_and_in_the_schema():
+    """The recipe of docs/architecture.md holds: the schema admits exactly the distributions of the facts
+    table, each has a source module behind the one signature, and no code above source/ and config/ names one."""
+    import inspect
+    import json
+    import re
+
+    from cloudbake.config.distros import DISTROS
+    from cloudbake.config.model import Distro
+    from cloudbake.config.schemas import pipeline_schema_path
+    from cloudbake.source.fetch import SOURCES
+    from tests.conftest import PROJECT
+
+    schema = json.loads(pipeline_schema_path().read_text())
+    assert set(schema["properties"]["source"]["properties"]["distro"]["enum"]) == {d.value for d in DISTROS}
+    assert set(DISTROS) == set(SOURCES) == set(Distro)
+    signatures = {str(inspect.signature(resolver)) for resolver in SOURCES.values()}
+    assert len(signatures) == 1, signatures
+    named = re.compile(r"""["'](ubuntu|debian|fedora)["']|Distro\.(ubuntu|debian|fedora)""")
+    for file in (PROJECT / "cloudbake").rglob("*.py"):
+        if file.parent.name in ("source", "config"):
+            continue
+        assert not named.search(file.read_text()), file
