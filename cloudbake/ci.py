@@ -3,6 +3,7 @@
     python -m cloudbake.ci outputs PIPELINE [--image NAME]    lines for $GITHUB_OUTPUT: lock, dist, downloads, upstream
     python -m cloudbake.ci summary PIPELINE [--image NAME] [--image-cache-hit true|false|""] [--lock-fetched ...]
     python -m cloudbake.ci images PIPELINE                    JSON: every image's name and key, for a job matrix
+    python -m cloudbake.ci packages PIPELINE [--image NAME]   the Debian/Ubuntu packages its bake and test runs need
 
 ``--image`` names one image of a file that describes several (matrix:, images:).
 
@@ -51,6 +52,23 @@ def ci_outputs(pipeline_file: Path, image: str | None = None) -> dict[str, str]:
     }
 
 
+def ci_packages(pipeline_file: Path, image: str | None = None) -> list[str]:
+    """The apt packages this pipeline needs on the runner: QEMU for its guest's architecture only, its
+    firmware, qemu-img, gpgv, and the programs test runs need (``core.tools.run_tools``)."""
+    from cloudbake.config.model import Arch, Firmware
+    from cloudbake.core.tools import TOOLS, run_tools
+    from cloudbake.qemu.host import QEMU_BINARY
+
+    pipeline = load_pipeline(pipeline_file, image)
+    arch = pipeline.source.arch
+    names = [QEMU_BINARY[arch], "qemu-img", "gpgv",
+             *run_tools(warm=pipeline.test.warm, git=pipeline.test.upload == "git")]
+    packages = [TOOLS[name].apt for name in names]
+    if pipeline.vm.firmware is not Firmware.bios:
+        packages.append("qemu-efi-aarch64" if arch is Arch.arm64 else "ovmf")
+    return list(dict.fromkeys(packages))
+
+
 def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool, image_name: str | None = None) -> str:
     """Markdown for $GITHUB_STEP_SUMMARY: key, cache hit or miss, stage durations, image size, accelerator."""
     lines = ["## cloudbake" + (f": {image_name}" if image_name else ""), ""]
@@ -73,7 +91,7 @@ def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool, image
                                                        manifest.durations_s.items()) + " |")
     if lock_fetched:
         lines += ["", f"**`{paths.lock_file.name}` was missing**: this run resolved and pinned the upstream image "
-                      f"itself. Commit `{paths.lock_file.name}` (see the uploaded logs, or run `doit fetch` locally) "
+                      f"itself. Commit `{paths.lock_file.name}` (see the uploaded logs, or run `cloudbake fetch` locally) "
                       "so every run computes the same key and reuses the image."]
     return "\n".join(lines) + "\n"
 
@@ -89,16 +107,19 @@ def _manifest(image: Path) -> Manifest | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloudbake.ci")
-    parser.add_argument("command", choices=["outputs", "summary", "images"])
+    parser.add_argument("command", choices=["outputs", "summary", "images", "packages"])
     parser.add_argument("pipeline", type=Path)
     parser.add_argument("--image", default=None, help="one image of a file that describes several")
     parser.add_argument("--image-cache-hit", default="", help="actions/cache's cache-hit output")
     parser.add_argument("--lock-fetched", default="false")
     args = parser.parse_args(argv)
-    if args.command in ("outputs", "images"):
+    if args.command in ("outputs", "images", "packages"):
         try:
             if args.command == "images":
                 print(json.dumps(ci_images(args.pipeline)))
+                return 0
+            if args.command == "packages":
+                print(" ".join(ci_packages(args.pipeline, args.image)))
                 return 0
             outputs = ci_outputs(args.pipeline, args.image)
         except PipelineError as err:
