@@ -8,39 +8,33 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import PROJECT
 from tests.fixture.actions import ExpressionError, LocalRunner, _evaluate
 from tests.fixture.offline import offline_project
+from tests.fixture.plugin import BuiltPackage
 from tests.fixture.standin import install_standin_qemu, path_with
 
 WORKFLOW = PROJECT / ".github" / "workflows" / "base-image.yml"
 
 
 def clone_for_ci(dest: Path) -> Path:
-    """A fresh clone of this repository (its committed state), with this checkout's .venv.
-
-    The workflow's install step then finds the .venv current and installs nothing; if the
-    .venv were stale it would reinstall into this checkout's .venv from the clone, so that
-    is refused up front.
-    """
-    import hashlib
-
-    want = hashlib.sha256((PROJECT / "pyproject.toml").read_bytes()).hexdigest()[:16] + "-[test]"
-    stamp = PROJECT / ".venv" / ".cloudbake-installed"
-    if not stamp.is_file() or stamp.read_text().strip() != want:
-        pytest.fail("this checkout's .venv is not the one tasks/run.sh test installs; run `bash tasks/run.sh test`")
+    """A fresh clone of this repository (its committed state): the workflow's ``uses: ./`` is its action.yml."""
     subprocess.run(["git", "clone", "-q", str(PROJECT), str(dest)], check=True)
-    (dest / ".venv").symlink_to(PROJECT / ".venv")
     return dest
 
 
-def replay(workspace: Path, cache_root: Path, home: Path, pipeline: str = "pipeline.yaml",
-           env: dict[str, str] | None = None):
+def replay(workspace: Path, cache_root: Path, home: Path, built: BuiltPackage, pipeline: str = "pipeline.yaml",
+           image: str = "", env: dict[str, str] | None = None, workflow: Path = WORKFLOW,
+           actions: dict[str, Path] | None = None):
+    """One job of ``workflow`` as a runner plays it; the action installs the wheel built from this checkout
+    (offline, from the wheelhouse) instead of building it from the action's folder."""
     home.mkdir(parents=True, exist_ok=True)
-    return LocalRunner(WORKFLOW, "image", workspace, cache_root, home,
-                       env={"CLOUDBAKE_PIPELINE": pipeline, "XDG_CACHE_HOME": str(home / ".cache"),
-                            **(env or {})}).run()
+    return LocalRunner(workflow, next(iter(yaml.safe_load(workflow.read_text())["jobs"])), workspace, cache_root,
+                       home, env={"XDG_CACHE_HOME": str(home / ".cache"), **built.pip_env(), **(env or {})},
+                       inputs={"cloudbake-version": str(built.wheel), "pipeline": pipeline, "image": image},
+                       actions=actions).run()
 
 
 @pytest.mark.parametrize(("expression", "expected"), [
@@ -63,12 +57,12 @@ def test_unknown_expressions_are_refused_not_guessed():
         _evaluate("hashFiles('x')", {}, {"success": True, "failure": False, "cancelled": False})
 
 
-def test_unresolvable_key_fails_at_the_key_step(tmp_path):
+def test_unresolvable_key_fails_at_the_key_step(tmp_path, built_package):
     """A broken lock: the key step fails loudly, nothing is restored, baked or tested, the summary says why."""
     workspace = clone_for_ci(tmp_path / "clone")
     offline_project(workspace)  # a project whose pipeline.yaml needs no network
     (workspace / "pipeline.lock").write_text("{ this is not a lock")
-    run = replay(workspace, tmp_path / "cache", tmp_path / "home")
+    run = replay(workspace, tmp_path / "cache", tmp_path / "home", built_package)
     key_step = run.step("Compute the image key")
     assert key_step.outcome == "failure"
     assert "not a valid cloudbake lock file" in key_step.stderr
@@ -80,7 +74,7 @@ def test_unresolvable_key_fails_at_the_key_step(tmp_path):
     assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
 
 
-def test_one_image_of_a_matrix_per_job(tmp_path):
+def test_one_image_of_a_matrix_per_job(tmp_path, built_package):
     """CLOUDBAKE_IMAGE picks one image of a file that describes several, as a job of a job matrix does:
     the lock, the key, the cache entry, the bake and the test run are that image's."""
     import json
@@ -92,9 +86,9 @@ def test_one_image_of_a_matrix_per_job(tmp_path):
     pipeline.write_text(pipeline.read_text().replace("timeout: 10m}", "timeout: 4s}"))
     keys = {entry["image"]: entry["key"] for entry in ci_images(pipeline)}
     assert set(keys) == {"offline-256m", "offline-512m"} and len(set(keys.values())) == 1  # memory is not in a key
-    env = {"CLOUDBAKE_IMAGE": "offline-512m", "CLOUDBAKE_STANDIN_GUEST_SECONDS": "60",
+    env = {"CLOUDBAKE_STANDIN_GUEST_SECONDS": "60",
            "PATH": path_with(install_standin_qemu(tmp_path / "bin", "works"))}
-    run = replay(workspace, tmp_path / "cache", tmp_path / "home", env=env)
+    run = replay(workspace, tmp_path / "cache", tmp_path / "home", built_package, image="offline-512m", env=env)
     outcomes = {step.name: step.outcome for step in run.steps}
     assert outcomes["Pin the upstream image if the lock is not committed"] == "success"
     assert run.outputs["lock"]["fetched"] == "false"  # pipeline.offline-512m.lock is there
