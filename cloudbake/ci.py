@@ -30,7 +30,9 @@ def ci_images(pipeline_file: Path) -> list[dict[str, str]]:
     """Every image of the file, parents first, with its key: ``strategy.matrix.include`` for one job per image."""
     images = []
     for pipeline in load_images(pipeline_file):
-        key = resolve_key(pipeline, resolve_paths(pipeline))[0]
+        paths = resolve_paths(pipeline)
+        # An image whose lock is not committed is pinned in its own job (with a warning there).
+        key = resolve_key(pipeline, paths)[0] if paths.lock_file.exists() else "unpinned"
         images.append({"image": pipeline.name, "key": key, "parent": pipeline.parent.name if pipeline.parent else ""})
     return images
 

@@ -241,29 +241,50 @@ def test_restored_cache_with_changed_user_data_misses(baked, tmp_path):
 # --- CI, played on this machine ------------------------------------------------------------
 
 
-def _ci_project(clone: Path, mirror_url: str, key) -> None:
-    """The e2e project as `ci.yaml` in a clone, with the download cache in the runner's home (the default)."""
-    write_project(clone, mirror_url, key, accel="tcg")
-    text = (clone / "pipeline.yaml").read_text()
-    (clone / "ci.yaml").write_text("\n".join(line for line in text.splitlines() if not line.startswith("cache:")) + "\n")
-    (clone / "pipeline.yaml").unlink()
-    subprocess.run(["git", "checkout", "-q", "pipeline.yaml"], cwd=clone, check=True)  # the repo's own stays
+def users_workflow() -> str:
+    """The workflow docs/ci.md tells a user to write: its first YAML block, as written."""
+    text = (PROJECT / "docs" / "ci.md").read_text()
+    return re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
 
 
-def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real_server):
-    """The shipped workflow, step by step as GitHub runs it, in two fresh clones sharing only the cache:
-    the first has no lock, pins one, misses, bakes, saves the warm state and the image before testing,
-    tests, and says to commit the lock; the second (lock committed, fresh home) hits both caches: no
-    HTTP request, no bake, no boot: its first test run resumes warm from the restored set."""
-    from tests.test_ci import clone_for_ci, replay
+def _users_repository(folder: Path, mirror_url: str, key) -> Path:
+    """A user's repository: their pipeline, cloud-init and a workflow of about ten lines, nothing of
+    cloudbake's (no tasks/, no dodo.py, no .venv), in git as a checkout would be."""
+    folder.mkdir(parents=True)
+    write_project(folder, mirror_url, key, accel="tcg")
+    text = (folder / "pipeline.yaml").read_text()
+    # The download cache in the runner's home, the default.
+    (folder / "pipeline.yaml").write_text("\n".join(line for line in text.splitlines()
+                                                   if not line.startswith("cache:")) + "\n")
+    workflow = folder / ".github" / "workflows" / "vm-tests.yml"
+    workflow.parent.mkdir(parents=True)
+    workflow.write_text(users_workflow())
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    subprocess.run(["git", "add", "."], cwd=folder, check=True)
+    return workflow
 
+
+def test_the_action_in_a_users_repository_bakes_once_then_restores(tmp_path, real_mirror, real_server,
+                                                                   built_package):
+    """docs/ci.md's ten lines (`uses: cloudbake/cloudbake@v1`: this checkout's action.yml), step by step as
+    GitHub runs them, in a user's repository and two fresh runners sharing only the cache: the first has no
+    lock, pins one, misses, bakes, saves the warm state and the image before testing, tests, and says to
+    commit the lock; the second (lock committed, fresh home) restores the image and not the downloads: no
+    HTTP request, no bake, no boot before its test VM, which resumes warm. A failing suite fails the job
+    with its own status and uploads the logs."""
+    from tests.test_ci import replay
+
+    action = {"cloudbake/cloudbake@v1": PROJECT}
     cache = tmp_path / "actions-cache"
-    first = clone_for_ci(tmp_path / "run-1" / "repo")
-    _ci_project(first, real_server.url, real_mirror.key)
-    run_1 = replay(first, cache, tmp_path / "run-1" / "home", pipeline="ci.yaml")
+    first = tmp_path / "run-1" / "repo"
+    workflow = _users_repository(first, real_server.url, real_mirror.key)
+    assert len([line for line in workflow.read_text().splitlines() if line.strip()]) <= 12
+    run_1 = replay(first, cache, tmp_path / "run-1" / "home", built_package, workflow=workflow, actions=action)
     assert not run_1.failed, [(s.name, s.outcome, s.stderr[-2000:]) for s in run_1.steps]
+    assert "Install cloudbake" in [s.name for s in run_1.steps]
     key = run_1.outputs["key"]["key"]
-    assert run_1.outputs["lock"]["fetched"] == "true" and (first / "ci.lock").is_file()
+    assert run_1.outputs["cloudbake"] == {"key": key, "image-cache-hit": "", "exit-status": "0"}
+    assert run_1.outputs["lock"]["fetched"] == "true" and (first / "pipeline.lock").is_file()
     assert run_1.outputs["image"]["cache-hit"] == "" and run_1.step("Save the baked image").outcome == "success"
     assert "starting qemu" in run_1.step("Bake").stderr
     assert "saved the warm state" in run_1.step("Save the warm state").stderr
@@ -275,18 +296,20 @@ def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real
     tested_1 = run_1.step("Test inside a throwaway VM").stderr
     assert tested_1.count("starting qemu") == 1 and "resumed warm" in tested_1
     assert f"`{key}`" in run_1.summary and "| image cache | miss |" in run_1.summary
-    assert "ci.lock` was missing" in run_1.summary and "bake stages" in run_1.summary
+    assert "pipeline.lock` was missing" in run_1.summary and "bake stages" in run_1.summary
     assert (cache / f"cloudbake-image-Linux-{key}").is_dir()
+    downloads = [entry for entry in cache.iterdir() if entry.name.startswith("cloudbake-download-")]
+    assert len(downloads) == 1
 
-    second = clone_for_ci(tmp_path / "run-2" / "repo")
-    _ci_project(second, real_server.url, real_mirror.key)
-    shutil.copy(first / "ci.lock", second / "ci.lock")  # committed, as the first summary asked
+    second = tmp_path / "run-2" / "repo"
+    _users_repository(second, real_server.url, real_mirror.key)
+    shutil.copy(first / "pipeline.lock", second / "pipeline.lock")  # committed, as the first summary asked
     requests_before = len(real_server.state.requests)
-    run_2 = replay(second, cache, tmp_path / "run-2" / "home", pipeline="ci.yaml")
+    run_2 = replay(second, cache, tmp_path / "run-2" / "home", built_package, workflow=workflow, actions=action)
     assert not run_2.failed, [(s.name, s.outcome, s.stderr[-2000:]) for s in run_2.steps]
-    assert run_2.outputs["key"]["key"] == key
+    assert run_2.outputs["key"]["key"] == key and run_2.outputs["cloudbake"]["image-cache-hit"] == "true"
     assert run_2.outputs["lock"]["fetched"] == "false"
-    assert run_2.outputs["image"]["cache-hit"] == "true" and run_2.outputs["downloads"]["cache-hit"] == "true"
+    assert run_2.step("Restore the download cache").outcome == "skipped"   # an image hit needs no downloads
     assert run_2.step("Save the baked image").outcome == "skipped"
     assert "starting qemu" not in run_2.step("Bake").stderr
     assert len(real_server.state.requests) == requests_before
@@ -297,3 +320,15 @@ def test_ci_workflow_replay_bakes_once_then_restores(tmp_path, real_mirror, real
     assert sum(step.stderr.count("starting qemu") for step in run_2.steps) == 1
     assert "resumed warm" in tested and "booting it once" not in tested
     assert "| image cache | hit |" in run_2.summary and "was missing" not in run_2.summary
+
+    # The same runner, a suite that fails: the job fails with the suite's status and uploads the logs.
+    from tests.fixture.actions import LocalRunner
+
+    failing = LocalRunner(workflow, "tests", second, cache, tmp_path / "run-2" / "home",
+                          env={"XDG_CACHE_HOME": str(tmp_path / "run-2" / "home" / ".cache"), **built_package.pip_env()},
+                          inputs={"cloudbake-version": str(built_package.wheel), "command": "echo failing; exit 3"},
+                          actions=action, artifacts_root=tmp_path / "uploaded").run()
+    assert failing.step("Test inside a throwaway VM").outcome == "failure"
+    assert failing.outputs["cloudbake"]["exit-status"] == "3" and failing.outputs["test"]["exit-status"] == "3"
+    assert failing.step("Upload serial logs").outcome == "success"
+    assert (tmp_path / "uploaded" / "cloudbake-logs" / "pipeline.lock").is_file()
