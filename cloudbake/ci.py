@@ -93,8 +93,8 @@ def job_summary(pipeline_file: Path, image_cache: str, lock_fetched: bool, image
                                                        manifest.durations_s.items()) + " |")
     if lock_fetched:
         lines += ["", f"**`{paths.lock_file.name}` was missing**: this run resolved and pinned the upstream image "
-                      f"itself. Commit `{paths.lock_file.name}` (see the uploaded logs, or run `cloudbake fetch` locally) "
-                      "so every run computes the same key and reuses the image."]
+                      f"itself. Commit `{paths.lock_file.name}` (see the uploaded logs, or run `cloudbake fetch` "
+                      "locally) so every run computes the same key and reuses the image."]
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,18 @@ def file_lock(path: Path, what: str) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# A timestamp this far ahead of the clock is not "just written": it came from a machine whose clock ran
+# ahead (actions/cache restores mtimes exactly), or from someone who wants it never to expire.
+FUTURE_TOLERANCE_S = 5.0
+
+
+def age_s(timestamp: float, now: float | None = None) -> float:
+    """Seconds since ``timestamp``; infinite for one in the future, so anything that checks freshness
+    (``age_s(t) < refresh``) treats it as stale and anything that sweeps old files takes it."""
+    now = time.time() if now is None else now
+    return float("inf") if timestamp > now + FUTURE_TOLERANCE_S else max(0.0, now - timestamp)
+
+
 def sweep_temps(folder: Path, *, older_than_s: float, prefix: str = ".") -> list[Path]:
     """Remove ``<prefix>*.tmp`` files in ``folder`` left by a killed writer; returns what went.
 
@@ -67,7 +79,7 @@ def sweep_temps(folder: Path, *, older_than_s: float, prefix: str = ".") -> list
     now = time.time()
     for path in folder.glob(f"{glob.escape(prefix)}*.tmp"):
         with contextlib.suppress(OSError):
-            if path.is_file() and now - path.lstat().st_mtime >= older_than_s:
+            if path.is_file() and age_s(path.lstat().st_mtime, now) >= older_than_s:
                 path.unlink()
                 removed.append(path)
     if removed:

@@ -16,7 +16,7 @@ from typing import Any
 from cloudbake.config.model import Compression, Pipeline
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.files import is_verified, record_verified, sha256_file, write_atomically
+from cloudbake.core.files import age_s, is_verified, record_verified, sha256_file, write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.runner import run
 from cloudbake.core.tools import require_tool
@@ -67,7 +67,7 @@ def sweep_pull_staging(output_dir: Path, now: float | None = None) -> list[Path]
             newest = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
         except OSError:   # removed meanwhile by another process, or unreadable: leave it
             continue
-        if is_published(image) or now - newest > PULL_STAGING_MAX_AGE_S:
+        if is_published(image) or age_s(newest, now) > PULL_STAGING_MAX_AGE_S:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

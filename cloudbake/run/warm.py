@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.files import file_lock, is_verified, record_verified, sha256_file, write_atomically
+from cloudbake.core.files import age_s, file_lock, is_verified, record_verified, sha256_file, write_atomically
 from cloudbake.core.log import stage_logger
 from cloudbake.core.tools import require_tool
 from cloudbake.image.qcow2 import overlay_backing
@@ -335,7 +335,7 @@ def failed_save(base: Path, key: str) -> str | None:
             return None
         if any(shutil.which(str(tool)) for tool in record.get("missing", [])):
             return None
-        if time.time() - float(record["time"]) < FAILED_SAVE_RETRY_S:
+        if age_s(float(record["time"])) < FAILED_SAVE_RETRY_S:
             return str(record.get("reason") or "unknown")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -364,7 +364,7 @@ def sweep_orphans(base: Path) -> None:
     images = {p.stem for p in base.parent.glob("*.qcow2")}
     for folder in root.iterdir():
         try:
-            old = time.time() - folder.stat().st_mtime > 3600
+            old = age_s(folder.stat().st_mtime) > 3600
         except OSError:
             continue
         if folder.name.startswith("."):  # a build lock or a set being built: only a dead builder's old ones

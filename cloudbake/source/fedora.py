@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import requests
 from cloudbake.config.model import Pipeline, SignaturePolicy, Source
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.files import write_atomically
+from cloudbake.core.files import age_s, write_atomically
 from cloudbake.core.log import stage_logger, strip_credentials
 from cloudbake.source.checksums import parse_bsd_sums
 from cloudbake.source.download import Digest
@@ -55,14 +54,21 @@ class Build:
         return f"Fedora-Cloud-{self.release}-{self.build}-{self.arch}-CHECKSUM"
 
 
+BUILD_MAX_CHARS = 32
+BUILD_PART_MAX_DIGITS = 9
+
+
 def images_folder(source: Source) -> str:
     return f"{source.mirror}releases/{source.release}/Cloud/{FEDORA_ARCH[str(source.arch)]}/images/"
 
 
 def newest_build(listing: str, release: str, arch: str) -> str | None:
     """The highest build a folder listing names a CHECKSUM for (``1.10`` is newer than ``1.9``)."""
-    names: list[str] = re.findall(rf"Fedora-Cloud-{re.escape(release)}-(\d+(?:\.\d+)*)-{re.escape(arch)}-CHECKSUM",
+    found: list[str] = re.findall(rf"Fedora-Cloud-{re.escape(release)}-(\d+(?:\.\d+)*)-{re.escape(arch)}-CHECKSUM",
                                   listing)
+    # A build is a few short numbers; a hostile listing's 5,000-digit one would end int() in a ValueError.
+    names = [build for build in found if len(build) <= BUILD_MAX_CHARS and
+             all(len(part) <= BUILD_PART_MAX_DIGITS for part in build.split("."))]
     if not names:
         return None
     return max(names, key=lambda build: tuple(int(part) for part in build.split(".")))
@@ -88,7 +94,7 @@ def resolve_keyring(pipeline: Pipeline, paths: Paths, session: requests.Session,
         return _binary(dearmor_all(verify.keyring.read_bytes(), str(verify.keyring)), paths, "keyring")
     cached = paths.cache_dir / "keys" / "fedora.gpg"
     if cached.is_file() and set(verify.fingerprints) & set(_fingerprints_or_none(cached.read_bytes())) \
-            and time.time() - cached.stat().st_mtime < KEY_REFRESH_S:
+            and age_s(cached.stat().st_mtime) < KEY_REFRESH_S:
         return cached
     log.info("fetching Fedora's signing keys from %s", KEYS_URL)
     keys = dearmor_all(fetch_small(session, KEYS_URL, KEYS_MAX_BYTES, http), KEYS_URL)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import requests
 from cloudbake.config.model import RELEASES, Pipeline, SignaturePolicy, Source
 from cloudbake.config.paths import Paths
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.files import write_atomically
+from cloudbake.core.files import age_s, write_atomically
 from cloudbake.core.log import stage_logger, strip_credentials
 from cloudbake.source.checksums import parse_sums
 from cloudbake.source.download import Digest
@@ -103,7 +102,7 @@ def resolve_keyring(pipeline: Pipeline, paths: Paths, session: requests.Session,
     for fingerprint in verify.fingerprints:
         cached = keys_dir / f"{fingerprint}.gpg"
         if cached.is_file() and fingerprint in _fingerprints_or_none(cached.read_bytes()):
-            if time.time() - cached.stat().st_mtime < KEY_REFRESH_S:
+            if age_s(cached.stat().st_mtime) < KEY_REFRESH_S:
                 return cached
             stale = stale or cached  # refreshed below, so that a revocation can arrive
     for fingerprint in verify.fingerprints:
@@ -114,7 +113,7 @@ def resolve_keyring(pipeline: Pipeline, paths: Paths, session: requests.Session,
         except PipelineError as err:
             if stale is None:
                 raise
-            age_days = (time.time() - stale.stat().st_mtime) / 86400
+            age_days = min(age_s(stale.stat().st_mtime), 1e9) / 86400
             log.warning("could not refresh signing key %s (%s); using the copy fetched %.0f days ago, so a "
                         "revocation published since then is not seen", fingerprint, err.message, age_days)
             return stale

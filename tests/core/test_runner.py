@@ -117,3 +117,20 @@ def test_a_wait_says_what_it_waits_for_while_one_call_blocks(monkeypatch, caplog
     lines = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
     assert lines[:2] == ["waiting for: saving the warm state (1 s so far); console: x",
                          "waiting for: saving the warm state (2 s so far); console: x"]
+
+
+def test_a_timestamp_from_the_future_counts_as_stale(tmp_path):
+    """A key cache or marker restored with a clock-ahead runner's mtime (actions/cache keeps mtimes) must not
+    stay fresh for ever: freshness checks see it stale, sweeps take it."""
+    import os
+    import time
+
+    from cloudbake.core.files import age_s, sweep_temps
+
+    now = time.time()
+    assert age_s(now - 10, now) == 10 and age_s(now + 2, now) == 0   # the file system's own granularity
+    assert age_s(now + 3600, now) == float("inf")
+    future = tmp_path / ".x.tmp"
+    future.write_text("left by a writer")
+    os.utime(future, (now + 86400, now + 86400))
+    assert sweep_temps(tmp_path, older_than_s=3600) == [future]

@@ -244,7 +244,9 @@ def test_restored_cache_with_changed_user_data_misses(baked, tmp_path):
 def users_workflow() -> str:
     """The workflow docs/ci.md tells a user to write: its first YAML block, as written."""
     text = (PROJECT / "docs" / "ci.md").read_text()
-    return re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    found = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert found is not None
+    return found.group(1)
 
 
 def _users_repository(folder: Path, mirror_url: str, key) -> Path:

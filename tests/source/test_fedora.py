@@ -123,3 +123,12 @@ def test_each_release_has_its_own_pinned_key(make_pipeline):
     assert pipeline.source.mirror == "https://download.fedoraproject.org/pub/fedora/linux/"
     with pytest.raises(PipelineError, match="unknown Fedora release '39'"):
         load_pipeline(make_pipeline("source: {distro: fedora, release: 39}\n"))
+
+
+def test_a_listing_with_an_absurd_build_number_is_skipped_not_a_traceback():
+    """A hostile listing: a 5,000-digit build would end int() in a ValueError before any signature check."""
+    listing = (f'<a href="Fedora-Cloud-42-{"9" * 5000}-x86_64-CHECKSUM">x</a>\n'
+               '<a href="Fedora-Cloud-42-1.1-x86_64-CHECKSUM">x</a>\n'
+               f'<a href="Fedora-Cloud-42-1.{"9" * 12}-x86_64-CHECKSUM">x</a>\n')
+    assert newest_build(listing, "42", "x86_64") == "1.1"
+    assert newest_build(f'Fedora-Cloud-42-{"1" * 40}-x86_64-CHECKSUM', "42", "x86_64") is None

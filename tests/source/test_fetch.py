@@ -515,6 +515,11 @@ def test_keyserver_key_is_refreshed_after_a_week(make_pipeline, tmp_path, gpg_ke
         os.utime(cached, (week_old, week_old))
         assert ubuntu.resolve_keyring(pipeline, paths, session, FAST) == cached
         assert len(srv.state.requests) == 1 and cached.stat().st_mtime > week_old + 3600
+        # A copy restored from a runner whose clock ran a year ahead is not fresh for a year: refreshed now.
+        year_ahead = time.time() + 365 * 86400
+        os.utime(cached, (year_ahead, year_ahead))
+        assert ubuntu.resolve_keyring(pipeline, paths, session, FAST) == cached
+        assert len(srv.state.requests) == 2 and cached.stat().st_mtime < year_ahead
         os.utime(cached, (week_old, week_old))
         monkeypatch.setattr(ubuntu, "KEYSERVER_URL", "http://127.0.0.1:9/key?{fingerprint}")
         assert ubuntu.resolve_keyring(pipeline, paths, session, FAST) == cached
