@@ -114,3 +114,20 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     bake, test = commands
     assert "bake" in bake and "test" in test
     assert test in (PROJECT / ".ci" / "run").read_text()
+
+
+def test_mirror_credentials_never_reach_a_load_error(tmp_path):
+    """A pipeline whose mirror URL carries a token and fails to load: the job summary, `ci outputs` and the
+    command's own error show the mirror without its credentials (the error is redacted where it is made)."""
+    import sys
+
+    (tmp_path / "cloud-init").mkdir()
+    (tmp_path / "cloud-init" / "user-data.yaml").write_text("#cloud-config\n")
+    (tmp_path / "pipeline.yaml").write_text('source:\n  mirror: "ftp://user:s3cr3t@mirror.example/"\n')
+    outputs = []
+    for argv in (["-m", "cloudbake.ci", "summary", "pipeline.yaml"], ["-m", "cloudbake.ci", "outputs", "pipeline.yaml"],
+                 ["-m", "cloudbake.cli", "validate"]):
+        done = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        outputs.append(done.stdout + done.stderr)
+    assert all("'ftp://***@mirror.example/' is not a mirror URL" in text for text in outputs), outputs
+    assert not any("s3cr3t" in text for text in outputs)

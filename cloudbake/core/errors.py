@@ -16,6 +16,10 @@ class PipelineError(Exception):
     """
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        from cloudbake.core.log import redact
+
+        # Redacted where it is made, so no place that prints an error can show a URL's credentials.
+        message, hint = redact(message), redact(hint) if hint is not None else None
         super().__init__(message)
         self.message = message
         self.hint = hint
