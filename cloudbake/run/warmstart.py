@@ -138,10 +138,11 @@ def choose_warm_set(pipeline: Pipeline, paths: Paths, base: Path, manifest: Mani
                         "it is installed saves one", base.name, err.message, err.hint)
             remember_failed_save(base, key, err.message, missing=(err.tool,))
             return None
-        except PipelineError as err:
+        except (PipelineError, OSError) as err:   # OSError: a full disk, the state or the record
+            reason = err.message if isinstance(err, PipelineError) else f"{err.strerror or err}"
             log.warning("could not save a warm state of %s (%s); this run boots cold, and later runs on this host "
-                        "do not try again for a day", base.name, err.message)
-            remember_failed_save(base, key, err.message.splitlines()[0])
+                        "do not try again for a day", base.name, reason)
+            remember_failed_save(base, key, reason.splitlines()[0])
             return None
 
 

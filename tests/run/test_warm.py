@@ -247,6 +247,32 @@ def test_a_save_that_failed_for_a_missing_program_is_retried_once_it_is_installe
     assert failed_save(image, key) is None
 
 
+def test_a_warm_save_on_a_full_disk_boots_cold_with_a_warning(make_pipeline, monkeypatch, caplog):
+    """The state filling the disk (OSError) is the expected save failure, not a traceback; the marker is
+    written best-effort on that same full disk."""
+    import errno
+    import logging
+
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.image.store import read_manifest
+    from cloudbake.run import warm
+    from cloudbake.run.warmstart import choose_warm_set
+    from tests.fixture.published import make_published
+
+    caplog.set_level(logging.INFO, logger="cloudbake")
+    pipeline = load_pipeline(make_pipeline("name: img\nvm: {accel: tcg}\n"))
+    image = make_published(pipeline.file.parent, name="img")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(warm, "write_atomically", full_disk)
+    assert choose_warm_set(pipeline, resolve_paths(pipeline), image, read_manifest(image), full_disk) is None
+    assert "could not save a warm state of img" in caplog.text and "No space left on device" in caplog.text
+    assert "could not remember the failed save (No space left on device)" in caplog.text
+
+
 def test_the_key_port_is_on_the_command_line_of_savers_and_restores_only(tmp_path):
     plain = build_qemu_argv(_spec(tmp_path), "qemu-system-x86_64")
     keyed = build_qemu_argv(_spec(tmp_path, key_channel=tmp_path / "key.sock"), "qemu-system-x86_64")
@@ -290,3 +316,51 @@ def test_the_key_hand_over_sends_time_key_and_randomness_then_waits_for_ok(tmp_p
     silent.listen(8)
     with silent, pytest.raises(PipelineError, match="did not take this run's key"):
         hand_over_key(tmp_path / "silent.sock", "k", timeout_s=1.5)
+
+
+@pytest.mark.parametrize("guest", ["trickle", "flood"])
+def test_a_guest_that_never_ends_its_answer_cannot_hold_the_hand_over(tmp_path, guest):
+    """A resumed VM that sends a byte every 0.3 s without a newline, or floods bytes, is given up on at the
+    hand-over's one deadline (its set is then not resumed), and the answer never grows past a small cap."""
+    import socket
+    import threading
+    import time
+
+    from cloudbake.core.errors import PipelineError
+    from cloudbake.run.warm import hand_over_key
+
+    path = tmp_path / "key.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(0.5)
+                try:
+                    conn.recv(4096)
+                    while not stop.is_set():
+                        conn.sendall(b"o" if guest == "trickle" else b"x" * 65536)
+                        if guest == "trickle":
+                            time.sleep(0.3)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(PipelineError, match="did not take this run's key"):
+            hand_over_key(path, "ssh-ed25519 AAAA test", timeout_s=2.0)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert time.monotonic() - started < 5
