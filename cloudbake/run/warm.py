@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -291,6 +292,10 @@ def set_digests(folder: Path) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in WARM_FILES if (folder / name).is_file()}
 
 
+# The saved VM's host key as known_hosts takes it: one line, the key type cloudbake makes, an optional comment.
+HOST_KEY_LINE = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{20,200}={0,2}( [\x21-\x7e][\x20-\x7e]{0,200})?")
+
+
 def verify_set(warm: WarmSet, base: Path) -> None:
     """The set's files match the digests its record holds (hashed once, then remembered per file),
     and its disk names no file but ``base`` (a set may come from a cache or a registry)."""
@@ -301,6 +306,12 @@ def verify_set(warm: WarmSet, base: Path) -> None:
     recorded = record.get("sha256") if isinstance(record, dict) else None
     if not isinstance(recorded, dict) or set(recorded) != {n for n in WARM_FILES if (warm.folder / n).exists()}:
         raise PipelineError(f"{warm.folder.name}: its record names no digest for every file it holds")
+    # What reaches QEMU comes from the inputs the set is named by (its key), nothing else of the record.
+    inputs = record.get("inputs")
+    if not isinstance(inputs, dict) or warm.folder.name != f"{base.stem}-{warm_key(inputs)}":
+        raise PipelineError(f"{warm.folder.name}: its record's inputs are not the ones the set is named by")
+    if not isinstance(record.get("host_public"), str) or not HOST_KEY_LINE.fullmatch(record["host_public"]):
+        raise PipelineError(f"{warm.folder.name}: its record's host key is not one OpenSSH ed25519 public key")
     for name, digest in recorded.items():
         path = warm.folder / name
         if not isinstance(digest, str) or path.is_symlink():

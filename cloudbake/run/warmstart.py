@@ -208,7 +208,7 @@ def resume(plan: RunPlan, warm: WarmSet, *, interactive: bool) -> Resumed | None
         booting = contextlib.ExitStack()
         try:
             port, forwards = free_port(), resolve_forwards(plan.pipeline.test.forward)
-            spec = plan.spec(port, forwards, detect_host(), record["accel"], key_channel=True)
+            spec = plan.spec(port, forwards, detect_host(), record["inputs"]["accel"], key_channel=True)
             if spec.firmware_vars is not None:
                 shutil.copyfile(warm.vars, spec.firmware_vars)
             spec = dataclasses.replace(spec, seed=warm.seed, incoming=incoming_uri(warm.state),

@@ -511,7 +511,7 @@ def _project_with_image(folder: Path, remote: RemoteCache) -> tuple:
         (run / name).write_bytes(os.urandom(size))
     warm: WarmSet = warm_set_for(image, warm_key(inputs))
     keep_as_warm_set(warm, run / "disk.qcow2", run / "efivars.fd", run / "seed.iso", run / "state.zst",
-                     {"inputs": inputs, "accel": "tcg", "host_public": "ssh-ed25519 AAAA test", "state_bytes": 3 << 20,
+                     {"inputs": inputs, "accel": "tcg", "host_public": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPseedtestkeyseedtestkeyseedtest test", "state_bytes": 3 << 20,
                       "memory_bytes": 1 << 30})
     return pipeline, paths, image, warm
 

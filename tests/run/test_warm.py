@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cloudbake.config.model import Arch
+from cloudbake.core.errors import PipelineError
 from cloudbake.qemu.argv import VmSpec, build_qemu_argv
 from cloudbake.run.warm import find_warm_set, warm_inputs, warm_key, warm_set_for
 
@@ -152,7 +153,7 @@ def test_a_set_saved_on_another_cpu_is_never_resumed_and_says_so(tmp_path):
 
 def test_an_altered_state_is_refused_by_its_digest(tmp_path):
     from cloudbake.core.errors import PipelineError
-    from cloudbake.run.warm import WarmSet, keep_as_warm_set, verify_set
+    from cloudbake.run.warm import WarmSet, keep_as_warm_set, verify_set, warm_key
 
     base = tmp_path / "dist" / "img-0123.qcow2"
     work = tmp_path / "dist" / ".runs" / "r1"
@@ -162,10 +163,11 @@ def test_an_altered_state_is_refused_by_its_digest(tmp_path):
                     str(work / "disk.qcow2")], check=True)
     for name in ("seed.iso", "state.zst", "vars.fd"):
         (work / name).write_bytes(os.urandom(4096))
-    warm = WarmSet(tmp_path / "dist" / ".warm" / "img-0123-aaaa")
+    inputs = {"accel": "tcg", "memory_mib": 1024}
+    warm = WarmSet(tmp_path / "dist" / ".warm" / f"img-0123-{warm_key(inputs)}")
     warm.folder.parent.mkdir(parents=True)
     keep_as_warm_set(warm, work / "disk.qcow2", work / "vars.fd", work / "seed.iso", work / "state.zst",
-                     {"inputs": {}})
+                     {"inputs": inputs, "host_public": HOST_PUBLIC})
     verify_set(warm, base)
     state = warm.state
     state.chmod(0o644)
@@ -173,6 +175,47 @@ def test_an_altered_state_is_refused_by_its_digest(tmp_path):
     data[100] ^= 0xFF
     state.write_bytes(bytes(data))
     with pytest.raises(PipelineError, match="state.zst does not match the SHA-256 its record holds"):
+        verify_set(warm, base)
+
+
+HOST_PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPseedtestkeyseedtestkeyseedtestkeyseedtest cloudbake-host"
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda record: record["inputs"].update(accel="kvm"), "not the ones the set is named by"),
+    (lambda record: record.update(accel="kvm", inputs={**record["inputs"], "accel": "kvm"}),
+     "not the ones the set is named by"),
+    (lambda record: record.update(host_public=HOST_PUBLIC + "\n[127.0.0.1]:22 ssh-ed25519 AAAAevil"),
+     "not one OpenSSH ed25519 public key"),
+    (lambda record: record.update(host_public="ssh-rsa AAAAB3NzaC1yc2E attacker"), "not one OpenSSH ed25519"),
+])
+def test_a_warm_record_chooses_nothing_that_reaches_qemu_or_ssh(tmp_path, change, fragment):
+    """A set from a cache or registry: the accelerator (and so -cpu) comes from the inputs the set is named
+    by, and the host key is one line of the one type cloudbake makes; a record that says otherwise is refused
+    before QEMU or known_hosts sees it."""
+    import json
+
+    from cloudbake.run.warm import WarmSet, keep_as_warm_set, verify_set, warm_key
+
+    base = tmp_path / "dist" / "img-0123.qcow2"
+    work = tmp_path / "dist" / ".runs" / "r1"
+    work.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "../../img-0123.qcow2",
+                    str(work / "disk.qcow2")], check=True)
+    for name in ("seed.iso", "state.zst", "vars.fd"):
+        (work / name).write_bytes(os.urandom(1024))
+    inputs = {"accel": "tcg", "memory_mib": 1024}
+    warm = WarmSet(tmp_path / "dist" / ".warm" / f"img-0123-{warm_key(inputs)}")
+    warm.folder.parent.mkdir(parents=True)
+    keep_as_warm_set(warm, work / "disk.qcow2", work / "vars.fd", work / "seed.iso", work / "state.zst",
+                     {"inputs": inputs, "accel": "tcg", "host_public": HOST_PUBLIC})
+    verify_set(warm, base)
+    record = json.loads((warm.folder / "warm.json").read_text())
+    change(record)
+    (warm.folder / "warm.json").chmod(0o644)
+    (warm.folder / "warm.json").write_text(json.dumps(record))
+    with pytest.raises(PipelineError, match=fragment):
         verify_set(warm, base)
 
 
