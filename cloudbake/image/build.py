@@ -19,7 +19,7 @@ from cloudbake.config.model import Pipeline
 from cloudbake.config.paths import Paths, resolve_paths
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.log import stage_logger
-from cloudbake.image.seed import SeedFiles, build_seed_files
+from cloudbake.image.seed import SeedFiles, build_seed_files, seed_input_files
 from cloudbake.image.store import KEY_HEX_DIGITS, published_image
 from cloudbake.source.lock import Lock, read_lock
 
@@ -119,17 +119,18 @@ def resolve_build(pipeline: Pipeline, paths: Paths) -> Build:
     return build
 
 
-def _seed_stamps(pipeline: Pipeline) -> tuple[tuple[int, int] | None, ...]:
-    """Size and mtime of the cloud-init files of the pipeline and its parents: an edit resolves afresh."""
-    stamps: list[tuple[int, int] | None] = []
+def _seed_stamps(pipeline: Pipeline) -> tuple[tuple[str, int, int] | None, ...]:
+    """Name, size and mtime of every file the seeds of the pipeline and its parents read (user-data, key files
+    and the files a glob matches now, dependency and CA files): an edit resolves afresh."""
+    stamps: list[tuple[str, int, int] | None] = []
     for each in (pipeline, *_ancestors(pipeline)):
-        ci = each.cloud_init
-        for file in (ci.user_data, ci.network_config, ci.vendor_data):
+        for file in seed_input_files(each):
             try:
-                found = file.stat() if file is not None else None
+                found = file.stat()
             except OSError:
-                found = None
-            stamps.append((found.st_size, found.st_mtime_ns) if found is not None else None)
+                stamps.append(None)
+                continue
+            stamps.append((str(file), found.st_size, found.st_mtime_ns))
     return tuple(stamps)
 
 

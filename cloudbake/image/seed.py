@@ -301,6 +301,27 @@ def is_public_key_text(entry: str) -> bool:
     return entry.strip().startswith(("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-"))
 
 
+def key_file_matches(entry: str, base: Path) -> list[str]:
+    """The files a ``cloud_init.ssh_authorized_keys`` path or glob names (relative to the pipeline's folder)."""
+    pattern = str(base / os.path.expanduser(entry))
+    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+
+
+def seed_input_files(pipeline: Pipeline) -> list[Path]:
+    """Every file the bake's seed of ``pipeline`` is made from: what a resolved build must be stamped with,
+    so an edit to any of them (a new key matching a glob, a changed lock file) resolves afresh."""
+    from cloudbake.image.cacerts import HOST_BUNDLE
+
+    ci, base = pipeline.cloud_init, pipeline.file.parent
+    files = [ci.user_data, *(f for f in (ci.network_config, ci.vendor_data) if f is not None)]
+    files += [Path(match) for entry in ci.ssh_authorized_keys if not is_public_key_text(entry)
+              for match in key_file_matches(entry, base)]
+    files += [base / name for pattern in pipeline.test.dependencies.files
+              for name in sorted(glob.glob(pattern, root_dir=base, recursive=True))]
+    files += [HOST_BUNDLE] if isinstance(ci.ca_certs, str) else list(ci.ca_certs)
+    return files
+
+
 def resolve_authorized_keys(entries: tuple[str, ...], base: Path, *, warn: bool = True) -> list[str]:
     """Key text as given; ``.pub`` paths and globs read now. A glob matching nothing only warns."""
     keys: list[str] = []
@@ -308,8 +329,7 @@ def resolve_authorized_keys(entries: tuple[str, ...], base: Path, *, warn: bool 
         if is_public_key_text(entry):
             keys.append(entry.strip())
             continue
-        pattern = str(base / os.path.expanduser(entry))
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = key_file_matches(entry, base)
         if not matches and warn:
             _warn_once(f"no public key matches {entry} (cloud_init.ssh_authorized_keys); you can still log in "
                        "through test-image and console, which add a key of their own per run")

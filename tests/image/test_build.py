@@ -153,3 +153,31 @@ def test_the_key_and_lock_cover_the_distribution_and_ubuntus_stay_as_they_were(m
     assert "distro" not in image_settings(ubuntu) and "distro" not in lock_source(ubuntu.source)
     assert image_settings(debian)["distro"] == "debian" and lock_source(debian.source)["distro"] == "debian"
     assert image_settings(debian) != image_settings(ubuntu)
+
+
+def test_a_key_file_a_glob_now_matches_or_a_changed_dependency_file_resolves_afresh(tmp_path):
+    """The build is kept by every file its seed reads, not only user-data: a new key matching
+    `keys/*.pub`, or an edited lock file of test.dependencies, gives a new build in the same process."""
+    from cloudbake.config.paths import resolve_paths
+    from cloudbake.image.build import resolve_build
+    from tests.fixture.offline import offline_project
+
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPseedtestkeyseedtestkeyseedtestkeyseedtest one@host"
+    pipeline_file = offline_project(tmp_path, published=True)
+    pipeline_file.write_text(pipeline_file.read_text().replace(
+        'test: {command: "true", timeout: 10m}',
+        'test: {command: "true", timeout: 10m, dependencies: {files: [uv.lock], install: make}}')
+        + "cloud_init: {ssh_authorized_keys: ['keys/*.pub']}\n")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "one.pub").write_text(key + "\n")
+    (tmp_path / "uv.lock").write_text("version = 1\n")
+    pipeline = load_pipeline(pipeline_file)
+    paths = resolve_paths(pipeline)
+    first = resolve_build(pipeline, paths)
+    assert resolve_build(pipeline, paths) is first
+    (tmp_path / "keys" / "two.pub").write_text(key.replace("one@", "two@") + "\n")
+    second = resolve_build(pipeline, paths)
+    assert second.key != first.key and b"two@host" in second.seed.user_data
+    (tmp_path / "uv.lock").write_text("version = 2\n")
+    third = resolve_build(pipeline, paths)
+    assert third.key != second.key
