@@ -53,6 +53,21 @@ def file_lock(path: Path, what: str) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def remove_unheld_lock(path: Path) -> bool:
+    """Remove a lock file nobody holds (taken and removed while held, so no holder is pulled from under);
+    False, and the file kept, when another process holds it."""
+    try:
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            path.unlink(missing_ok=True)
+            return True
+    except OSError:
+        return False
+
+
 # A timestamp this far ahead of the clock is not "just written": it came from a machine whose clock ran
 # ahead (actions/cache restores mtimes exactly), or from someone who wants it never to expire.
 FUTURE_TOLERANCE_S = 5.0

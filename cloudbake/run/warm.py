@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from cloudbake.core.errors import PipelineError
-from cloudbake.core.files import age_s, file_lock, is_verified, record_verified, sha256_file, write_atomically
+from cloudbake.core.files import (
+    age_s,
+    file_lock,
+    is_verified,
+    record_verified,
+    remove_unheld_lock,
+    sha256_file,
+    write_atomically,
+)
 from cloudbake.core.log import stage_logger
 from cloudbake.core.tools import require_tool
 from cloudbake.image.qcow2 import overlay_backing
@@ -387,13 +395,28 @@ def sweep_orphans(base: Path) -> None:
             old = age_s(folder.stat().st_mtime) > 3600
         except OSError:
             continue
-        if folder.name.startswith("."):  # a build lock or a set being built: only a dead builder's old ones
+        if folder.name.endswith(".lock"):   # a builder's lock: never one that is held, however old
+            if old:
+                remove_unheld_lock(folder)
+            continue
+        if folder.name.endswith(".failed"):   # a failed save is remembered until it is no longer valid
+            if _marker_expired(folder):
+                folder.unlink(missing_ok=True)
+            continue
+        if folder.name.startswith("."):  # a set being built: only a dead builder's old ones
             if old:
                 folder.unlink() if folder.is_file() else _remove(folder)
             continue
         complete = (folder / "warm.json").is_file()
         if folder.name.rsplit("-", 1)[0] not in images or (not complete and old):
             _remove(folder)
+
+
+def _marker_expired(marker: Path) -> bool:
+    try:
+        return age_s(float(json.loads(marker.read_text())["time"])) >= FAILED_SAVE_RETRY_S
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
 
 
 def build_lock(base: Path, key: str) -> Any:

@@ -407,3 +407,34 @@ def test_a_guest_that_never_ends_its_answer_cannot_hold_the_hand_over(tmp_path, 
         thread.join(5)
         server.close()
     assert time.monotonic() - started < 5
+
+
+def test_the_sweep_keeps_a_held_build_lock_and_a_valid_failed_save_marker(tmp_path, make_pipeline):
+    """Hours-old entries of the warm folder: a build lock a live builder holds stays (its mtime is when it was
+    made), and so does a failed-save marker still within its day; an unheld lock and an expired marker go."""
+    import fcntl
+    import json
+
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.run.warm import failed_save_marker, remember_failed_save, sweep_orphans, warm_root
+    from tests.fixture.published import make_published
+
+    pipeline = load_pipeline(make_pipeline("name: img\nvm: {accel: tcg}\n"))
+    image = make_published(pipeline.file.parent, name="img")
+    root = warm_root(image)
+    root.mkdir(parents=True)
+    held, unheld = root / f".{image.stem}-aaaa.lock", root / f".{image.stem}-bbbb.lock"
+    remember_failed_save(image, "cccc", "migration failed")
+    remember_failed_save(image, "dddd", "migration failed")
+    expired = failed_save_marker(image, "dddd")
+    record = json.loads(expired.read_text())
+    expired.write_text(json.dumps({**record, "time": record["time"] - 2 * 86400}))
+    hours_ago = time.time() - 3 * 3600
+    with open(held, "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        unheld.write_text("")
+        for entry in (held, unheld, failed_save_marker(image, "cccc"), expired):
+            os.utime(entry, (hours_ago, hours_ago))
+        sweep_orphans(image)
+        assert held.exists() and not unheld.exists()
+        assert failed_save_marker(image, "cccc").exists() and not expired.exists()
