@@ -56,6 +56,11 @@ class StreamTooLargeError(Exception):
     pass
 
 
+# Linux's NAME_MAX, and room below PATH_MAX (4096) for the destination folder the member lands in.
+NAME_MAX_BYTES = 255
+MEMBER_PATH_MAX_BYTES = 2048
+
+
 def member_parts(name: str) -> tuple[str, ...]:
     """The path components of a member's name, checked: relative, no ``..``, not empty.
 
@@ -68,6 +73,11 @@ def member_parts(name: str) -> tuple[str, ...]:
         raise PipelineError(f"refusing {name[:200]!r} from the guest: it names no file")
     if ".." in parts:
         raise PipelineError(f"refusing {name[:200]!r} from the guest: it climbs out with '..'")
+    # Names the host can hold whole, below the destination: every reader later (the JUnit summary, a
+    # user's tools) opens the file by its full path, which the host refuses past PATH_MAX.
+    if any(len(part.encode()) > NAME_MAX_BYTES for part in parts) or len(name.encode()) > MEMBER_PATH_MAX_BYTES:
+        raise PipelineError(f"refusing {name[:200]!r}... from the guest: a path longer than this host names "
+                            f"({MEMBER_PATH_MAX_BYTES} bytes, {NAME_MAX_BYTES} per part)")
     return parts
 
 

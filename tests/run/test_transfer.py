@@ -52,6 +52,8 @@ def serve_tar(guest_home: Path, data: bytes) -> None:
     (".", "names no file"),
     ("./", "names no file"),
     ("", "names no file"),
+    ("/".join(["x" * 255] * 20) + "/report.xml", "a path longer than this host names"),
+    ("a/" + "y" * 256, "a path longer than this host names"),
 ])
 def test_bad_member_names_are_refused(name, fragment):
     with pytest.raises(PipelineError, match=fragment):
@@ -133,9 +135,14 @@ def test_a_name_the_host_cannot_write_is_the_artifacts_stage_not_a_traceback(gue
 
     machine = attached(make_pipeline)
     serve_tar(guest, make_tar(("d/" + "n" * 300, None, b"x")))
-    with pytest.raises(MachineryError, match=r"^artifacts: copying the artifacts: cannot write") as caught:
+    with pytest.raises(MachineryError, match=r"^artifacts: refusing 'd/n+'... from the guest: a path longer") as caught:
         machine.fetch_artifacts(["*"], tmp_path / "out")
     assert caught.value.stage == "artifacts" and EXIT_MACHINERY == 125
+    deep = "/".join(["x" * 255] * 20) + "/junit.xml"   # each part fine; the whole path no host can open
+    serve_tar(guest, make_tar((deep, None, b"<testsuite/>")))
+    with pytest.raises(MachineryError, match="a path longer than this host names") as caught:
+        machine.fetch_artifacts(["*"], tmp_path / "out-deep")
+    assert caught.value.stage == "artifacts"
 
 
 def test_an_absolute_member_never_makes_the_summary_read_a_host_file(guest, make_pipeline, tmp_path):  # noqa: F811
@@ -176,3 +183,18 @@ def test_get_returns_plain_files_only(guest, make_pipeline, tmp_path):  # noqa: 
     with pytest.raises(MachineryError, match="'data/link' from the guest: a symbolic link"):
         machine.get("~/data", tmp_path / "back")
     assert not (tmp_path / "back").exists()
+
+
+def test_a_report_the_host_cannot_open_is_left_out_of_the_summary_with_a_warning(tmp_path, caplog):
+    """A candidate whose name is too long to open: a warning, not an OSError traceback (no exit 125)."""
+    import logging
+
+    from cloudbake.run.junit import summarize_junit
+
+    caplog.set_level(logging.WARNING, logger="cloudbake")
+    good = tmp_path / "junit.xml"
+    good.write_text('<testsuite tests="1"><testcase classname="t" name="ok"/></testsuite>')
+    too_long = tmp_path.joinpath(*(["z" * 255] * 20), "report.xml")
+    summary = summarize_junit([too_long, good])
+    assert summary is not None and summary.tests == 1
+    assert "cannot be read" in caplog.text
