@@ -12,7 +12,8 @@ import contextlib
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Union
@@ -34,6 +35,28 @@ class Result:
 
 def _argv(argv: Sequence[Arg]) -> list[str]:
     return [os.fspath(arg) for arg in argv]
+
+
+def drain(stream: IO[bytes], keep_bytes: int = 64 << 10) -> Callable[[], str]:
+    """Read ``stream`` to its end on a thread, keeping its last ``keep_bytes``; returns a function that
+    waits for the end and gives the text. A program whose stderr nobody reads blocks once the pipe is full
+    (about 64 KiB): reading it while waiting for the program is what lets the program finish."""
+    kept = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536), b""):
+                kept.extend(chunk)
+                del kept[:-keep_bytes]
+
+    thread = threading.Thread(target=read, name="drain", daemon=True)
+    thread.start()
+
+    def text() -> str:
+        thread.join(10.0)
+        return bytes(kept).decode(errors="replace")
+
+    return text
 
 
 def guest_path(path: str) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbake.core.errors import MachineryError, PipelineError
-from cloudbake.core.runner import Arg, spawn, stop_process, tail
+from cloudbake.core.runner import Arg, drain, spawn, stop_process, tail
 from cloudbake.core.units import human_bytes
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -249,13 +249,15 @@ def send_tar(tar_argv: Sequence[Arg], ssh: list[str], *, cwd: Path, what: str, t
                                            stderr=subprocess.PIPE)).proc
         assert tar.stdout is not None and tar.stderr is not None and remote.stderr is not None
         tar.stdout.close()  # SSH holds the pipe now; tar sees SIGPIPE if SSH dies
+        # Both stderrs are read while waiting: tar's complaints (files gone since the listing, unreadable
+        # ones) would otherwise fill its pipe, block it, and the run would wait out its whole timeout.
+        tar_said, ssh_said = drain(tar.stderr), drain(remote.stderr)
         try:
             remote.wait(timeout_s)
             tar.wait(30)
         except subprocess.TimeoutExpired:
             raise PipelineError(f"{what}: did not finish within {timeout_s:.0f} s") from None
-        tar_err = tar.stderr.read().decode(errors="replace")
-        ssh_err = remote.stderr.read().decode(errors="replace")
+        tar_err, ssh_err = tar_said(), ssh_said()
     if remote.returncode == 255 and "Host key verification failed" in ssh_err:
         raise host_key_changed()
     if remote.returncode != 0 or tar.returncode != 0:

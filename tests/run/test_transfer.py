@@ -198,3 +198,21 @@ def test_a_report_the_host_cannot_open_is_left_out_of_the_summary_with_a_warning
     summary = summarize_junit([too_long, good])
     assert summary is not None and summary.tests == 1
     assert "cannot be read" in caplog.text
+
+
+def test_an_upload_whose_tar_complains_a_lot_ends_with_tars_reason_not_the_timeout(tmp_path):
+    """tar writing far more than a pipe holds to stderr (files gone since the listing) must not block until
+    test.timeout: its stderr is read while waiting, and the failure says what tar said."""
+    import sys
+    import time
+
+    from cloudbake.run.transfer import send_tar
+
+    tar = [sys.executable, "-c", "import sys\nfor i in range(4000): sys.stderr.write(f'tar: file{i}: Cannot stat: "
+                                 "No such file or directory\\n')\nsys.stdout.write('x' * 1024)\nsys.exit(2)"]
+    ssh = [sys.executable, "-c", "import sys; sys.stdin.buffer.read()"]
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match="upload: failed .*host tar 2") as caught:
+        send_tar(tar, ssh, cwd=tmp_path, what="upload", timeout_s=60)
+    assert time.monotonic() - started < 30
+    assert "file3999: Cannot stat" in str(caught.value)
