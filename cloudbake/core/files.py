@@ -131,16 +131,22 @@ def verified_sha256(path: Path) -> str | None:
         stat = path.stat()
     except (OSError, ValueError):
         return None
-    if isinstance(record, dict) and record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns \
+    if isinstance(record, dict) and record == {**_identity(stat), "sha256": record.get("sha256")} \
             and isinstance(record.get("sha256"), str):
         return str(record["sha256"])
     return None
 
 
+def _identity(stat: os.stat_result) -> dict[str, int]:
+    """What says the file is the one that was hashed. Size and mtime alone travel: a cache restore or
+    ``tar -x`` sets them exactly, so a file altered inside a CI cache entry would pass. The inode and the
+    change time cannot be set by anyone: every restore, copy or write gives new ones (a rename or a new
+    link only costs one more hash)."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "ino": stat.st_ino}
+
+
 def record_verified(path: Path, sha256: str) -> None:
-    stat = path.stat()
-    write_atomically(verified_record(path),
-                     json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode())
+    write_atomically(verified_record(path), json.dumps({"sha256": sha256, **_identity(path.stat())}).encode())
 
 
 def silence_stdout() -> None:

@@ -134,3 +134,29 @@ def test_a_timestamp_from_the_future_counts_as_stale(tmp_path):
     future.write_text("left by a writer")
     os.utime(future, (now + 86400, now + 86400))
     assert sweep_temps(tmp_path, older_than_s=3600) == [future]
+
+
+def test_a_verified_file_restored_from_a_cache_is_hashed_again(tmp_path):
+    """The .verified sidecar travels in a CI cache entry with its file, and a restore keeps size and mtime
+    exactly: a copy (as a restore makes) or a file altered in place and set back to its old mtime is not
+    taken as verified."""
+    import os
+    import shutil
+
+    from cloudbake.core.files import is_verified, record_verified, sha256_file, verified_record
+
+    original = tmp_path / "state.zst"
+    original.write_bytes(b"a" * 4096)
+    digest = sha256_file(original)
+    record_verified(original, digest)
+    assert is_verified(original, digest)
+    restored = tmp_path / "restored" / "state.zst"
+    restored.parent.mkdir()
+    shutil.copy2(original, restored)
+    shutil.copy2(verified_record(original), verified_record(restored))
+    assert restored.stat().st_mtime_ns == original.stat().st_mtime_ns
+    assert not is_verified(restored, digest)
+    stat = original.stat()
+    original.write_bytes(b"b" * 4096)   # altered, same size
+    os.utime(original, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not is_verified(original, digest)
