@@ -92,17 +92,22 @@ class Blob:
         return desc
 
 
-def _registry_errors(response: requests.Response) -> str:
-    """The registry's own error codes and messages (its JSON error body), briefly."""
+# An error body is a few hundred bytes of JSON; more is not read.
+ERROR_BODY_MAX_BYTES = 16 << 10
+
+
+def _registry_errors(response: requests.Response, http: HttpSettings) -> str:
+    """The registry's own error codes and messages (its JSON error body), briefly. Read like every other
+    body: size-capped and under the rate floor, so an error body sent a byte a second cannot stall a pull."""
     try:
-        body = json.loads(response.raw.read(64 << 10, decode_content=True) if response.raw else b"")
+        body = json.loads(read_body(response, ERROR_BODY_MAX_BYTES, response.url, http) if response.raw else b"")
         errors = body.get("errors") if isinstance(body, dict) else None
         if not isinstance(errors, list):
             return ""
         text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}"[:200] for e in errors[:3]
                          if isinstance(e, dict))
         return "".join(c for c in text if c.isprintable())   # a registry's words, never its escape sequences
-    except (ValueError, AttributeError, requests.RequestException):
+    except (ValueError, AttributeError, requests.RequestException, ServerError):
         return ""
 
 
@@ -156,7 +161,7 @@ class Registry:
 
     def fail(self, response: requests.Response, what: str) -> None:
         code = response.status_code
-        detail = _registry_errors(response)
+        detail = _registry_errors(response, self.http)
         response.close()
         suffix = f": {detail}" if detail else ""
         if code == 429 or code >= 500:

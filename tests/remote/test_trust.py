@@ -158,6 +158,19 @@ def test_a_trickling_manifest_is_cut_off_and_the_bake_goes_on(tmp_path, caplog):
         warnings[0].getMessage()
 
 
+def test_a_trickling_error_body_is_cut_off_too(tmp_path, caplog):
+    """A manifest answered 500 with a 64 KiB error body sent a byte at a time: error bodies are read like every
+    other body (capped, under the rate floor), so the pull gives up and the bake goes on."""
+    caplog.set_level(logging.WARNING, logger="cloudbake")
+    slow = replace(FAST, http=replace(FAST.http, min_rate_bytes_s=1 << 20, rate_window_s=0.5, read_timeout_s=30,
+                                      attempts=1))
+    with HostileRegistry(Behaviour(manifest_error=500, trickle_s=0.05)) as server:
+        started = time.monotonic()
+        assert try_pull(remote(server.address), store_at(tmp_path / "clone"), "img", KEY, slow) is None
+    assert time.monotonic() - started < 25   # before: 65,536 bytes x 0.05 s, the read timeout never tripping
+    assert any("answered 500" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
 PULL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
