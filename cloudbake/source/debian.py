@@ -10,6 +10,7 @@ that matched them, so only ``doit update`` moves it (docs/threat-model.md).
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.parse
 
@@ -84,5 +85,20 @@ def _build_of_latest(session: requests.Session, upstream: UpstreamFolder, http: 
                            HttpSettings(http.connect_timeout_s, http.read_timeout_s, attempts=1))
     except PipelineError:
         return None
-    found = BUILD.search(text.decode(errors="replace"))
-    return found.group(1) if found else None
+    return build_from_manifest(text)
+
+
+def build_from_manifest(text: bytes) -> str | None:
+    """The build id the image's JSON manifest names in its ``cloud.debian.org/version`` label; never the
+    first date-like string anywhere in the file (a description or a package version can hold one)."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    items = document.get("items") if isinstance(document, dict) else None
+    for item in items if isinstance(items, list) else []:
+        labels = ((item or {}).get("metadata") or {}).get("labels") if isinstance(item, dict) else None
+        version = labels.get("cloud.debian.org/version") if isinstance(labels, dict) else None
+        if isinstance(version, str) and BUILD.fullmatch(version):
+            return version
+    return None

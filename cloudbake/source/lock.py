@@ -100,9 +100,11 @@ def write_lock(file: Path, lock: Lock) -> None:
 
 
 def _serial_order(serial: str | None) -> tuple[int, ...] | None:
-    if serial is None or not re.fullmatch(r"\d+(?:\.\d+)*", serial):
+    """A serial as numbers to compare: Ubuntu's ``20261128`` or ``20261128.1``, Fedora's ``1.10``, Debian's
+    ``20250814-2204`` (date, then time); None for anything else."""
+    if serial is None or len(serial) > 40 or not re.fullmatch(r"\d+(?:[.-]\d+)*", serial):
         return None
-    return tuple(int(part) for part in serial.split("."))
+    return tuple(int(part) for part in re.split(r"[.-]", serial))
 
 
 def check_not_older(pinned: Lock | None, resolved: Lock, allow_downgrade: bool) -> None:

@@ -146,3 +146,26 @@ def test_a_redirect_from_tls_to_plain_http_is_refused():
     answer.headers["Location"] = "https://mirror.example.org/SHA512SUMS"
     with make_session() as session:
         assert session.get_redirect_target(answer) == "https://mirror.example.org/SHA512SUMS"
+
+
+def test_an_update_never_moves_a_debian_pin_back_to_an_older_build(debian, make_pipeline, tmp_path):
+    """A stale mirror whose latest/ is an older build: the update refuses (as for Ubuntu and Fedora) unless
+    --downgrade; the build id is the manifest's version label, not the first date-like string in it."""
+    import json
+
+    from cloudbake.source.debian import build_from_manifest
+
+    server, image = debian
+    pipeline, paths = _pipeline(make_pipeline, tmp_path, server.url)
+    _, first = ensure_image(pipeline, paths, http=FAST)
+    assert first.serial == DEBIAN_BUILD
+    manifest = server.state.root / "bookworm" / "latest" / "debian-12-genericcloud-amd64.json"
+    older = "20240101-0001"
+    manifest.write_text(json.dumps({"kind": "Build", "metadata": {"description": "rebuilt 29991231-2359"},
+                                    "items": [{"metadata": {"labels": {"cloud.debian.org/version": older}}}]}))
+    with pytest.raises(PipelineError, match="older image than the one pinned"):
+        ensure_image(pipeline, paths, update=True, http=FAST)
+    assert read_lock(paths.lock_file) == first
+    _, moved = ensure_image(pipeline, paths, update=True, allow_downgrade=True, http=FAST)
+    assert moved.serial == older
+    assert build_from_manifest(b'{"note": "20991231-2359", "items": []}') is None
