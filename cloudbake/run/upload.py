@@ -134,6 +134,8 @@ def expand(listing: Listing, names: list[str]) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
     for name in names:
+        if name in seen:   # listed by a folder above it, whose walk took everything below: walk once
+            continue
         for item in (name, *(listing.walk(name) if os.path.isdir(listing.root / name)
                              and not os.path.islink(listing.root / name) else ())):
             if item not in seen:

@@ -88,3 +88,29 @@ def test_the_listing_has_a_deadline(make_pipeline, monkeypatch):
 ])
 def test_glob_translation(pattern, name, matches):
     assert bool(translate(pattern).match(name)) is matches
+
+
+@pytest.mark.parametrize("value", ["['.']", "['**']"])
+def test_a_deep_tree_is_walked_once_per_entry(make_pipeline, monkeypatch, value):
+    """'.' and '**' name every folder too: each folder's contents are listed once, not once per folder above
+    them (a 12-deep tree took 7.5 visits per entry; a 1,500-deep chain hit the deadline)."""
+    file = make_pipeline(f"test: {{upload: {value}}}\n")
+    folder = file.parent / "deep"
+    for depth in range(200):
+        folder = folder / f"d{depth}"
+    folder.mkdir(parents=True)
+    (folder / "leaf.txt").write_text("x")
+    visits = 0
+    original = upload.Listing._tick
+
+    def counted(self):
+        nonlocal visits
+        visits += 1
+        original(self)
+
+    monkeypatch.setattr(upload.Listing, "_tick", counted)
+    found = upload_selection(load_pipeline(file))
+    assert found is not None
+    names = found[1]
+    assert any(name.endswith("d199/leaf.txt") for name in names) and len(names) == len(set(names))
+    assert visits <= 2 * len(names) + 10, (visits, len(names))
