@@ -93,6 +93,8 @@ def test_one_image_of_a_matrix_per_job(tmp_path, built_package):
     assert outcomes["Pin the upstream image if the lock is not committed"] == "success"
     assert run.outputs["lock"]["fetched"] == "false"  # pipeline.offline-512m.lock is there
     assert run.outputs["key"]["key"] == keys["offline-512m"]
+    # The action's outputs, as the workflow's step (id: cloudbake) exposes them.
+    assert run.outputs["cloudbake"]["key"] == keys["offline-512m"] and run.outputs["cloudbake"]["exit-status"] == "125"
     assert run.outputs["key"]["entry"] == f"offline-512m-{keys['offline-512m']}"
     assert outcomes["Bake (a no-op when the image was restored)"] == "success"
     assert "starting qemu" not in run.step("Bake").stderr
