@@ -51,7 +51,7 @@ from cloudbake.image.store import (
     read_manifest,
     verify_chain,
 )
-from cloudbake.qemu.argv import VmSpec
+from cloudbake.qemu.argv import VmSpec, machine_shape
 from cloudbake.qemu.firmware import resolve_firmware, with_uefi
 from cloudbake.qemu.host import AccelChoice, detect_host, qemu_binary, qemu_version, resolve_accel
 from cloudbake.qemu.vmrun import boot_with_fallback, serial_tail
@@ -355,12 +355,9 @@ def _prepare(build: Build, paths: Paths, upstream: Path, parent: Manifest | None
         firmware = resolve_firmware(pipeline.vm.firmware, pipeline.source.arch, upstream)
     host = detect_host()
     choice = resolve_accel(pipeline.vm.accel, pipeline.source.arch, host, paths.cache_dir)
-    spec = VmSpec(
-        name=pipeline.name, arch=pipeline.source.arch, accel=choice.accel, cpus=pipeline.vm.cpus,
-        memory_mib=pipeline.vm.memory_bytes >> 20, disk=paths.work_disk, serial_log=paths.serial_log,
-        qmp_socket=paths.work_dir / "qmp.sock", seed=paths.seed_iso, firmware=firmware,
-        extra_args=(*pipeline.vm.qemu_args, *pipeline.vm.bake_qemu_args),
-    )
+    spec = dataclasses.replace(machine_shape(pipeline, choice.accel, firmware, bake=True), disk=paths.work_disk,
+                               serial_log=paths.serial_log, qmp_socket=paths.work_dir / "qmp.sock",
+                               seed=paths.seed_iso)
     if firmware == "uefi":
         spec = with_uefi(spec, host, paths.cache_dir, paths.work_dir / "efivars.fd")
     log.info("firmware: %s; serial console: %s", firmware, paths.serial_log)

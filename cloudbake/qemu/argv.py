@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudbake.config.model import Arch
+from cloudbake.config.model import Arch, Pipeline
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,26 @@ class VmSpec:
 
 
 KEY_PORT_NAME = "dev.cloudbake.key"
+
+
+def machine_shape(pipeline: Pipeline, accel: str, firmware: str, *, bake: bool = False) -> VmSpec:
+    """The one function that turns ``pipeline.vm`` into a VM's shape: the bake's, a test run's and the warm
+    key's (a saved state resumes only on the same shape, so all three must agree). Paths are placeholders
+    each caller replaces with its own files; ``bake`` adds ``vm.bake_qemu_args`` and names the VM after the
+    image instead of its test VMs."""
+    vm = pipeline.vm
+    return VmSpec(
+        name=pipeline.name if bake else f"{pipeline.name}-test",
+        arch=pipeline.source.arch,
+        accel=accel,
+        cpus=vm.cpus,
+        memory_mib=vm.memory_bytes >> 20,
+        disk=Path("disk.qcow2"),
+        serial_log=Path("serial.log"),
+        qmp_socket=Path("qmp.sock"),
+        firmware=firmware,
+        extra_args=(*vm.qemu_args, *vm.bake_qemu_args) if bake else vm.qemu_args,
+    )
 
 
 def machine_for(spec: VmSpec) -> str:

@@ -41,7 +41,7 @@ from cloudbake.image.seed import (
     render_meta_data,
 )
 from cloudbake.image.store import Manifest, published_image, verify_chain
-from cloudbake.qemu.argv import VmSpec
+from cloudbake.qemu.argv import VmSpec, machine_shape
 from cloudbake.qemu.firmware import with_uefi
 from cloudbake.qemu.host import Host, detect_host, resolve_accel
 from cloudbake.qemu.vmrun import VmRun, boot_with_fallback, qmp_command
@@ -315,11 +315,10 @@ class RunPlan:
              key_channel: bool = False) -> VmSpec:
         """The VM's spec; ``key_channel``: the warm start's key port (the saving VM and every restore)."""
         pipeline, files, firmware = self.pipeline, self.files, self.manifest.firmware
-        spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
-                      memory_mib=pipeline.vm.memory_bytes >> 20, disk=files.overlay, serial_log=files.serial_log,
-                      qmp_socket=files.qmp_socket, seed=files.seed, firmware=firmware, ssh_port=ssh_port,
-                      forwards=tuple((f.host, f.guest) for f in forwards), extra_args=pipeline.vm.qemu_args,
-                      key_channel=files.key_socket if key_channel else None)
+        spec = dataclasses.replace(machine_shape(pipeline, accel, firmware), disk=files.overlay,
+                                   serial_log=files.serial_log, qmp_socket=files.qmp_socket, seed=files.seed,
+                                   ssh_port=ssh_port, forwards=tuple((f.host, f.guest) for f in forwards),
+                                   key_channel=files.key_socket if key_channel else None)
         return with_uefi(spec, host, self.paths.cache_dir, files.vars) if firmware == "uefi" else spec
 
     def record_owner(self, **fields: Any) -> None:

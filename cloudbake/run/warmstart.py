@@ -27,7 +27,7 @@ from cloudbake.core.tools import ToolMissingError
 from cloudbake.core.units import human_bytes
 from cloudbake.image.seed import placeholder_users
 from cloudbake.image.store import Manifest
-from cloudbake.qemu.argv import VmSpec
+from cloudbake.qemu.argv import machine_shape
 from cloudbake.qemu.firmware import find_uefi, pflash_code
 from cloudbake.qemu.host import detect_host, host_cpu_identity, qemu_binary, qemu_version, resolve_accel
 from cloudbake.qemu.vmrun import VmRun
@@ -72,12 +72,9 @@ def warm_inputs_for_key(pipeline: Pipeline, paths: Paths, manifest: Manifest, ac
                         version: str) -> dict[str, Any]:
     """What a warm set of this pipeline's VM depends on (no files touched).
 
-    The same spec fields as a real VM's (RunPlan.spec), so the set saved from a real VM is found.
+    The test VM's shape (``machine_shape``, as RunPlan.spec uses it), so the set saved from a real VM is found.
     """
-    spec = VmSpec(name=f"{pipeline.name}-test", arch=pipeline.source.arch, accel=accel, cpus=pipeline.vm.cpus,
-                  memory_mib=pipeline.vm.memory_bytes >> 20, disk=Path("disk.qcow2"), serial_log=Path("serial.log"),
-                  qmp_socket=Path("qmp.sock"), firmware=manifest.firmware, extra_args=pipeline.vm.qemu_args,
-                  key_channel=Path("key.sock"))
+    spec = dataclasses.replace(machine_shape(pipeline, accel, manifest.firmware), key_channel=Path("key.sock"))
     if manifest.firmware == "uefi":
         firmware = find_uefi(pipeline.source.arch, detect_host())
         spec = dataclasses.replace(spec, firmware_code=pflash_code(firmware, pipeline.source.arch, paths.cache_dir))

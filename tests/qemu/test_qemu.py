@@ -406,3 +406,24 @@ def test_a_failed_guest_under_no_shutdown_is_kept_up_with_its_monitor_named(tmp_
     finally:
         os.kill(vm.proc.pid, signal.SIGKILL)
         vm.proc.wait()
+
+
+def test_one_function_gives_the_bake_the_test_vm_and_the_warm_key_their_shape(make_pipeline):
+    """vm.* becomes a VM's shape in one place: the bake's adds bake_qemu_args; a test VM's and the warm key's
+    are the same shape, so a set saved from a real test VM is the one its key names."""
+    import dataclasses
+    from pathlib import Path
+
+    from cloudbake.config.pipeline import load_pipeline
+    from cloudbake.qemu.argv import machine_shape
+    from cloudbake.run.warm import warm_inputs
+
+    pipeline = load_pipeline(make_pipeline("name: shape\nvm: {cpus: 3, memory: 1536M, qemu_args: [-nodefaults], "
+                                           "bake_qemu_args: [-no-shutdown]}\n"))
+    bake = machine_shape(pipeline, "tcg", "bios", bake=True)
+    test = machine_shape(pipeline, "tcg", "bios")
+    assert (bake.cpus, bake.memory_mib, bake.extra_args) == (3, 1536, ("-nodefaults", "-no-shutdown"))
+    assert test.extra_args == ("-nodefaults",) and test.name == "shape-test"
+    real_vm = dataclasses.replace(test, disk=Path("/runs/r1/disk.qcow2"), serial_log=Path("/runs/r1/serial.log"),
+                                  ssh_port=2222, forwards=((8080, 80),))
+    assert warm_inputs(real_vm, "7.2", "img") == warm_inputs(test, "7.2", "img")
