@@ -133,3 +133,27 @@ def test_mirror_credentials_never_reach_a_load_error(tmp_path):
         outputs.append(done.stdout + done.stderr)
     assert all("'ftp://***@mirror.example/' is not a mirror URL" in text for text in outputs), outputs
     assert not any("s3cr3t" in text for text in outputs)
+
+
+# Majors checked in each action's own repository with the search tool's fetch (tags and branches), 2026-12-06:
+# actions/checkout v7 (v7.0.1), actions/cache v5 (restore/ and save/ at v5; the snapshot's tags stop at v5.0.5),
+# actions/upload-artifact v7 (v7.0.0), pypa/gh-action-pypi-publish release/v1 (the branch its README names).
+VERIFIED_ACTIONS = {"actions/checkout@v7", "actions/cache/restore@v5", "actions/cache/save@v5",
+                    "actions/upload-artifact@v7", "pypa/gh-action-pypi-publish@release/v1"}
+
+
+def test_every_action_the_action_and_workflows_use_is_a_verified_major():
+    """action.yml and the workflows load as YAML, and each `uses:` names an action at a major that exists in
+    its own repository (or this repository's own action)."""
+    documents = [PROJECT / "action.yml", *sorted((PROJECT / ".github" / "workflows").glob("*.yml"))]
+    used = set()
+    for file in documents:
+        document = yaml.safe_load(file.read_text())
+        steps = document["runs"]["steps"] if "runs" in document else [
+            step for job in document["jobs"].values() for step in job["steps"]]
+        used |= {step["uses"] for step in steps if "uses" in step}
+    assert "./" in used   # the shipped workflow runs the action users get
+    assert used - {"./"} <= VERIFIED_ACTIONS, used - VERIFIED_ACTIONS - {"./"}
+    action = yaml.safe_load((PROJECT / "action.yml").read_text())
+    assert set(action["inputs"]) == {"pipeline", "image", "command", "jobs", "warm", "cloudbake-version", "python"}
+    assert set(action["outputs"]) == {"key", "image-cache-hit", "exit-status"}
