@@ -22,7 +22,7 @@ TEST_PACKAGES=(mmdebstrap grub-efi-amd64-bin grub-common mtools dosfstools fdisk
 # Homebrew: qemu brings qemu-system-*, qemu-img and the edk2 UEFI firmware; gnupg brings gpgv;
 # macOS has ssh, curl and openssl. The e2e fixtures are Debian images built with mmdebstrap,
 # which only runs on Linux: on a Mac the test command runs everything but the e2e tests.
-BREW_RUNTIME_PACKAGES=(qemu gnupg zstd git python@3.12)
+BREW_RUNTIME_PACKAGES=(qemu gnupg zstd python@3.12)
 BREW_TEST_PACKAGES=(distribution httpd)
 
 say() { printf '[setup] %s\n' "$*" >&2; }
