@@ -323,11 +323,15 @@ def test_the_action_in_a_users_repository_bakes_once_then_restores(tmp_path, rea
     assert "resumed warm" in tested and "booting it once" not in tested
     assert "| image cache | hit |" in run_2.summary and "was missing" not in run_2.summary
 
-    # The same runner, a suite that fails: the job fails with the suite's status and uploads the logs.
+    # Another job, a suite that fails: the job fails with the suite's status and uploads the logs.
     from tests.fixture.actions import LocalRunner
 
-    failing = LocalRunner(workflow, "tests", second, cache, tmp_path / "run-2" / "home",
-                          env={"XDG_CACHE_HOME": str(tmp_path / "run-2" / "home" / ".cache"), **built_package.pip_env()},
+    third = tmp_path / "run-3" / "repo"
+    _users_repository(third, real_server.url, real_mirror.key)
+    shutil.copy(first / "pipeline.lock", third / "pipeline.lock")
+    (tmp_path / "run-3" / "home").mkdir()
+    failing = LocalRunner(workflow, "tests", third, cache, tmp_path / "run-3" / "home",
+                          env={"XDG_CACHE_HOME": str(tmp_path / "run-3" / "home" / ".cache"), **built_package.pip_env()},
                           inputs={"cloudbake-version": str(built_package.wheel), "command": "echo failing; exit 3"},
                           actions=action, artifacts_root=tmp_path / "uploaded").run()
     assert failing.step("Test inside a throwaway VM").outcome == "failure"
