@@ -151,8 +151,8 @@ def test_a_set_saved_on_another_cpu_is_never_resumed_and_says_so(tmp_path):
                                                    {"model": "Intel Xeon", "id": "xeon"})) is None
 
 
-def test_an_altered_state_is_refused_by_its_digest(tmp_path):
-    from cloudbake.core.errors import PipelineError
+def _kept_set(tmp_path: Path):
+    """A warm set kept from a run folder over a real qcow2 base, its record naming the inputs of its key."""
     from cloudbake.run.warm import WarmSet, keep_as_warm_set, verify_set, warm_key
 
     base = tmp_path / "dist" / "img-0123.qcow2"
@@ -167,8 +167,15 @@ def test_an_altered_state_is_refused_by_its_digest(tmp_path):
     warm = WarmSet(tmp_path / "dist" / ".warm" / f"img-0123-{warm_key(inputs)}")
     warm.folder.parent.mkdir(parents=True)
     keep_as_warm_set(warm, work / "disk.qcow2", work / "vars.fd", work / "seed.iso", work / "state.zst",
-                     {"inputs": inputs, "host_public": HOST_PUBLIC})
+                     {"inputs": inputs, "accel": "tcg", "host_public": HOST_PUBLIC})
     verify_set(warm, base)
+    return base, warm
+
+
+def test_an_altered_state_is_refused_by_its_digest(tmp_path):
+    from cloudbake.run.warm import verify_set
+
+    base, warm = _kept_set(tmp_path)
     state = warm.state
     state.chmod(0o644)
     data = bytearray(state.read_bytes())
@@ -195,22 +202,9 @@ def test_a_warm_record_chooses_nothing_that_reaches_qemu_or_ssh(tmp_path, change
     before QEMU or known_hosts sees it."""
     import json
 
-    from cloudbake.run.warm import WarmSet, keep_as_warm_set, verify_set, warm_key
+    from cloudbake.run.warm import verify_set
 
-    base = tmp_path / "dist" / "img-0123.qcow2"
-    work = tmp_path / "dist" / ".runs" / "r1"
-    work.mkdir(parents=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "../../img-0123.qcow2",
-                    str(work / "disk.qcow2")], check=True)
-    for name in ("seed.iso", "state.zst", "vars.fd"):
-        (work / name).write_bytes(os.urandom(1024))
-    inputs = {"accel": "tcg", "memory_mib": 1024}
-    warm = WarmSet(tmp_path / "dist" / ".warm" / f"img-0123-{warm_key(inputs)}")
-    warm.folder.parent.mkdir(parents=True)
-    keep_as_warm_set(warm, work / "disk.qcow2", work / "vars.fd", work / "seed.iso", work / "state.zst",
-                     {"inputs": inputs, "accel": "tcg", "host_public": HOST_PUBLIC})
-    verify_set(warm, base)
+    base, warm = _kept_set(tmp_path)
     record = json.loads((warm.folder / "warm.json").read_text())
     change(record)
     (warm.folder / "warm.json").chmod(0o644)
