@@ -18,45 +18,25 @@ Prints medians, spread and the ratio. Under TCG, 2 cores.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import os
 import statistics
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 from bench.common import report
 from bench.project import make_bench_project
+from tests.fixture.wheels import INSTALL_DEPS, serve_wheel
 
-INSTALL = """\
-import hashlib, io, sys, urllib.request, zipfile
-for line in open("deps.lock"):
-    url, digest = line.split()
-    data = urllib.request.urlopen(url, timeout=120).read()
-    if hashlib.sha256(data).hexdigest() != digest:
-        sys.exit(f"{url}: not the wheel the lock pins")
-    zipfile.ZipFile(io.BytesIO(data)).extractall(".deps")
-"""
 CHECK = "PYTHONPATH=.deps python3 -c 'import benchdep0'"
 
 
 def wheels(root: Path, server_url: str, count: int, mib: int) -> str:
-    """``count`` wheels in the served folder; the lock's text (one ``URL SHA256`` line each)."""
-    (root / "wheels").mkdir(exist_ok=True)
-    lines = []
-    for index in range(count):
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as wheel:
-            wheel.writestr(f"benchdep{index}/__init__.py", "VALUE = 1\n")
-            wheel.writestr(f"benchdep{index}/data.bin", os.urandom(mib << 20))
-        name = f"benchdep{index}-1.0-py3-none-any.whl"
-        (root / "wheels" / name).write_bytes(buffer.getvalue())
-        url = server_url.replace("127.0.0.1", "10.0.2.2") + f"wheels/{name}"
-        lines.append(f"{url} {hashlib.sha256(buffer.getvalue()).hexdigest()}\n")
-    return "".join(lines)
+    """``count`` wheels of ``mib`` MiB (incompressible) in the served folder; the lock's text."""
+    return "".join(serve_wheel(root, server_url, f"benchdep{index}",
+                               {"__init__.py": b"VALUE = 1\n", "data.bin": os.urandom(mib << 20)})[1]
+                   for index in range(count))
 
 
 def run(folder: Path, image: str, command: str) -> float:
@@ -79,7 +59,7 @@ def main() -> None:
     folder = project.folder
     (folder / "deps.lock").write_text(wheels(folder / "mirror", project.server.url, args.wheels, args.wheel_mib))
     (folder / "tools").mkdir()
-    (folder / "tools" / "install_deps.py").write_text(INSTALL)
+    (folder / "tools" / "install_deps.py").write_text(INSTALL_DEPS)
     text = project.pipeline.read_text().replace("test: {command: 'true', timeout: 15m}",
                                                 "test: {command: 'true', timeout: 15m, upload: [deps.lock, tools]}")
     project.pipeline.write_text(text + (

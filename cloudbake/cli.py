@@ -58,6 +58,14 @@ def task_definitions() -> tuple[ModuleType, list[ModuleType]]:
     return context, [importlib.import_module(f"{_tasks_package()}.{name}") for name in TASK_MODULES]
 
 
+def _definitions_for(pipeline: str | None) -> tuple[ModuleType, list[ModuleType]]:
+    """``task_definitions()`` with the command's pipeline file (``-p``) as the tasks' default."""
+    context, modules = task_definitions()
+    if pipeline is not None:
+        context.set_default_pipeline(pipeline)
+    return context, modules
+
+
 def _tasks_package() -> str:
     try:
         importlib.import_module("cloudbake.tasks")
@@ -249,9 +257,7 @@ def _load_images(pipeline: str | None) -> Any:
 
     from cloudbake.core.errors import PipelineError
 
-    context, _ = task_definitions()
-    if pipeline is not None:
-        context.set_default_pipeline(pipeline)
+    context, _ = _definitions_for(pipeline)
     try:
         return context.current_images()
     except (PipelineError, InvalidDodoFile) as err:
@@ -318,9 +324,7 @@ def _doit_passthrough(pipeline: str | None, rest: list[str]) -> int:
     """``cloudbake doit ARGS``: doit's own command line on cloudbake's tasks, statuses as doit gives them."""
     from cloudbake.core.errors import PipelineError
 
-    context, modules = task_definitions()
-    if pipeline is not None:
-        context.set_default_pipeline(pipeline)
+    context, modules = _definitions_for(pipeline)
     try:
         return _doit(context, modules, _cmd_as_variable(rest), front_door=False)
     except PipelineError as err:
@@ -347,9 +351,7 @@ def _cmd_as_variable(argv: list[str]) -> list[str]:
 
 def _run_tasks(pipeline: str | None, argv: list[str]) -> int:
     """Run doit tasks (``["bake"]``, ``["bake:noble", "--force"]``) and return cloudbake's exit status for them."""
-    context, modules = task_definitions()
-    if pipeline is not None:
-        context.set_default_pipeline(pipeline)
+    context, modules = _definitions_for(pipeline)
     return _doit(context, modules, argv, front_door=True)
 
 

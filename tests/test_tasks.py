@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from tests.conftest import PROJECT
 from tests.fixture.offline import offline_project
-from tests.fixture.standin import install_standin_qemu, path_with
+from tests.fixture.standin import install_standin_qemu, path_with, tools_folder
 
 
 def doit(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
@@ -133,12 +132,8 @@ def test_status_json_and_validate(tmp_path):
     assert failed.returncode != 0 and "not ready to bake" in failed.stdout + failed.stderr
     assert " ok  zstd" in validate.stdout
     # Without zstd a bake still runs, but warm start cannot: a warning, not a failure.
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    for name in ("qemu-system-x86_64", "qemu-img", "gpgv", "git", "tar", "ssh", "ssh-keygen"):
-        found = shutil.which(name)
-        if found:
-            (tools / name).symlink_to(found)
+    tools = tools_folder(tmp_path / "tools", ("qemu-system-x86_64", "qemu-img", "gpgv", "git", "tar", "ssh",
+                                              "ssh-keygen"))
     without = subprocess.run([sys.executable, "-m", "cloudbake.cli", "validate"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=120, env={**os.environ, "PATH": str(tools)})
     assert "warn  zstd" in without.stdout and "apt-get install zstd" in without.stdout, without.stdout

@@ -317,7 +317,7 @@ def seed_input_files(pipeline: Pipeline) -> list[Path]:
     files += [Path(match) for entry in ci.ssh_authorized_keys if not is_public_key_text(entry)
               for match in key_file_matches(entry, base)]
     files += [base / name for pattern in pipeline.test.dependencies.files
-              for name in sorted(glob.glob(pattern, root_dir=base, recursive=True))]
+              for name in dependency_matches(base, pattern)]
     files += [HOST_BUNDLE] if isinstance(ci.ca_certs, str) else list(ci.ca_certs)
     return files
 
@@ -463,6 +463,11 @@ DEPENDENCY_STAGING = "/var/lib/cloudbake/dependencies"
 DEPENDENCY_FILES_MAX_BYTES = 8 << 20
 
 
+def dependency_matches(base: Path, pattern: str) -> list[str]:
+    """What one ``test.dependencies.files`` pattern names, relative to the pipeline's folder ``base``."""
+    return sorted(glob.glob(pattern, root_dir=base, recursive=True))
+
+
 def dependency_files(pipeline: Pipeline) -> list[tuple[str, bytes]]:
     """``test.dependencies.files`` as (path relative to the pipeline's folder, bytes), sorted: regular
     files inside that folder only (a link out of it is refused), each pattern matching at least one."""
@@ -470,8 +475,7 @@ def dependency_files(pipeline: Pipeline) -> list[tuple[str, bytes]]:
     found: dict[str, bytes] = {}
     total = 0
     for pattern in pipeline.test.dependencies.files:
-        matches = sorted(glob.glob(pattern, root_dir=base, recursive=True))
-        files = [name for name in matches if (base / name).is_file()]
+        files = [name for name in dependency_matches(base, pattern) if (base / name).is_file()]
         if not files:
             raise PipelineError(f"test.dependencies.files: {pattern!r} matches no file in {base}",
                                 hint="name files of your repository relative to the pipeline's folder")

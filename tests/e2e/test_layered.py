@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixture.e2e import USER_DATA, doit, qemu_processes, write_project
+from tests.fixture.wheels import INSTALL_DEPS, serve_wheel
 
 pytestmark = pytest.mark.e2e
 
@@ -32,33 +33,6 @@ images:
     disk: {flatten: false}
     test: {dependencies: {files: [deps.lock, "tools/*.py"], install: python3 tools/install_deps.py}}
 """
-
-# A project's own installer, as uv or pip would be: every wheel the lock names, its digest checked.
-INSTALL_DEPS = """\
-import hashlib, io, sys, urllib.request, zipfile
-for line in open("deps.lock"):
-    url, digest = line.split()
-    data = urllib.request.urlopen(url, timeout=60).read()
-    if hashlib.sha256(data).hexdigest() != digest:
-        sys.exit(f"{url}: not the wheel the lock pins")
-    zipfile.ZipFile(io.BytesIO(data)).extractall(".deps")
-"""
-
-
-def _serve_a_wheel(root: Path, server_url: str) -> tuple[str, str]:
-    """A wheel in the served folder; (its path, the lock line a guest reads it by)."""
-    import hashlib
-    import io
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as wheel:
-        wheel.writestr("depmod/__init__.py", "VALUE = 'baked from the lock'\n")
-        wheel.writestr("depmod-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: depmod\nVersion: 1.0\n")
-    (root / "wheels").mkdir(exist_ok=True)
-    (root / "wheels" / "depmod-1.0-py3-none-any.whl").write_bytes(buffer.getvalue())
-    guest_url = server_url.replace("127.0.0.1", "10.0.2.2") + "wheels/depmod-1.0-py3-none-any.whl"
-    return "/wheels/depmod-1.0-py3-none-any.whl", f"{guest_url} {hashlib.sha256(buffer.getvalue()).hexdigest()}\n"
 
 APP_USER_DATA = """\
 #cloud-config
@@ -81,7 +55,8 @@ def test_layered_image_bakes_after_its_base_and_rebakes_only_when_its_inputs_cha
     pipeline = write_project(tmp_path, real_server.url, real_mirror.key, extra=CHILD,
                              cache=baked["folder"] / "cache")
     (tmp_path / "cloud-init" / "app.yaml").write_text(APP_USER_DATA.format(version="one"))
-    wheel, lock_line = _serve_a_wheel(real_mirror.root, real_server.url)
+    wheel, lock_line = serve_wheel(real_mirror.root, real_server.url, "depmod",
+                                   {"__init__.py": b"VALUE = 'baked from the lock'\n"})
     (tmp_path / "deps.lock").write_text(lock_line)
     (tmp_path / "tools").mkdir()
     (tmp_path / "tools" / "install_deps.py").write_text(INSTALL_DEPS)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.fixture.offline import offline_project
-from tests.fixture.standin import install_standin_qemu, path_with
+from tests.fixture.standin import install_standin_qemu, path_with, tools_folder
 
 
 def cloudbake(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -172,12 +171,7 @@ def test_missing_host_programs_stop_a_run_before_anything_boots(tmp_path):
     warm_set = warm_root(image) / f"{image.stem}-0123456789abcdef"
     warm_set.mkdir(parents=True)
     (warm_set / "warm.json").write_text("{}")
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    for name in ("qemu-img", "ssh-keygen", "tar", "git", "zstd", "ps", "sleep"):
-        found = shutil.which(name)
-        if found:
-            (tools / name).symlink_to(found)
+    tools = tools_folder(tmp_path / "tools", ("qemu-img", "ssh-keygen", "tar", "git", "zstd", "ps", "sleep"))
     bin_dir = install_standin_qemu(tmp_path / "bin", "works")
     result = cloudbake(tmp_path, "test-image", "--no-bake", env={"PATH": f"{bin_dir}:{tools}"})
     assert result.returncode == 125, result.stderr
