@@ -43,9 +43,11 @@ def drain(stream: IO[bytes], keep_bytes: int = 64 << 10) -> Callable[[], str]:
     (about 64 KiB): reading it while waiting for the program is what lets the program finish."""
     kept = bytearray()
 
+    read_some = getattr(stream, "read1", stream.read)   # a pipe's buffered reader has read1: what is there
+
     def read() -> None:
         with contextlib.suppress(OSError, ValueError):
-            for chunk in iter(lambda: stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536), b""):
+            for chunk in iter(lambda: read_some(65536), b""):
                 kept.extend(chunk)
                 del kept[:-keep_bytes]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from cloudbake.core.errors import PipelineError
 from cloudbake.core.log import stage_logger
-from cloudbake.core.progress import heartbeat_s, plain_text
+from cloudbake.core.progress import plain_text, waiting
 from cloudbake.core.runner import Spawned, spawn, stop_process, tail
 from cloudbake.qemu.argv import VmSpec, build_qemu_argv
 from cloudbake.qemu.host import AccelChoice, kvm_failure_verdict, kvm_verdict_file, qemu_binary, remember_kvm_broken
@@ -236,10 +236,15 @@ class VmRun:
         a debugging recipe), asked over QMP; the returned VmExit says ``powered_off``.
         """
         assert self.proc is not None
+        # A TCG boot takes minutes: say every so often what the guest is doing.
+        with waiting(self.log, "the guest to finish", lambda: f"console: {self._last_serial_line()}"):
+            return self._wait(timeout_s, progress_timeout_s, until, poll_s, watch_power_off)
+
+    def _wait(self, timeout_s: float, progress_timeout_s: float | None, until: Callable[[], bool] | None,
+              poll_s: float, watch_power_off: bool) -> VmExit:
+        assert self.proc is not None
         streamed = 0
         called = time.monotonic()
-        every = heartbeat_s()   # a TCG boot takes minutes: say what the guest is doing
-        next_heartbeat = called + every
         next_power_check = called + POWER_OFF_POLL_S
         while True:
             code = self.proc.poll()
@@ -256,9 +261,6 @@ class VmRun:
                 return VmExit(elapsed, -1)
             if progress_timeout_s is not None and elapsed > progress_timeout_s and self.serial_size() == 0:
                 raise KvmNoProgressError()
-            if time.monotonic() >= next_heartbeat:
-                self.log.info("guest running for %.0f s; console: %s", elapsed, self._last_serial_line())
-                next_heartbeat += every
             if waited > timeout_s:
                 raise self.failure(f"the guest did not finish within {timeout_s:.0f} s; it was stopped",
                                    hint=f"raise vm.timeout if it was still working; serial log: "
