@@ -30,7 +30,7 @@ from cloudbake.core.runner import run
 from cloudbake.core.tools import require_tool
 from cloudbake.core.units import format_size, human_bytes
 from cloudbake.image.build import Build, resolve_build, resolve_key
-from cloudbake.image.profile import BootProfile, parse_boot_profile
+from cloudbake.image.profile import PROFILE_MARKER, BootProfile, parse_boot_profile
 from cloudbake.image.qcow2 import MAGIC as QCOW2_MAGIC
 from cloudbake.image.qcow2 import check_standalone
 from cloudbake.image.seed import (
@@ -130,7 +130,8 @@ def parse_cloud_init_result(serial: str, nonce: str) -> CloudInitResult | None:
                 recoverable.setdefault(level, []).extend(f"{stage}: {m}" for m in messages)
     datasource = (result or {}).get("v1", {}).get("datasource")
     return CloudInitResult(errors, recoverable, datasource, f"{GENERALIZED_MARKER} {nonce}" in serial,
-                           _marker_text(serial, SCHEMA_MARKER, nonce), parse_boot_profile(serial, nonce, status))
+                           _marker_text(serial, SCHEMA_MARKER, nonce),
+                           parse_boot_profile(_marker_text(serial, PROFILE_MARKER, nonce), status))
 
 
 # --- the steps ----------------------------------------------------------------------------

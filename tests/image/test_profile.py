@@ -26,6 +26,13 @@ def _serial(nonce: str = NONCE, text: str = BLAME + "---\n" + CHAIN) -> str:
     return f"[ 1.0] boot\n{PROFILE_MARKER} {nonce} {base64.b64encode(text.encode()).decode()}\n"
 
 
+def parse(serial: str, nonce: str, status):
+    """As the bake reads it: this boot's marker decoded, then the profile."""
+    from cloudbake.image.bake import _marker_text
+
+    return parse_boot_profile(_marker_text(serial, PROFILE_MARKER, nonce), status)
+
+
 @pytest.mark.parametrize(("text", "seconds"), [
     ("1min 2.503s", 62.503), ("12.1s", 12.1), ("812ms", 0.812), ("1h 2min 3s", 3723.0), ("43us", 43e-6),
     ("soon", None), ("12.1s foo", None),
@@ -35,7 +42,7 @@ def test_systemd_durations(text, seconds):
 
 
 def test_the_profile_names_the_slowest_units_and_cloud_inits_stages(caplog):
-    profile = parse_boot_profile(_serial(), NONCE, STATUS)
+    profile = parse(_serial(), NONCE, STATUS)
     assert profile is not None
     assert profile.slowest[0][0] == "systemd-networkd-wait-online.service"
     assert profile.slowest[0][1] == pytest.approx(62.503)
@@ -54,8 +61,8 @@ def test_the_profile_names_the_slowest_units_and_cloud_inits_stages(caplog):
 
 
 def test_only_this_boots_profile_counts():
-    assert parse_boot_profile(_serial("other"), NONCE, STATUS) is None
-    quick = parse_boot_profile(_serial(text="2.0s ssh.service\n---\n"), NONCE, None)
+    assert parse(_serial("other"), NONCE, STATUS) is None
+    quick = parse(_serial(text="2.0s ssh.service\n---\n"), NONCE, None)
     assert quick is not None and quick.slow_waits() == [] and quick.cloud_init == ()
 
 
